@@ -1,0 +1,80 @@
+"""``scmmgpt`` command line: each subcommand calls one Python function.
+
+User errors (:class:`~scmmgpt.errors.ScMMGPTError`) are printed as one message, exit status 2,
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from typing import Callable
+
+from ..errors import ScMMGPTError
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str):
+    """Register ``(add_arguments, run)`` for a subcommand."""
+
+    def wrap(fn):
+        COMMANDS[name] = fn()
+        return fn
+
+    return wrap
+
+
+@command("check")
+def _check():
+    """Check an .h5ad: value kind, gene mapping, description examples (the data pipeline end to end)."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("data", help="path to an .h5ad file")
+        p.add_argument("--layer", default=None, help="matrix to read (default: X)")
+        p.add_argument("--use-raw", action="store_true", help="read adata.raw.X")
+        p.add_argument("--label-key", default="cell_type", help="obs column with cell type labels")
+        p.add_argument("--backed", action="store_true", help="read X from disk in chunks (large files)")
+        p.add_argument("--max-genes", type=int, default=2048, help="top genes kept per cell")
+
+    def run(args: argparse.Namespace) -> int:
+        from ..data.pipeline import check_dataset
+
+        report = check_dataset(args.data, layer=args.layer, use_raw=args.use_raw, label_key=args.label_key,
+                               backed=args.backed, max_genes=args.max_genes)
+        print(json.dumps(report, indent=2))
+        return 0
+
+    return add, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scmmgpt", description="scMMGPT: single-cell RNA-seq <-> language.")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"scmmgpt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add, run) in COMMANDS.items():
+        doc = (run.__doc__ or add.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc)
+        add(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", UserWarning)
+            return int(args._run(args) or 0)
+    except ScMMGPTError as exc:
+        print(f"scmmgpt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""PyTorch datasets, collation with dynamic padding, length bucketing and stratified splits.
+
+A cell becomes ``<cls>`` followed by its top-``max_genes`` expressed genes by value ("high value"
+selection, SPEC §1): fewer when fewer are expressed. Batches are padded to their own longest cell,
+never to a fixed ``max_genes``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ..errors import InputDataError
+from .prepare import CellData
+from .values import quantile_bin
+
+__all__ = ["tokenize_cell", "CellTextDataset", "CellBatch", "CellTextCollator", "LengthBucketSampler",
+           "stratified_split"]
+
+
+def tokenize_cell(gene_ids: np.ndarray, values: np.ndarray, *, cls_id: int, max_genes: int,
+                  n_bins: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``<cls>`` + the ``max_genes`` highest-valued genes, sorted by value (ties: lower gene id).
+
+    Parameters
+    ----------
+    gene_ids, values
+        The cell's expressed genes (vocabulary indices) and their eq.-1 values.
+    n_bins
+        If set, values are replaced by scGPT per-cell quantile bins (computed over all expressed
+        genes before truncation, as scGPT does).
+
+    Returns
+    -------
+    ``(ids, vals)`` of length ``min(len, max_genes) + 1``; the ``<cls>`` value is 0.
+    """
+    if n_bins is not None:
+        values = quantile_bin(values, n_bins)
+    order = np.lexsort((gene_ids, -values))[:max_genes]
+    ids = np.concatenate([[cls_id], gene_ids[order]]).astype(np.int64)
+    vals = np.concatenate([[0.0], values[order]]).astype(np.float32)
+    return ids, vals
+
+
+class CellTextDataset(Dataset):
+    """Cells (and optionally their descriptions and integer labels) for training and inference.
+
+    Items are dicts: ``gene_ids`` (L,), ``values`` (L,), ``index`` and, when given, ``text`` and
+    ``label``. With ``with_targets=True`` the item also holds the cell's full sparse row (vocabulary
+    genes and eq.-1 values) for the PCGen target.
+    """
+
+    def __init__(self, cells: CellData, texts: Sequence[str] | None = None, labels: Sequence[int] | None = None,
+                 *, cls_id: int, max_genes: int = 2048, n_bins: int | None = None, with_targets: bool = False) -> None:
+        if max_genes < 1:
+            raise InputDataError("max_genes must be >= 1.")
+        if texts is not None and len(texts) != len(cells):
+            raise InputDataError(f"{len(texts)} texts for {len(cells)} cells.")
+        if labels is not None and len(labels) != len(cells):
+            raise InputDataError(f"{len(labels)} labels for {len(cells)} cells.")
+        self.cells = cells
+        self.texts = list(texts) if texts is not None else None
+        self.labels = np.asarray(labels) if labels is not None else None
+        self.cls_id = cls_id
+        self.max_genes = max_genes
+        self.n_bins = n_bins
+        self.with_targets = with_targets
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def lengths(self) -> np.ndarray:
+        """Token count of each cell (``<cls>`` included), for length bucketing."""
+        return np.minimum(self.cells.n_expressed(), self.max_genes) + 1
+
+    def __getitem__(self, i: int) -> dict:
+        expr = self.cells.expr
+        lo, hi = expr.indptr[i], expr.indptr[i + 1]
+        genes, vals = expr.indices[lo:hi], expr.data[lo:hi]
+        ids, values = tokenize_cell(genes, vals, cls_id=self.cls_id, max_genes=self.max_genes, n_bins=self.n_bins)
+        item = {"gene_ids": ids, "values": values, "index": i}
+        if self.texts is not None:
+            item["text"] = self.texts[i]
+        if self.labels is not None:
+            item["label"] = int(self.labels[i])
+        if self.with_targets:
+            item["target_genes"] = genes.astype(np.int64)
+            item["target_values"] = vals.astype(np.float32)
+        return item
+
+
+@dataclass
+class CellBatch:
+    """A collated batch. Shapes: B cells, L tokens (longest cell), T text tokens, V vocabulary."""
+
+    gene_ids: torch.Tensor
+    """(B, L) int64 gene tokens, ``<cls>`` first, padded with ``pad_id``."""
+    values: torch.Tensor
+    """(B, L) float32 values, padded with ``pad_value``."""
+    padding_mask: torch.Tensor
+    """(B, L) bool, True at padding."""
+    index: torch.Tensor
+    """(B,) int64 position of each cell in its dataset."""
+    text_input_ids: torch.Tensor | None = None
+    """(B, T) tokenised descriptions (when a tokenizer is given)."""
+    text_attention_mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    """(B,) int64 labels (-1 for none)."""
+    target: torch.Tensor | None = None
+    """(B, V) eq.-1 values of every vocabulary gene (PCGen target)."""
+    texts: list[str] | None = None
+
+    def to(self, device, non_blocking: bool = True) -> "CellBatch":
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+        return CellBatch(**out)
+
+    def __len__(self) -> int:
+        return self.gene_ids.shape[0]
+
+
+@dataclass
+class CellTextCollator:
+    """Pads cells to the longest in the batch and tokenises texts.
+
+    Attributes
+    ----------
+    pad_id
+        Vocabulary index of ``<pad>``.
+    pad_value
+        Value at padded positions (scGPT uses -2 with binned values).
+    tokenizer
+        A Hugging Face tokenizer for the descriptions, or ``None``.
+    max_text_len
+        Descriptions are truncated to this many tokens.
+    vocab_size
+        Needed when items carry PCGen targets.
+    """
+
+    pad_id: int
+    pad_value: float = 0.0
+    tokenizer: object | None = None
+    max_text_len: int = 128
+    vocab_size: int | None = None
+
+    def __call__(self, items: list[dict]) -> CellBatch:
+        B = len(items)
+        L = max(len(it["gene_ids"]) for it in items)
+        gene_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        values = torch.full((B, L), self.pad_value, dtype=torch.float32)
+        padding = torch.ones((B, L), dtype=torch.bool)
+        for b, it in enumerate(items):
+            n = len(it["gene_ids"])
+            gene_ids[b, :n] = torch.from_numpy(it["gene_ids"])
+            values[b, :n] = torch.from_numpy(it["values"])
+            padding[b, :n] = False
+        batch = CellBatch(gene_ids=gene_ids, values=values, padding_mask=padding,
+                          index=torch.tensor([it["index"] for it in items], dtype=torch.long))
+        if "text" in items[0]:
+            batch.texts = [it["text"] for it in items]
+            if self.tokenizer is not None:
+                enc = self.tokenizer(batch.texts, padding=True, truncation=True, max_length=self.max_text_len,
+                                     return_tensors="pt")
+                batch.text_input_ids = enc["input_ids"]
+                batch.text_attention_mask = enc["attention_mask"]
+        if "label" in items[0]:
+            batch.labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
+        if "target_genes" in items[0]:
+            if self.vocab_size is None:
+                raise InputDataError("CellTextCollator needs vocab_size for PCGen targets.")
+            target = torch.zeros((B, self.vocab_size), dtype=torch.float32)
+            for b, it in enumerate(items):
+                target[b, torch.from_numpy(it["target_genes"])] = torch.from_numpy(it["target_values"])
+            batch.target = target
+        return batch
+
+
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batches of cells with similar lengths, so dynamic padding wastes little.
+
+    Indices are shuffled, cut into pools of ``pool_batches`` batches, sorted by length inside each
+    pool and batched; the batches are then shuffled. With ``num_replicas > 1`` each rank takes every
+    ``num_replicas``-th batch (the batch list is padded by repetition so all ranks get the same
+    number of batches, as DDP requires).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, shuffle: bool = True, pool_batches: int = 50,
+                 drop_last: bool = False, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        if batch_size < 1:
+            raise InputDataError("batch_size must be >= 1.")
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.pool = pool_batches * batch_size
+        self.drop_last = drop_last
+        self.seed = seed
+        self.epoch = 0
+        self.num_replicas = num_replicas
+        self.rank = rank
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        n = len(self.lengths)
+        rng = np.random.default_rng(self.seed + self.epoch)
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        batches = []
+        for start in range(0, n, self.pool):
+            pool = order[start:start + self.pool]
+            pool = pool[np.argsort(-self.lengths[pool], kind="stable")]
+            for b in range(0, len(pool), self.batch_size):
+                batch = pool[b:b + self.batch_size].tolist()
+                if len(batch) < self.batch_size and self.drop_last:
+                    continue
+                batches.append(batch)
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if self.num_replicas > 1 and batches:
+            per_rank = math.ceil(len(batches) / self.num_replicas)
+            batches = (batches * (per_rank * self.num_replicas // len(batches) + 1))[: per_rank * self.num_replicas]
+            batches = batches[self.rank::self.num_replicas]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._batches()
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def stratified_split(labels: Sequence, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), *, seed: int = 0,
+                     exclude: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Split positions into ``train``/``val``/``test``, stratified by label.
+
+    Every class with >= 3 cells has at least one cell in each split; classes with fewer go to
+    train first. Positions flagged in ``exclude`` (ambiguous labels) are left out of all splits.
+    """
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise InputDataError(f"fractions must be three non-negative numbers summing to 1, got {fractions}.")
+    labels = np.asarray(labels, dtype=object)
+    rng = np.random.default_rng(seed)
+    keep = np.ones(len(labels), dtype=bool) if exclude is None else ~np.asarray(exclude, dtype=bool)
+    out = {"train": [], "val": [], "test": []}
+    for lab in sorted({str(v) for v in labels[keep]}):
+        idx = np.flatnonzero(keep & (labels.astype(str) == lab))
+        idx = rng.permutation(idx)
+        n = len(idx)
+        n_val = int(round(fractions[1] * n))
+        n_test = int(round(fractions[2] * n))
+        if n >= 3:
+            n_val = max(n_val, 1 if fractions[1] > 0 else 0)
+            n_test = max(n_test, 1 if fractions[2] > 0 else 0)
+        n_val = min(n_val, max(n - 1, 0))
+        n_test = min(n_test, max(n - 1 - n_val, 0))
+        out["test"].extend(idx[:n_test])
+        out["val"].extend(idx[n_test:n_test + n_val])
+        out["train"].extend(idx[n_test + n_val:])
+    return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in out.items()}

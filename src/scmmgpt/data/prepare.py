@@ -1,0 +1,225 @@
+"""Turn an AnnData into model-ready cells: genes mapped to the vocabulary, values per eq. 1.
+
+This is the one place where user matrices are checked. Each problem is a clear
+:class:`~scmmgpt.errors.InputDataError` naming the matrix and the fix: empty matrix, NaN/inf,
+negative values on a counts path, duplicate gene names, too little of the expression in
+vocabulary genes. Cells with zero counts are dropped with a warning giving their number.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..errors import InputDataError
+from .genes import detect_id_type, detect_organism, to_symbols
+from .io import select_matrix
+from .values import ValueKindArg, check_finite, detect_value_kind, normalize_total_log1p
+from .vocab import GeneVocab
+
+__all__ = ["GeneMatch", "CellData", "map_genes", "prepare_cells"]
+
+
+@dataclass
+class GeneMatch:
+    """How the genes of a dataset map onto the model's vocabulary."""
+
+    n_genes: int
+    """Genes (columns) in the matrix."""
+    n_mapped: int
+    """Genes found in the vocabulary."""
+    coverage: float
+    """Fraction of all expression (sum of values) that falls in mapped genes."""
+    organism: str
+    id_type: str
+    unmapped_examples: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.n_mapped}/{self.n_genes} genes ({self.id_type}, {self.organism}) are in the vocabulary, "
+                f"covering {100 * self.coverage:.1f}% of the expression")
+
+
+@dataclass
+class CellData:
+    """Cells ready for the model, in vocabulary space.
+
+    Attributes
+    ----------
+    expr
+        ``(n_cells, len(vocab))`` CSR float32 of eq.-1 values (explicit zeros removed).
+    measured
+        ``(len(vocab),)`` bool: genes this dataset measured (the PCGen loss is masked to them).
+    obs_names
+        Names of the kept cells.
+    cell_index
+        Row of each kept cell in the source AnnData.
+    value_kind
+        What the input values were (``"counts"``, ``"lognorm"``...).
+    gene_match
+        The :class:`GeneMatch` report.
+    n_dropped_empty
+        Cells dropped because they had no expression at all.
+    """
+
+    expr: sp.csr_matrix
+    measured: np.ndarray
+    obs_names: np.ndarray
+    cell_index: np.ndarray
+    value_kind: str
+    gene_match: GeneMatch
+    n_dropped_empty: int = 0
+
+    def __len__(self) -> int:
+        return self.expr.shape[0]
+
+    def n_expressed(self) -> np.ndarray:
+        """Number of expressed (non-zero) vocabulary genes per cell."""
+        return np.diff(self.expr.indptr)
+
+    def subset(self, rows: np.ndarray) -> "CellData":
+        """A :class:`CellData` with the given rows (positions, not obs names)."""
+        rows = np.asarray(rows)
+        return CellData(self.expr[rows], self.measured, self.obs_names[rows], self.cell_index[rows],
+                        self.value_kind, self.gene_match, self.n_dropped_empty)
+
+
+def map_genes(var_names, vocab: GeneVocab, *, organism: str | None = None,
+              symbols: pd.Series | None = None) -> tuple[np.ndarray, str, str]:
+    """Vocabulary index of each gene (``-1`` if absent), the organism and the id type.
+
+    Duplicate gene names raise: they would silently merge or split one gene's counts.
+    """
+    names = pd.Index([str(v) for v in var_names])
+    if names.has_duplicates:
+        dups = names[names.duplicated()].unique()[:5].tolist()
+        raise InputDataError(
+            f"{names.duplicated().sum()} duplicate gene names (e.g. {dups}). Make them unique with "
+            f"adata.var_names_make_unique() or sum the duplicates before using scmmgpt."
+        )
+    id_type = detect_id_type(names)
+    organism = organism or detect_organism(names)
+    if symbols is not None:
+        mapped = [None if pd.isna(s) else str(s) for s in symbols]
+    else:
+        mapped = to_symbols(names, organism)
+    ids = vocab.encode(mapped)
+    if id_type != "symbol":  # also try the raw names (a vocabulary keyed by Ensembl ids)
+        raw = vocab.encode(list(names))
+        ids = np.where(ids >= 0, ids, raw)
+    return ids, organism, id_type
+
+
+def prepare_cells(
+    adata: ad.AnnData,
+    vocab: GeneVocab,
+    *,
+    layer: str | None = None,
+    use_raw: bool = False,
+    value_kind: ValueKindArg = "auto",
+    target_sum: float = 1.0,
+    organism: str | None = None,
+    gene_symbol_key: str | None = None,
+    min_coverage: float = 0.5,
+    chunk_size: int = 20_000,
+) -> CellData:
+    """Map genes, check values, normalise (eq. 1) and move cells into vocabulary space.
+
+    Works on in-memory and backed AnnData (rows are read ``chunk_size`` at a time).
+
+    Parameters
+    ----------
+    adata
+        Cells x genes. Gene ids are symbols or Ensembl ids (human or mouse).
+    vocab
+        The model's gene vocabulary.
+    layer, use_raw
+        Which matrix to read (default ``adata.X``).
+    value_kind
+        ``"auto"`` (detect), ``"counts"``, ``"lognorm"``, ``"normalized"`` or ``"as_is"``.
+    target_sum
+        See :func:`~scmmgpt.data.values.normalize_total_log1p` (1.0 = eq. 1 exactly).
+    organism
+        ``"homo_sapiens"`` / ``"mus_musculus"``; detected from the gene ids when ``None``.
+    gene_symbol_key
+        A ``var`` column with gene symbols to use instead of ``var_names``.
+    min_coverage
+        Fail when mapped genes hold less than this fraction of the expression.
+
+    Raises
+    ------
+    InputDataError
+        Empty matrix, NaN/inf, negatives on a counts path, duplicate genes, low gene coverage.
+    """
+    X, var_names, where = select_matrix(adata, layer=layer, use_raw=use_raw)
+    n_cells, n_genes = X.shape
+    if n_cells == 0 or n_genes == 0:
+        raise InputDataError(f"{where} is empty ({n_cells} cells x {n_genes} genes); nothing to do.")
+    symbols = None
+    if gene_symbol_key is not None:
+        var = adata.raw.var if use_raw else adata.var
+        if gene_symbol_key not in var.columns:
+            raise InputDataError(f"var has no column {gene_symbol_key!r}. Columns: {list(var.columns)}.")
+        symbols = var[gene_symbol_key]
+    ids, organism, id_type = map_genes(var_names, vocab, organism=organism, symbols=symbols)
+    keep_cols = np.flatnonzero(ids >= 0)
+
+    # pass 1 over chunks: detect the value kind on the first chunk, normalise, collect
+    kind = value_kind
+    blocks, totals, mapped_totals = [], 0.0, 0.0
+    for start in range(0, n_cells, chunk_size):
+        chunk = X[start:start + chunk_size]
+        chunk = sp.csr_matrix(chunk) if not sp.issparse(chunk) else chunk.tocsr()
+        check_finite(chunk, where=where)
+        if kind == "auto":
+            kind = detect_value_kind(chunk)
+        if kind in ("counts", "lognorm", "normalized") and chunk.data.size and chunk.data.min() < 0:
+            raise InputDataError(
+                f"{where} holds negative values but was treated as {kind}. Pass raw counts "
+                f"(layer= / use_raw=True) or value_kind='as_is'."
+            )
+        norm, kind = normalize_total_log1p(chunk, value_kind=kind, target_sum=target_sum, where=where)
+        raw_abs = abs(chunk) if kind != "lognorm" else chunk.copy()
+        if kind == "lognorm":
+            np.expm1(raw_abs.data, out=raw_abs.data)
+        totals += float(raw_abs.sum())
+        mapped_totals += float(raw_abs[:, keep_cols].sum()) if keep_cols.size else 0.0
+        blocks.append(norm[:, keep_cols])
+    coverage = mapped_totals / totals if totals > 0 else 0.0
+    unmapped = [str(v) for v, i in zip(var_names[:2000], ids[:2000]) if i < 0][:10]
+    match = GeneMatch(n_genes=n_genes, n_mapped=int(keep_cols.size), coverage=coverage,
+                      organism=organism, id_type=id_type, unmapped_examples=unmapped)
+    if keep_cols.size == 0:
+        raise InputDataError(
+            f"None of the {n_genes} genes of {where} is in the model's vocabulary (e.g. {unmapped[:5]}). "
+            f"Check the organism and the gene ids (symbols or Ensembl), or pass gene_symbol_key= a var column "
+            f"of gene symbols."
+        )
+    if coverage < min_coverage:
+        raise InputDataError(
+            f"Only {match.summary()}, below min_coverage={min_coverage:.0%}. Unmapped examples: "
+            f"{unmapped[:5]}. Pass gene_symbol_key=, the right organism=, or lower min_coverage to proceed."
+        )
+    sub = sp.vstack(blocks).tocsr() if len(blocks) > 1 else blocks[0].tocsr()
+    # columns -> vocabulary indices; two source genes with one symbol are summed
+    col_map = ids[keep_cols]
+    coo = sub.tocoo()
+    expr = sp.csr_matrix((coo.data, (coo.row, col_map[coo.col])), shape=(n_cells, len(vocab)), dtype=np.float32)
+    expr.sum_duplicates()
+    expr.eliminate_zeros()
+    n_expr = np.diff(expr.indptr)
+    keep_rows = np.flatnonzero(n_expr > 0)
+    dropped = n_cells - keep_rows.size
+    if keep_rows.size == 0:
+        raise InputDataError(f"Every cell of {where} has zero expression in vocabulary genes; nothing to do.")
+    if dropped:
+        warnings.warn(f"Dropped {dropped} of {n_cells} cells with no expression in vocabulary genes.", stacklevel=2)
+        expr = expr[keep_rows]
+    measured = np.zeros(len(vocab), dtype=bool)
+    measured[col_map] = True
+    return CellData(expr=expr, measured=measured, obs_names=np.asarray(adata.obs_names)[keep_rows],
+                    cell_index=keep_rows, value_kind=kind, gene_match=match, n_dropped_empty=dropped)

@@ -1,0 +1,27 @@
+"""User-facing error types.
+
+Every error a user can cause by bad input derives from :class:`ScMMGPTError`; the CLI prints
+its message (which names the problem and the fix) without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class ScMMGPTError(Exception):
+    """Base class of errors caused by input, configuration or missing assets."""
+
+
+class InputDataError(ScMMGPTError, ValueError):
+    """The AnnData / h5ad given is unusable as it is (values, genes, labels, file)."""
+
+
+class AssetMissingError(ScMMGPTError, FileNotFoundError):
+    """An offline asset (model weights, ontology, gene table) is not installed."""
+
+
+class ConfigError(ScMMGPTError, ValueError):
+    """An invalid combination of configuration values."""
+
+
+class CheckpointError(ScMMGPTError, RuntimeError):
+    """A checkpoint is missing weights, has the wrong shapes or failed verification."""
