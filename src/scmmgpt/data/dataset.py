@@ -19,7 +19,7 @@ from ..errors import InputDataError
 from .prepare import CellData
 from .values import quantile_bin
 
-__all__ = ["tokenize_cell", "CellTextDataset", "CellBatch", "CellTextCollator", "LengthBucketSampler",
+__all__ = ["tokenize_cell", "tokenize_for_lm", "CellTextDataset", "CellBatch", "CellTextCollator", "LengthBucketSampler",
            "stratified_split"]
 
 
@@ -113,6 +113,9 @@ class CellBatch:
     """(B,) int64 labels (-1 for none)."""
     target: torch.Tensor | None = None
     """(B, V) eq.-1 values of every vocabulary gene (PCGen target)."""
+    lm_input_ids: torch.Tensor | None = None
+    """(B, T') descriptions tokenised for the text LM, right-padded, ending with EOS."""
+    lm_attention_mask: torch.Tensor | None = None
     texts: list[str] | None = None
 
     def to(self, device, non_blocking: bool = True) -> "CellBatch":
@@ -149,6 +152,8 @@ class CellTextCollator:
     tokenizer: object | None = None
     max_text_len: int = 128
     vocab_size: int | None = None
+    lm_tokenizer: object | None = None
+    lm_max_text_len: int = 96
 
     def __call__(self, items: list[dict]) -> CellBatch:
         B = len(items)
@@ -170,6 +175,9 @@ class CellTextCollator:
                                      return_tensors="pt")
                 batch.text_input_ids = enc["input_ids"]
                 batch.text_attention_mask = enc["attention_mask"]
+            if self.lm_tokenizer is not None:
+                batch.lm_input_ids, batch.lm_attention_mask = tokenize_for_lm(
+                    self.lm_tokenizer, batch.texts, self.lm_max_text_len)
         if "label" in items[0]:
             batch.labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
         if "target_genes" in items[0]:
@@ -180,6 +188,21 @@ class CellTextCollator:
                 target[b, torch.from_numpy(it["target_genes"])] = torch.from_numpy(it["target_values"])
             batch.target = target
         return batch
+
+
+def tokenize_for_lm(tokenizer, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise texts for the causal LM: no special tokens, truncated to ``max_len - 1``, EOS
+    appended, right-padded. Returns ``(input_ids, attention_mask)`` of shape (B, T)."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    seqs = [tokenizer(t, add_special_tokens=False)["input_ids"][: max_len - 1] + [eos] for t in texts]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
 
 
 class LengthBucketSampler(Sampler[list[int]]):

@@ -1,0 +1,183 @@
+"""Typed configuration of the scMMGPT model (paper §3.2, Table 6). Serialised as JSON beside weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..errors import ConfigError
+
+__all__ = ["CellEncoderConfig", "QFormerConfig", "LMConfig", "TextToCellConfig", "ModelConfig", "CELL_ENCODER_PRESETS"]
+
+
+@dataclass
+class CellEncoderConfig:
+    """scGPT-architecture cell encoder (Cui et al. 2024)."""
+
+    vocab_size: int = 0
+    """Number of gene tokens (set from the gene vocabulary)."""
+    d_model: int = 256
+    """Width of gene/value embeddings and of the transformer."""
+    n_layers: int = 4
+    """Transformer encoder layers."""
+    n_heads: int = 4
+    """Attention heads."""
+    d_ff: int = 512
+    """Feed-forward width."""
+    dropout: float = 0.1
+    """Dropout in embeddings and layers."""
+    pad_id: int = 0
+    """Index of ``<pad>`` in the vocabulary."""
+    input_style: Literal["continuous", "category"] = "continuous"
+    """``continuous``: value encoder ``LN(W2 ReLU(W1 x))``; ``category``: embedding of value bins."""
+    n_bins: int | None = None
+    """Per-cell quantile bins (scGPT: 51); required for ``category``, optional for ``continuous``."""
+    pad_value: float = 0.0
+    """Value at padded positions (scGPT checkpoints use -2)."""
+    max_value: float = 512.0
+    """Values are clamped to this before the value encoder (as scGPT)."""
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}.")
+        if self.input_style == "category" and not self.n_bins:
+            raise ConfigError("input_style='category' needs n_bins (scGPT uses 51).")
+        if min(self.d_model, self.n_layers, self.n_heads, self.d_ff) < 1:
+            raise ConfigError("d_model, n_layers, n_heads and d_ff must be positive.")
+
+
+#: Named cell encoder sizes. ``scgpt-whole-human`` is the paper's (12 x 512, 8 heads, ~51M params).
+CELL_ENCODER_PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=32, n_layers=2, n_heads=2, d_ff=64),
+    "small": dict(d_model=256, n_layers=4, n_heads=4, d_ff=512),
+    "scgpt-whole-human": dict(d_model=512, n_layers=12, n_heads=8, d_ff=512),
+}
+
+
+@dataclass
+class QFormerConfig:
+    """Cell-to-text projector: a BLIP-2 Q-Former initialised from a BERT (Li et al. 2023)."""
+
+    bert: str = "minilm-l6"
+    """BERT to initialise from: ``minilm-l6`` (bundled) or any HF BERT name/path (BiomedBERT)."""
+    n_query: int = 32
+    """Learned query tokens."""
+    cross_attention_freq: int = 2
+    """Cross-attention to the cell encoder in every ``cross_attention_freq``-th layer."""
+    embed_dim: int = 256
+    """Width of the L2-normalised contrastive features (CTC)."""
+    max_text_len: int = 128
+    """Descriptions are truncated to this many BERT tokens."""
+    n_layers: int | None = None
+    """Use only the first ``n_layers`` BERT layers (``None``: all)."""
+    init_temperature: float = 0.07
+    """Initial CTC temperature (learnable, clamped to [0.001, 0.5])."""
+
+    def __post_init__(self) -> None:
+        if self.n_query < 1 or self.cross_attention_freq < 1 or self.embed_dim < 1:
+            raise ConfigError("n_query, cross_attention_freq and embed_dim must be positive.")
+
+
+@dataclass
+class LMConfig:
+    """Decoder-only text LM (paper: Llama-2 7B) tuned with LoRA (Hu et al. 2022)."""
+
+    name: str = "smollm2-135m"
+    """``smollm2-135m`` (bundled) or any HF causal LM name/path (``TinyLlama/TinyLlama-1.1B-Chat-v1.0``)."""
+    lora: bool = True
+    """Tune with LoRA; otherwise the LM is frozen."""
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_target_modules: list[str] | None = None
+    """Module names for LoRA (``None``: peft's default for the architecture)."""
+    max_text_len: int = 96
+    """Description tokens kept for CDGen/PCGen."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype of the base LM."""
+    prompt: str = "Cell:"
+    """Text before the cell tokens in CDGen."""
+    answer_prompt: str = " Description:"
+    """Text between the cell tokens and the description."""
+
+    def __post_init__(self) -> None:
+        if self.lora and (self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
+            raise ConfigError("LoRA needs lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1.")
+
+
+@dataclass
+class TextToCellConfig:
+    """Text-to-cell projector (paper Table 6: 1 cross-attention layer, 4 heads) and cell decoder."""
+
+    n_dummy_tokens: int = 8
+    """Dummy cell tokens appended after the description."""
+    n_cell_queries: int = 16
+    """Learned cell-space queries that cross-attend to the LM states of the dummy tokens."""
+    n_layers: int = 1
+    n_heads: int = 4
+    decoder_dim: int = 64
+    """Width of the per-gene attention read-out of the cell decoder."""
+    gene_chunk: int = 8192
+    """Genes decoded per chunk (bounds memory for a 60k-gene vocabulary)."""
+
+    def __post_init__(self) -> None:
+        if min(self.n_dummy_tokens, self.n_cell_queries, self.n_layers, self.n_heads, self.decoder_dim) < 1:
+            raise ConfigError("text-to-cell sizes must be positive.")
+
+
+@dataclass
+class ModelConfig:
+    """The whole scMMGPT model."""
+
+    cell: CellEncoderConfig = field(default_factory=CellEncoderConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    text_to_cell: TextToCellConfig = field(default_factory=TextToCellConfig)
+    max_genes: int = 2048
+    """Top expressed genes kept per cell (paper: 2048)."""
+    target_sum: float = 1e4
+    """Library size in eq. 1: ``log(1 + target_sum * x / sum x)``. 1.0 is eq. 1 verbatim; 1e4
+    (log-CP10k) keeps values O(1) so the value encoder and the PCGen loss are well scaled."""
+
+    def __post_init__(self) -> None:
+        for name, typ in (("cell", CellEncoderConfig), ("qformer", QFormerConfig), ("lm", LMConfig),
+                          ("text_to_cell", TextToCellConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, typ(**value))
+        if self.max_genes < 1:
+            raise ConfigError("max_genes must be >= 1.")
+        if self.target_sum <= 0:
+            raise ConfigError("target_sum must be > 0.")
+
+    @classmethod
+    def from_preset(cls, cell: str = "small", **kwargs) -> "ModelConfig":
+        """A config with a named cell encoder size (``tiny``, ``small``, ``scgpt-whole-human``)."""
+        if cell not in CELL_ENCODER_PRESETS:
+            raise ConfigError(f"Unknown cell encoder preset {cell!r}; choose from {list(CELL_ENCODER_PRESETS)}.")
+        cell_cfg = CellEncoderConfig(**CELL_ENCODER_PRESETS[cell], **kwargs.pop("cell_kwargs", {}))
+        return cls(cell=cell_cfg, **kwargs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"Unknown model config keys: {sorted(unknown)}.")
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> None:
+        from ..utils.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ModelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,165 @@
+"""scGPT-architecture cell encoder (Cui et al. 2024; scMMGPT paper §3.2).
+
+gene embedding + LayerNorm, plus a value encoder, summed; a post-norm ReLU transformer encoder
+without positional encoding (a cell is a set of genes); the output at ``<cls>`` is the cell
+embedding. Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` with the
+padding mask, so flash / memory-efficient kernels are used on GPU and bf16 works.
+
+Parameter names follow scGPT's checkpoints (``encoder.embedding``, ``encoder.enc_norm``,
+``value_encoder.linear1/linear2/norm``, ``transformer_encoder.layers.N.self_attn.in_proj_*`` /
+``out_proj``, ``linear1/2``, ``norm1/2``), so :func:`scmmgpt.models.scgpt.load_scgpt` maps real
+weights one to one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.config import CellEncoderConfig
+
+__all__ = ["GeneEncoder", "ContinuousValueEncoder", "CategoryValueEncoder", "SelfAttention", "EncoderLayer",
+           "CellEncoder"]
+
+
+class GeneEncoder(nn.Module):
+    """Gene token embedding followed by LayerNorm."""
+
+    def __init__(self, vocab_size: int, d_model: int, pad_id: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
+        self.enc_norm = nn.LayerNorm(d_model)
+
+    def forward(self, gene_ids: torch.Tensor) -> torch.Tensor:
+        return self.enc_norm(self.embedding(gene_ids))
+
+
+class ContinuousValueEncoder(nn.Module):
+    """``LN(W2 ReLU(W1 x))`` on each scalar value (scGPT's continuous value encoder)."""
+
+    def __init__(self, d_model: int, dropout: float, max_value: float) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(1, d_model)
+        self.linear2 = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.max_value = max_value
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        x = values.clamp(max=self.max_value).unsqueeze(-1).to(self.linear1.weight.dtype)
+        return self.dropout(self.norm(self.linear2(F.relu(self.linear1(x)))))
+
+
+class CategoryValueEncoder(nn.Module):
+    """Embedding of binned values (scGPT ``input_emb_style="category"``)."""
+
+    def __init__(self, n_bins: int, d_model: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(n_bins + 1, d_model)  # + the padding bin
+        self.enc_norm = nn.LayerNorm(d_model)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        idx = values.long().clamp(min=0, max=self.embedding.num_embeddings - 1)
+        return self.enc_norm(self.embedding(idx))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a packed ``in_proj`` (torch's layout) and SDPA."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        B, L, D = x.shape
+        # (B, L, 3D) -> 3 x (B, H, L, D/H)
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.n_heads, D // self.n_heads) \
+            .permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm transformer encoder layer with ReLU (``nn.TransformerEncoderLayer`` semantics)."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(d_model, n_heads, dropout)
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm1(x + self.dropout(self.self_attn(x, attn_mask)))
+        return self.norm2(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+
+
+class _Layers(nn.Module):
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+
+class CellEncoder(nn.Module):
+    """The cell PLM: ``(gene_ids, values, padding_mask) -> (B, L, d_model)`` gene states.
+
+    Examples
+    --------
+    >>> cfg = CellEncoderConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=2, d_ff=64)
+    >>> enc = CellEncoder(cfg)
+    >>> h = enc(torch.randint(3, 100, (2, 5)), torch.rand(2, 5), torch.zeros(2, 5, dtype=torch.bool))
+    >>> tuple(h.shape)
+    (2, 5, 32)
+    """
+
+    def __init__(self, config: CellEncoderConfig) -> None:
+        super().__init__()
+        if config.vocab_size < 1:
+            raise ValueError("CellEncoderConfig.vocab_size must be set from the gene vocabulary.")
+        self.config = config
+        self.encoder = GeneEncoder(config.vocab_size, config.d_model, config.pad_id)
+        if config.input_style == "category":
+            self.value_encoder = CategoryValueEncoder(config.n_bins, config.d_model)
+        else:
+            self.value_encoder = ContinuousValueEncoder(config.d_model, config.dropout, config.max_value)
+        self.transformer_encoder = _Layers(
+            [EncoderLayer(config.d_model, config.n_heads, config.d_ff, config.dropout) for _ in range(config.n_layers)]
+        )
+        self.gradient_checkpointing = False
+
+    @property
+    def d_model(self) -> int:
+        return self.config.d_model
+
+    def gene_embeddings(self, gene_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised gene embeddings, all ``(V, d)`` or of ``gene_ids``."""
+        if gene_ids is None:
+            return self.encoder.enc_norm(self.encoder.embedding.weight)
+        return self.encoder(gene_ids)
+
+    def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        # step 1: gene + value embeddings -> (B, L, d)
+        x = self.encoder(gene_ids) + self.value_encoder(values)
+        # step 2: boolean "may attend" mask over keys -> (B, 1, 1, L); padded keys are never attended
+        attn_mask = (~padding_mask)[:, None, None, :]
+        # step 3: transformer layers (post-norm), no positional encoding
+        for layer in self.transformer_encoder.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, attn_mask, use_reentrant=False)
+            else:
+                x = layer(x, attn_mask)
+        return x
+
+    def cell_embedding(self, gene_ids, values, padding_mask) -> torch.Tensor:
+        """The ``<cls>`` output, ``(B, d)``."""
+        return self.forward(gene_ids, values, padding_mask)[:, 0]

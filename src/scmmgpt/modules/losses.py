@@ -1,0 +1,99 @@
+"""Training objectives of scMMGPT (paper §3.3), each a function returning tensors.
+
+* CTC, eq. 2: symmetric InfoNCE over cosine similarities / temperature. Cells whose descriptions
+  are identical are positives of each other (targets spread over them, as BLIP does for
+  image-text pairs sharing an id), never negatives.
+* CTM, eq. 3: matched / unmatched classification on Q-Former outputs; one hard negative text per
+  cell and one hard negative cell per text, sampled in proportion to similarity (BLIP-2), with
+  same-description pairs excluded.
+* CDGen, eq. 5: next-token loss on description tokens only (labels -100 elsewhere).
+* PCGen, eq. 6: MSE between generated and true eq.-1 values, averaged over the genes the cell's
+  dataset measured.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["similarity", "ctc_loss", "sample_hard_negatives", "ctm_loss", "cdgen_loss", "pcgen_loss"]
+
+
+def similarity(cell_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+    """Cell-text cosine similarity, max over query tokens (BLIP-2).
+
+    ``cell_feats`` (Bc, Q, D) and ``text_feats`` (Bt, D), both L2-normalised -> (Bc, Bt).
+    """
+    return torch.einsum("cqd,td->ctq", cell_feats, text_feats).amax(-1)
+
+
+def ctc_loss(sim: torch.Tensor, temperature: torch.Tensor | float, same: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE (paper eq. 2) on a cell x text similarity matrix.
+
+    Parameters
+    ----------
+    sim
+        (B, B) cosine similarities, ``sim[i, j] = cos(cell_i, text_j)``.
+    temperature
+        tau.
+    same
+        (B, B) bool, True where cell i and text j share a description (diagonal included). Such
+        pairs are all positives: the target distribution is uniform over them.
+    """
+    B = sim.shape[0]
+    if same is None:
+        same = torch.eye(B, dtype=torch.bool, device=sim.device)
+    pos = same.float()
+    logits = sim / temperature
+    c2t = -(F.log_softmax(logits, dim=1) * pos / pos.sum(1, keepdim=True)).sum(1).mean()
+    t2c = -(F.log_softmax(logits.t(), dim=1) * pos.t() / pos.t().sum(1, keepdim=True)).sum(1).mean()
+    return 0.5 * (c2t + t2c)
+
+
+def sample_hard_negatives(sim: torch.Tensor, same: torch.Tensor, generator: torch.Generator | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each cell a negative text, for each text a negative cell, drawn with probability
+    ``softmax(sim)`` over pairs that do not share a description.
+
+    Returns ``(neg_text_for_cell, neg_cell_for_text)``, each (B,) long; ``-1`` where no valid
+    negative exists (the whole batch shares one description).
+    """
+    with torch.no_grad():
+        w = sim.float().masked_fill(same, float("-inf"))
+        valid_c = torch.isfinite(w).any(1)
+        valid_t = torch.isfinite(w).any(0)
+        p_c = torch.softmax(w.masked_fill(~valid_c[:, None], 0.0), 1)
+        p_t = torch.softmax(w.t().masked_fill(~valid_t[:, None], 0.0), 1)
+        neg_t = torch.multinomial(p_c, 1, generator=generator).squeeze(1)
+        neg_c = torch.multinomial(p_t, 1, generator=generator).squeeze(1)
+        neg_t = torch.where(valid_c, neg_t, torch.full_like(neg_t, -1))
+        neg_c = torch.where(valid_t, neg_c, torch.full_like(neg_c, -1))
+    return neg_t, neg_c
+
+
+def ctm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the 2-way matching head (paper eq. 3). ``logits`` (N, 2), ``labels`` (N,)."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def cdgen_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token loss (paper eq. 5). ``logits`` (B, T, V) predict position t+1; ``labels`` (B, T)
+    with -100 outside the description."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100)
+
+
+def pcgen_loss(pred: torch.Tensor, target: torch.Tensor, measured: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE over genes (paper eq. 6), averaged over measured genes then over cells.
+
+    ``pred``, ``target`` (B, V); ``measured`` (V,) or (B, V) bool — genes the dataset measured
+    (unmeasured genes have no truth and are left out).
+    """
+    err = (pred.float() - target.float()) ** 2
+    if measured is None:
+        return err.mean()
+    m = measured.to(err.dtype)
+    if m.dim() == 1:
+        m = m.expand_as(err)
+    return ((err * m).sum(1) / m.sum(1).clamp(min=1)).mean()

@@ -1,0 +1,180 @@
+"""Cell-to-text projector: a Q-Former (BLIP-2, Li et al. 2023) initialised from a BERT.
+
+Learned query tokens attend to each other (and, in the matching path, to the text) through the
+BERT self-attention, and to the cell encoder's gene states through new cross-attention layers
+inserted every ``cross_attention_freq`` layers. Three paths share the weights (BLIP-2):
+
+* query-only -> cell features ``(B, n_query, d)`` (CTC and the LM's cell tokens);
+* text-only  -> text features (the BERT encoder itself; CTC);
+* query+text -> matching logits (CTM): queries and text attend to each other, queries to the cell.
+
+Query positions use their own feed-forward copy (initialised from the text one), as BLIP-2 does.
+All layers are this module's own; :meth:`QFormer.load_bert` copies a Hugging Face BERT's weights in
+(a parity test checks the text path equals ``BertModel``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["QFormer", "QFormerLayer", "Attention"]
+
+
+class Attention(nn.Module):
+    """BERT-style attention (separate q/k/v, post-LN residual) with SDPA; keys may be another width."""
+
+    def __init__(self, d: int, n_heads: int, dropout: float, eps: float, kv_dim: int | None = None) -> None:
+        super().__init__()
+        kv_dim = kv_dim or d
+        self.n_heads = n_heads
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(kv_dim, d)
+        self.value = nn.Linear(kv_dim, d)
+        self.dense = nn.Linear(d, d)
+        self.LayerNorm = nn.LayerNorm(d, eps=eps)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        B, Lq, D = x.shape
+        H = self.n_heads
+
+        def split(t):
+            return t.view(B, -1, H, D // H).transpose(1, 2)
+
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(kv)), split(self.value(kv)),
+                                             attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(B, Lq, D)
+        return self.LayerNorm(x + F.dropout(self.dense(out), self.dropout, self.training))
+
+
+class FeedForward(nn.Module):
+    """BERT feed-forward: ``LN(x + W2 GELU(W1 x))``."""
+
+    def __init__(self, d: int, d_ff: int, dropout: float, eps: float) -> None:
+        super().__init__()
+        self.intermediate = nn.Linear(d, d_ff)
+        self.output = nn.Linear(d_ff, d)
+        self.LayerNorm = nn.LayerNorm(d, eps=eps)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(x + F.dropout(self.output(F.gelu(self.intermediate(x))), self.dropout, self.training))
+
+
+class QFormerLayer(nn.Module):
+    """One Q-Former layer: self-attention, optional cross-attention (queries only), FFN."""
+
+    def __init__(self, d: int, n_heads: int, d_ff: int, dropout: float, eps: float, cross_dim: int | None) -> None:
+        super().__init__()
+        self.attention = Attention(d, n_heads, dropout, eps)
+        self.crossattention = Attention(d, n_heads, dropout, eps, kv_dim=cross_dim) if cross_dim else None
+        self.ffn = FeedForward(d, d_ff, dropout, eps)
+        self.ffn_query = FeedForward(d, d_ff, dropout, eps)
+
+    def forward(self, x, mask, n_query, cell, cell_mask):
+        x = self.attention(x, x, mask)
+        q, t = x[:, :n_query], x[:, n_query:]
+        if n_query:
+            if self.crossattention is not None and cell is not None:
+                q = self.crossattention(q, cell, cell_mask)
+            q = self.ffn_query(q)
+        if t.shape[1]:
+            t = self.ffn(t)
+        return torch.cat([q, t], dim=1)
+
+
+class QFormer(nn.Module):
+    """BLIP-2 Q-Former over cell encoder states.
+
+    Parameters
+    ----------
+    bert_config
+        A Hugging Face ``BertConfig`` (sizes, vocabulary, eps).
+    cell_dim
+        Width of the cell encoder states the queries cross-attend to.
+    n_query, cross_attention_freq, n_layers
+        See :class:`~scmmgpt.models.config.QFormerConfig`.
+    """
+
+    def __init__(self, bert_config, cell_dim: int, *, n_query: int = 32, cross_attention_freq: int = 2,
+                 n_layers: int | None = None) -> None:
+        super().__init__()
+        c = bert_config
+        d, eps, p = c.hidden_size, c.layer_norm_eps, c.hidden_dropout_prob
+        self.d = d
+        self.n_query = n_query
+        n_layers = n_layers or c.num_hidden_layers
+        self.word_embeddings = nn.Embedding(c.vocab_size, d, padding_idx=c.pad_token_id)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, d)
+        self.token_type_embeddings = nn.Embedding(max(c.type_vocab_size, 1), d)
+        self.embed_norm = nn.LayerNorm(d, eps=eps)
+        self.embed_dropout = nn.Dropout(p)
+        self.query_tokens = nn.Parameter(torch.randn(1, n_query, d) * c.initializer_range)
+        self.layers = nn.ModuleList([
+            QFormerLayer(d, c.num_attention_heads, c.intermediate_size, c.attention_probs_dropout_prob, eps,
+                         cell_dim if i % cross_attention_freq == 0 else None)
+            for i in range(n_layers)
+        ])
+
+    @torch.no_grad()
+    def load_bert(self, bert_state: dict[str, torch.Tensor]) -> None:
+        """Copy a Hugging Face BERT state dict into the shared weights; query FFNs get copies of the
+        text FFNs. Cross-attention layers and query tokens stay newly initialised."""
+        s = {k.removeprefix("bert."): v for k, v in bert_state.items()}
+        self.word_embeddings.weight.copy_(s["embeddings.word_embeddings.weight"])
+        self.position_embeddings.weight.copy_(s["embeddings.position_embeddings.weight"])
+        self.token_type_embeddings.weight.copy_(s["embeddings.token_type_embeddings.weight"])
+        self.embed_norm.weight.copy_(s["embeddings.LayerNorm.weight"])
+        self.embed_norm.bias.copy_(s["embeddings.LayerNorm.bias"])
+        for i, layer in enumerate(self.layers):
+            pre = f"encoder.layer.{i}."
+            att = layer.attention
+            for name in ("query", "key", "value"):
+                getattr(att, name).weight.copy_(s[pre + f"attention.self.{name}.weight"])
+                getattr(att, name).bias.copy_(s[pre + f"attention.self.{name}.bias"])
+            att.dense.weight.copy_(s[pre + "attention.output.dense.weight"])
+            att.dense.bias.copy_(s[pre + "attention.output.dense.bias"])
+            att.LayerNorm.weight.copy_(s[pre + "attention.output.LayerNorm.weight"])
+            att.LayerNorm.bias.copy_(s[pre + "attention.output.LayerNorm.bias"])
+            for ffn in (layer.ffn, layer.ffn_query):
+                ffn.intermediate.weight.copy_(s[pre + "intermediate.dense.weight"])
+                ffn.intermediate.bias.copy_(s[pre + "intermediate.dense.bias"])
+                ffn.output.weight.copy_(s[pre + "output.dense.weight"])
+                ffn.output.bias.copy_(s[pre + "output.dense.bias"])
+                ffn.LayerNorm.weight.copy_(s[pre + "output.LayerNorm.weight"])
+                ffn.LayerNorm.bias.copy_(s[pre + "output.LayerNorm.bias"])
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        L = input_ids.shape[1]
+        pos = torch.arange(L, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None] + self.token_type_embeddings.weight[0]
+        return self.embed_dropout(self.embed_norm(x))
+
+    def _run(self, x, mask, n_query, cell, cell_mask):
+        for layer in self.layers:
+            x = layer(x, mask, n_query, cell, cell_mask)
+        return x
+
+    def forward_query(self, cell_states: torch.Tensor, cell_padding: torch.Tensor) -> torch.Tensor:
+        """Queries attend to the cell: ``(B, L, d_cell) -> (B, n_query, d)``."""
+        B = cell_states.shape[0]
+        q = self.embed_dropout(self.embed_norm(self.query_tokens.expand(B, -1, -1)))
+        return self._run(q, None, self.n_query, cell_states, ~cell_padding)
+
+    def forward_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text-only BERT path: ``(B, T) -> (B, T, d)``."""
+        return self._run(self.embed_text(input_ids), attention_mask.bool(), 0, None, None)
+
+    def forward_match(self, cell_states, cell_padding, input_ids, attention_mask) -> torch.Tensor:
+        """Query+text path for matching: returns the query outputs ``(B, n_query, d)``."""
+        B = input_ids.shape[0]
+        q = self.embed_dropout(self.embed_norm(self.query_tokens.expand(B, -1, -1)))
+        x = torch.cat([q, self.embed_text(input_ids)], dim=1)
+        mask = torch.cat([torch.ones(B, self.n_query, dtype=torch.bool, device=x.device), attention_mask.bool()], 1)
+        return self._run(x, mask, self.n_query, cell_states, ~cell_padding)[:, : self.n_query]
