@@ -25,3 +25,14 @@ def test_label_key_missing(capsys):
     rc = main(["check", str(data_path("symphony_pbmcs_small.h5ad")), "--label-key", "celltype"])
     assert rc == 2
     assert "no column 'celltype'" in capsys.readouterr().err
+
+
+def test_pipeline_demo_on_bundled_data(tmp_path, capsys):
+    rc = main(["demo", "--out", str(tmp_path / "rep"), "--cell-preset", "tiny"])
+    assert rc == 0
+    report = json.loads((tmp_path / "rep" / "pipeline.json").read_text())
+    assert report["value_kind"] == "lognorm" and report["cells"] == 700 and report["cell_types"] == 10
+    assert report["split"]["test"] >= 10
+    losses = report["untrained_losses_on_test_cells"]
+    assert all(v > 0 and v == v for v in losses.values())  # finite, positive
+    assert "lymphocyte" in report["example_description"] or "cell" in report["example_description"]

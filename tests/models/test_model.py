@@ -84,6 +84,8 @@ def test_save_load_roundtrip_and_tamper(setup, tmp_path):
     model.save_pretrained(tmp_path / "m")
     assert not any("lm.base_model" in k and "lora" not in k for k in
                    __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(tmp_path / "m/model.safetensors")))
+    full = model.trained_state_dict(full=True)
+    assert any(k.startswith("lm.") and "lora_" not in k for k in full)  # the option that stores everything
     loaded = ScMMGPT.from_pretrained(tmp_path / "m")
     with torch.no_grad():
         a = model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask).features

@@ -50,6 +50,31 @@ def _check():
     return add, run
 
 
+@command("demo")
+def _demo():
+    """Run the pipeline end to end on the bundled PBMC data (or --data): data checks, descriptions,
+    the default model (SmolLM2 + MiniLM + cell encoder) and one pass of every objective on held-out
+    cells. Training and the task report come with the training pipeline."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", default=None, help=".h5ad file (default: bundled pbmc68k_reduced)")
+        p.add_argument("--label-key", default="cell_type", help="obs column with cell type labels")
+        p.add_argument("--layer", default=None, help="matrix to read (default: X)")
+        p.add_argument("--use-raw", action="store_true", help="read adata.raw.X")
+        p.add_argument("--out", default="demo_report", help="output folder")
+        p.add_argument("--cell-preset", default="small", help="cell encoder size: tiny, small, scgpt-whole-human")
+
+    def run(args: argparse.Namespace) -> int:
+        from ..tasks.demo import run_pipeline_demo
+
+        report = run_pipeline_demo(data=args.data, label_key=args.label_key, layer=args.layer,
+                                   use_raw=args.use_raw, out=args.out, cell_preset=args.cell_preset)
+        print(json.dumps(report, indent=2))
+        return 0
+
+    return add, run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scmmgpt", description="scMMGPT: single-cell RNA-seq <-> language.")
     from .. import __version__
