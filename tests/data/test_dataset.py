@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from scmmgpt.data import (CellTextCollator, CellTextDataset, DescriptionBuilder, LengthBucketSampler, prepare_cells,
                           stratified_split, tokenize_cell)

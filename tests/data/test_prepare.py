@@ -1,7 +1,6 @@
 import anndata as ad
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
 from scmmgpt.data import GeneVocab, prepare_cells, read_h5ad
 from scmmgpt.errors import InputDataError

@@ -50,7 +50,6 @@ def _step_lowers(model, fn, stage, lr):
 
 def test_each_loss_decreases(setup):
     model, batch, measured = setup
-    g = torch.Generator().manual_seed(0)
     _step_lowers(model, lambda: model.forward_align(batch, torch.Generator().manual_seed(0)).loss_ctc, "stage1", 1e-3)
     _step_lowers(model, lambda: model.forward_align(batch, torch.Generator().manual_seed(0)).loss_ctm, "stage1", 1e-4)
     _step_lowers(model, lambda: model.forward_cdgen(batch), "describe", 1e-3)

@@ -13,7 +13,13 @@ from .io import read_h5ad, select_matrix
 from .prepare import prepare_cells
 from .vocab import GeneVocab
 
-__all__ = ["check_dataset"]
+__all__ = ["check_dataset", "vocab_from_adata"]
+
+
+def vocab_from_adata(adata, *, layer: str | None = None, use_raw: bool = False) -> GeneVocab:
+    """A vocabulary of the dataset's own genes (Ensembl ids translated to symbols)."""
+    _, var_names, _ = select_matrix(adata, layer=layer, use_raw=use_raw)
+    return GeneVocab.from_genes(g for g in to_symbols(var_names) if g)
 
 
 def check_dataset(path: str | os.PathLike, *, layer: str | None = None, use_raw: bool = False,
@@ -29,8 +35,7 @@ def check_dataset(path: str | os.PathLike, *, layer: str | None = None, use_raw:
     """
     adata = read_h5ad(path, backed=backed)
     if vocab is None:
-        _, var_names, _ = select_matrix(adata, layer=layer, use_raw=use_raw)
-        vocab = GeneVocab.from_genes(g for g in to_symbols(var_names) if g)
+        vocab = vocab_from_adata(adata, layer=layer, use_raw=use_raw)
     cells = prepare_cells(adata, vocab, layer=layer, use_raw=use_raw)
     obs = adata.obs.iloc[cells.cell_index]
     desc = DescriptionBuilder(DescriptionConfig(cell_type_key=label_key)).build(obs)

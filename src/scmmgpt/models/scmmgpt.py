@@ -8,10 +8,8 @@ download, tokenise or touch the file system.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -194,9 +192,9 @@ class ScMMGPT(nn.Module):
         h = self.qformer.forward_text(input_ids, attention_mask)
         return F.normalize(self.text_proj(h[:, 0]), dim=-1)
 
-    def match_logits(self, cell: CellOutput, input_ids, attention_mask) -> torch.Tensor:
+    def match_logits(self, states: torch.Tensor, padding: torch.Tensor, input_ids, attention_mask) -> torch.Tensor:
         """CTM logits ``(B, 2)`` for aligned (cell_i, text_i) pairs; index 1 = matched."""
-        q = self.qformer.forward_match(cell.states, cell.padding, input_ids, attention_mask)
+        q = self.qformer.forward_match(states, padding, input_ids, attention_mask)
         return self.ctm_head(q).mean(1)
 
     # ------------------------------------------------------------------------------- stage 1
@@ -223,9 +221,8 @@ class ScMMGPT(nn.Module):
         cell_rows = torch.cat([idx, idx[ok_t], neg_c[ok_c]])
         text_rows = torch.cat([idx, neg_t[ok_t], idx[ok_c]])
         labels = torch.cat([torch.ones(B), torch.zeros(int(ok_t.sum()) + int(ok_c.sum()))]).long().to(sim.device)
-        pair_cell = CellOutput(cell.states[cell_rows], cell.padding[cell_rows], cell.cell_embedding[cell_rows],
-                               cell.query[cell_rows], cell.features[cell_rows])
-        logits = self.match_logits(pair_cell, batch.text_input_ids[text_rows], batch.text_attention_mask[text_rows])
+        logits = self.match_logits(cell.states[cell_rows], cell.padding[cell_rows],
+                                   batch.text_input_ids[text_rows], batch.text_attention_mask[text_rows])
         l_ctm = ctm_loss(logits, labels)
         return AlignOutput(loss=l_ctc + l_ctm, loss_ctc=l_ctc, loss_ctm=l_ctm, sim=sim.detach())
 

@@ -15,8 +15,6 @@ All layers are this module's own; :meth:`QFormer.load_bert` copies a Hugging Fac
 
 from __future__ import annotations
 
-import copy
-import math
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +154,10 @@ class QFormer(nn.Module):
         x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None] + self.token_type_embeddings.weight[0]
         return self.embed_dropout(self.embed_norm(x))
 
+    def embed_queries(self, batch_size: int) -> torch.Tensor:
+        """The learned queries after the embedding LayerNorm/dropout (BLIP-2): (B, n_query, d)."""
+        return self.embed_dropout(self.embed_norm(self.query_tokens.expand(batch_size, -1, -1)))
+
     def _run(self, x, mask, n_query, cell, cell_mask):
         for layer in self.layers:
             x = layer(x, mask, n_query, cell, cell_mask)
@@ -164,7 +166,7 @@ class QFormer(nn.Module):
     def forward_query(self, cell_states: torch.Tensor, cell_padding: torch.Tensor) -> torch.Tensor:
         """Queries attend to the cell: ``(B, L, d_cell) -> (B, n_query, d)``."""
         B = cell_states.shape[0]
-        q = self.embed_dropout(self.embed_norm(self.query_tokens.expand(B, -1, -1)))
+        q = self.embed_queries(B)
         return self._run(q, None, self.n_query, cell_states, ~cell_padding)
 
     def forward_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -174,7 +176,7 @@ class QFormer(nn.Module):
     def forward_match(self, cell_states, cell_padding, input_ids, attention_mask) -> torch.Tensor:
         """Query+text path for matching: returns the query outputs ``(B, n_query, d)``."""
         B = input_ids.shape[0]
-        q = self.embed_dropout(self.embed_norm(self.query_tokens.expand(B, -1, -1)))
+        q = self.embed_queries(B)
         x = torch.cat([q, self.embed_text(input_ids)], dim=1)
         mask = torch.cat([torch.ones(B, self.n_query, dtype=torch.bool, device=x.device), attention_mask.bool()], 1)
         return self._run(x, mask, self.n_query, cell_states, ~cell_padding)[:, : self.n_query]

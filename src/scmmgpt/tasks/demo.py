@@ -6,12 +6,10 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ..data import CellTextDataset, DescriptionBuilder, DescriptionConfig, GeneVocab, prepare_cells, read_h5ad, stratified_split
-from ..data.genes import to_symbols
-from ..data.io import select_matrix
+from ..data import CellTextDataset, DescriptionBuilder, DescriptionConfig, prepare_cells, read_h5ad, stratified_split
+from ..data.pipeline import vocab_from_adata
 from ..models.config import ModelConfig
 from ..models.scmmgpt import ScMMGPT
 from ..utils.io import atomic_write_text
@@ -34,8 +32,7 @@ def run_pipeline_demo(*, data: str | None = None, label_key: str = "cell_type", 
         adata, use_raw, label_map, source = pbmc68k_reduced(), True, PBMC68K_LABEL_MAP, "scanpy pbmc68k_reduced"
     else:
         adata, label_map, source = read_h5ad(data), {}, str(data)
-    _, var_names, _ = select_matrix(adata, layer=layer, use_raw=use_raw)
-    vocab = GeneVocab.from_genes(g for g in to_symbols(var_names) if g)
+    vocab = vocab_from_adata(adata, layer=layer, use_raw=use_raw)
     config = ModelConfig.from_preset(cell_preset, max_genes=2048)
     cells = prepare_cells(adata, vocab, layer=layer, use_raw=use_raw, target_sum=config.target_sum)
     desc = DescriptionBuilder(DescriptionConfig(cell_type_key=label_key, label_map=label_map)).build(

@@ -9,7 +9,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 __all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_path"]
 
