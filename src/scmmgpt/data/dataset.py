@@ -225,11 +225,15 @@ class LengthBucketSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.seed = seed
         self.epoch = 0
+        self.skip = 0
         self.num_replicas = num_replicas
         self.rank = rank
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's shuffle; ``skip`` leaves out its first batches (resuming mid-epoch
+        without loading the data already trained on)."""
         self.epoch = epoch
+        self.skip = skip
 
     def _batches(self) -> list[list[int]]:
         n = len(self.lengths)
@@ -253,10 +257,10 @@ class LengthBucketSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._batches()
+        yield from self._batches()[self.skip:]
 
     def __len__(self) -> int:
-        return len(self._batches())
+        return max(len(self._batches()) - self.skip, 0)
 
 
 def stratified_split(labels: Sequence, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), *, seed: int = 0,

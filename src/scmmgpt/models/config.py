@@ -76,10 +76,15 @@ class QFormerConfig:
     """Use only the first ``n_layers`` BERT layers (``None``: all)."""
     init_temperature: float = 0.07
     """Initial CTC temperature (learnable, clamped to [0.001, 0.5])."""
+    dropout: float | None = None
+    """Hidden and attention dropout (``None``: the BERT's own, 0.1). 0 makes short CPU runs ~1.5x
+    faster (no dropout masks, fused attention)."""
 
     def __post_init__(self) -> None:
         if self.n_query < 1 or self.cross_attention_freq < 1 or self.embed_dim < 1:
             raise ConfigError("n_query, cross_attention_freq and embed_dim must be positive.")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"qformer.dropout must be in [0, 1), got {self.dropout}.")
 
 
 @dataclass

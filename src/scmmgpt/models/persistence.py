@@ -83,13 +83,18 @@ def load_model(path: str | os.PathLike, *, with_lm: bool | None = None, device="
     has_lm = any(k.startswith(("lm_proj.", "text_to_cell.")) for k in state)
     with_lm = has_lm if with_lm is None else with_lm
     model = ScMMGPT.build(config, vocab, with_lm=with_lm)
+    lm_side = ("lm.", "lm_proj.", "text_to_cell.", "cell_decoder.")
     if not with_lm:
-        state = {k: v for k, v in state.items() if not k.startswith(("lm.", "lm_proj.", "text_to_cell.", "cell_decoder."))}
+        state = {k: v for k, v in state.items() if not k.startswith(lm_side)}
     expected = model.trained_state_dict(full=info.get("full", False))
+    if with_lm and not has_lm:
+        # an aligned (stage-1) model gains a fresh LM side: stage 2 trains it
+        expected = {k: v for k, v in expected.items() if not k.startswith(lm_side)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(model.state_dict()))
     if missing or unexpected:
         raise CheckpointError(f"{path}/model.safetensors does not fit the model: missing {missing[:6]}, "
                               f"unexpected {unexpected[:6]}.")
     model.load_state_dict(state, strict=False)
+    model.fresh_parameters = {n for n in model.fresh_parameters if n not in state}
     return model.to(device).eval()

@@ -109,6 +109,9 @@ class ScMMGPT(nn.Module):
             self._prompt_ids = torch.tensor(lm_tokenizer(config.lm.prompt, add_special_tokens=False)["input_ids"])
             self._answer_ids = torch.tensor(lm_tokenizer(config.lm.answer_prompt, add_special_tokens=False)["input_ids"])
         self.stage: Stage = "none"
+        self.fresh_parameters: set[str] = set()
+        """Names of randomly initialised parameters (set by :meth:`build`; empty once trained and
+        reloaded). :meth:`param_groups` can give them a larger learning rate."""
 
     # ------------------------------------------------------------------------------- building
     @classmethod
@@ -122,18 +125,29 @@ class ScMMGPT(nn.Module):
 
         config.cell.vocab_size = len(vocab)
         config.cell.pad_id = vocab.pad_id
+        pretrained_encoder = cell_encoder is not None
         if cell_encoder is None:
             cell_encoder = CellEncoder(config.cell)
         bert_path = assets.resolve_bert(config.qformer.bert)
         bert_cfg = AutoConfig.from_pretrained(bert_path)
         qformer = QFormer(bert_cfg, cell_encoder.d_model, n_query=config.qformer.n_query,
-                          cross_attention_freq=config.qformer.cross_attention_freq, n_layers=config.qformer.n_layers)
+                          cross_attention_freq=config.qformer.cross_attention_freq, n_layers=config.qformer.n_layers,
+                          dropout=config.qformer.dropout)
         qformer.load_bert(AutoModel.from_pretrained(bert_path).state_dict())
+
         bert_tok = AutoTokenizer.from_pretrained(bert_path)
         lm = lm_tok = None
         if with_lm:
             lm, lm_tok = load_lm(config)
-        return cls(config, vocab, cell_encoder, qformer, bert_tok, lm, lm_tok).to(device)
+        model = cls(config, vocab, cell_encoder, qformer, bert_tok, lm, lm_tok).to(device)
+        # everything not copied from a pretrained checkpoint starts from random initialisation
+        model.fresh_parameters = {
+            n for n, _ in model.named_parameters()
+            if not (n.startswith("lm.") and "lora_" not in n)
+            and not (n.startswith("cell_encoder.") and pretrained_encoder)
+            and not (n.startswith("qformer.") and "crossattention" not in n and "query_tokens" not in n)
+        }
+        return model
 
     def collator(self, *, with_text: bool = True) -> CellTextCollator:
         """A collator that pads cells and tokenises texts for this model's BERT and LM."""
@@ -172,6 +186,18 @@ class ScMMGPT(nn.Module):
         elif stage != "none":
             raise ValueError(f"Unknown stage {stage!r}.")
         self.stage = stage
+
+    def param_groups(self, lr: float, lr_new: float | None = None) -> list[dict]:
+        """Optimiser groups of the trainable parameters: pretrained ones (BERT layers, a loaded scGPT
+        encoder, the LM) at ``lr``; randomly initialised ones (:attr:`fresh_parameters`) at
+        ``lr_new`` (default ``lr``). A fresh cell encoder and the new cross-attention layers learn
+        orders of magnitude too slowly at the paper's 1e-5, which assumes a pretrained scGPT."""
+        lr_new = lr if lr_new is None else lr_new
+        old, new = [], []
+        for n, p in self.named_parameters():
+            if p.requires_grad:
+                (new if n in self.fresh_parameters else old).append(p)
+        return [g for g in ({"params": old, "lr": lr}, {"params": new, "lr": lr_new}) if g["params"]]
 
     # ------------------------------------------------------------------------------- encoders
     @property
@@ -287,6 +313,22 @@ class ScMMGPT(nn.Module):
         l_pc, pred = self.forward_pcgen(batch, measured) if pcgen else (None, None)
         loss = sum(l for l in (l_cd, l_pc) if l is not None)
         return GenOutput(loss=loss, loss_cdgen=l_cd, loss_pcgen=l_pc, pred=pred)
+
+    def forward(self, batch: CellBatch, objective: Stage, measured: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of a stage or task and its parts: ``(loss, {"ctc": ..., ...})``.
+
+        Training calls the model through ``forward`` so that a DDP/FSDP wrapper sees every step.
+        """
+        if objective in ("stage1", "annotate"):
+            out = self.forward_align(batch, generator)
+            return out.loss, {"ctc": out.loss_ctc, "ctm": out.loss_ctm}
+        if objective not in ("stage2", "describe", "generate"):
+            raise ValueError(f"Unknown objective {objective!r}.")
+        gen = self.forward_gen(batch, measured, cdgen=objective in ("stage2", "describe"),
+                               pcgen=objective in ("stage2", "generate"))
+        parts = {k: v for k, v in (("cdgen", gen.loss_cdgen), ("pcgen", gen.loss_pcgen)) if v is not None}
+        return gen.loss, parts
 
     # ------------------------------------------------------------------------------- inference
     @torch.no_grad()

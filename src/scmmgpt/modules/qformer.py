@@ -96,15 +96,17 @@ class QFormer(nn.Module):
         A Hugging Face ``BertConfig`` (sizes, vocabulary, eps).
     cell_dim
         Width of the cell encoder states the queries cross-attend to.
-    n_query, cross_attention_freq, n_layers
+    n_query, cross_attention_freq, n_layers, dropout
         See :class:`~scmmgpt.models.config.QFormerConfig`.
     """
 
     def __init__(self, bert_config, cell_dim: int, *, n_query: int = 32, cross_attention_freq: int = 2,
-                 n_layers: int | None = None) -> None:
+                 n_layers: int | None = None, dropout: float | None = None) -> None:
         super().__init__()
         c = bert_config
-        d, eps, p = c.hidden_size, c.layer_norm_eps, c.hidden_dropout_prob
+        d, eps = c.hidden_size, c.layer_norm_eps
+        p = c.hidden_dropout_prob if dropout is None else dropout
+        p_att = c.attention_probs_dropout_prob if dropout is None else dropout
         self.d = d
         self.n_query = n_query
         n_layers = n_layers or c.num_hidden_layers
@@ -115,7 +117,7 @@ class QFormer(nn.Module):
         self.embed_dropout = nn.Dropout(p)
         self.query_tokens = nn.Parameter(torch.randn(1, n_query, d) * c.initializer_range)
         self.layers = nn.ModuleList([
-            QFormerLayer(d, c.num_attention_heads, c.intermediate_size, c.attention_probs_dropout_prob, eps,
+            QFormerLayer(d, c.num_attention_heads, c.intermediate_size, p_att, eps,
                          cell_dim if i % cross_attention_freq == 0 else None)
             for i in range(n_layers)
         ])

@@ -25,6 +25,10 @@ class TrainConfig:
     """Micro-batches per optimiser step."""
     lr: float = 1e-5
     """Peak learning rate (paper: 1e-5)."""
+    lr_new: float | None = None
+    """Peak learning rate of randomly initialised weights (a fresh cell encoder, the Q-Former's
+    cross-attention and queries, projections, LoRA); ``None``: ``lr``. The paper's 1e-5 assumes a
+    pretrained scGPT encoder; from scratch, 1e-3 here vs 1e-4 for the BERT layers."""
     weight_decay: float = 0.001
     """AdamW weight decay (paper: 0.001)."""
     warmup_steps: int = 1000
@@ -34,6 +38,10 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision (bf16 on GPU, as the paper)."""
     seed: int = 0
+    deterministic: bool = False
+    """Deterministic kernels (``torch.use_deterministic_algorithms``): runs, and a resumed run vs an
+    uninterrupted one, agree bit for bit. Off, they agree to floating-point reduction order
+    (~1e-5 after a few steps) and some kernels are faster."""
     log_every: int = 10
     """Loss values are read (a device sync) only every ``log_every`` steps."""
     save_every: int | None = None
@@ -42,12 +50,35 @@ class TrainConfig:
     """Folder for checkpoints, ``metrics.jsonl`` and ``train_config.json``."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    length_bucketing: bool | None = None
+    """Batch cells of similar length (less padding). ``None``: off for the contrastive stages
+    (stage1/annotate), whose in-batch negatives need mixed batches — cell length follows cell type,
+    so length-sorted batches hold one type and CTC learns little — and on for the others."""
+    val_every: int | None = None
+    """Validate every N steps (and at the end) when a validation set is given."""
+    val_max_cells: int = 512
+    """Cells of the validation set used per validation."""
+    progress: bool = True
+    """Show a progress bar (main process only)."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars under ``out_dir/tb`` (needs ``tensorboard``)."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("max_steps, batch_size and grad_accum must be >= 1.")
-        if self.lr <= 0 or self.warmup_steps < 0:
-            raise ConfigError("lr must be > 0 and warmup_steps >= 0.")
+        if self.lr <= 0 or self.warmup_steps < 0 or (self.lr_new is not None and self.lr_new <= 0):
+            raise ConfigError("lr and lr_new must be > 0 and warmup_steps >= 0.")
+        stages = ("stage1", "stage2", "annotate", "describe", "generate")
+        if self.stage not in stages:
+            raise ConfigError(f"Unknown stage {self.stage!r}; choose from {stages}.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"Unknown training config keys: {sorted(unknown)}; known: {sorted(known)}.")
+        return cls(**d)

@@ -1,19 +1,17 @@
-"""The training loop: setup -> fit, on Hugging Face Accelerate (single CPU process, or
-``accelerate launch`` for DDP across GPUs / nodes).
+"""The training loop on Hugging Face Accelerate: one CPU process, or ``accelerate launch`` for DDP
+across GPUs and nodes (the sampler shards batches by rank; gradients are all-reduced by DDP).
 
-Checkpoints hold the trainable weights, optimiser, scheduler, RNG states and the data position, are
-written into a temporary folder renamed into place (``checkpoint-{step}``), and ``resume=True``
-continues from the newest complete one.
-
-Status (work in progress, issue 4): the stage-2 loop is tested (CDGen and PCGen fall on real
-cells). Not yet verified: that a resumed run ends with exactly the weights of an uninterrupted one
-(a first test found a mismatch), and stage-1 learning (CTC stayed near log(batch) in a 40-step run
-of a tiny model on 4 cell types).
+Checkpoints (``checkpoint-{step}``) hold the trainable weights (safetensors), the optimiser and
+scheduler states, every RNG state, the data position and the resolved configs. They are written
+into a temporary folder that is renamed into place, so a crash never leaves a half checkpoint that
+looks complete. ``resume=True`` continues from the newest one; with ``deterministic=True`` the
+resumed run ends with exactly the weights of an uninterrupted run (same seed, same device).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -25,10 +23,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.dataset import CellTextDataset, LengthBucketSampler
+from ..errors import CheckpointError, ConfigError
+from ..inference import encode_dataset, encode_texts, evaluation_mode, topk_accuracy, zero_shot_scores
 from ..utils.io import atomic_write_text
 from .config import TrainConfig
 
-__all__ = ["fit", "linear_schedule", "latest_checkpoint"]
+__all__ = ["fit", "linear_schedule", "latest_checkpoint", "validate"]
+
+ALIGN_STAGES = ("stage1", "annotate")
 
 
 def linear_schedule(optimizer, warmup: int, total: int):
@@ -51,67 +53,142 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def _loss(model, batch, stage: str, measured, generator):
-    if stage in ("stage1", "annotate"):
-        out = model.forward_align(batch, generator)
-        return out.loss, {"ctc": out.loss_ctc, "ctm": out.loss_ctm}
-    out = model.forward_gen(batch, measured, cdgen=stage in ("stage2", "describe"),
-                            pcgen=stage in ("stage2", "generate"))
-    parts = {k: v for k, v in (("cdgen", out.loss_cdgen), ("pcgen", out.loss_pcgen)) if v is not None}
-    return out.loss, parts
+def validate(model, val: CellTextDataset, stage: str, *, batch_size: int, measured=None, max_cells: int = 512,
+             seed: int = 0) -> dict:
+    """Validation loss (mean over batches) and, for alignment stages, zero-shot Acc@1: each cell
+    against every distinct description of the validation cells."""
+    n = min(len(val), max_cells)
+    idx = np.random.default_rng(seed).permutation(len(val))[:n]
+    device = next(model.parameters()).device
+    collate = model.collator()
+    gen = torch.Generator().manual_seed(seed)
+    totals: dict[str, float] = {}
+    n_batches = 0
+    with evaluation_mode(model):
+        for start in range(0, n, batch_size):
+            chunk = idx[start:start + batch_size]
+            if len(chunk) < 2:
+                continue
+            batch = collate([val[int(i)] for i in chunk]).to(device)
+            loss, parts = model(batch, stage, measured, gen)
+            for k, v in {"loss": loss, **parts}.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            n_batches += 1
+    out = {f"val_{k}": v / max(n_batches, 1) for k, v in totals.items()}
+    if stage in ALIGN_STAGES and val.texts is not None:
+        texts = [val.texts[int(i)] for i in idx]
+        labels = list(dict.fromkeys(texts))
+        truth = np.array([labels.index(t) for t in texts])
+        scores = zero_shot_scores(encode_dataset(model, val, batch_size, indices=idx), encode_texts(model, labels))
+        out["val_acc1"] = topk_accuracy(scores, truth, 1)
+    return out
+
+
+def _rng_state(gen: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_rest": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": random.getstate(), "negatives": gen.get_state()}
+
+
+def _set_rng_state(rng: dict, gen: torch.Generator) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    pos, has_gauss, cached = rng["numpy_rest"]
+    np.random.set_state(("MT19937", rng["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+    random.setstate(rng["python"])
+    gen.set_state(rng["negatives"])
 
 
 def _save(accelerator, model, optimizer, scheduler, step, epoch, batch_in_epoch, out_dir: Path, cfg, gen) -> Path:
     target = out_dir / f"checkpoint-{step}"
     if not accelerator.is_main_process:
         return target
+    from safetensors.torch import save_file
+
     tmp = out_dir / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     unwrapped = accelerator.unwrap_model(model)
-    trainable = {n: p.detach().cpu() for n, p in unwrapped.named_parameters() if p.requires_grad}
-    from safetensors.torch import save_file
-
+    trainable = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "negatives": gen.get_state()}, tmp / "rng.pt")
+    torch.save(_rng_state(gen), tmp / "rng.pt")
+    unwrapped.config.save(tmp / "model_config.json")
+    atomic_write_text(tmp / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+    # state.json is written last: its presence marks a complete checkpoint
     atomic_write_text(tmp / "state.json", json.dumps({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                                                       "config": cfg.to_dict()}))
+                                                       "stage": cfg.stage}))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target
 
 
-def _load(ckpt: Path, model, optimizer, scheduler, gen) -> dict:
+def _load(ckpt: Path, model, optimizer, scheduler, gen, cfg: TrainConfig) -> dict:
     from safetensors.torch import load_file
 
-    state = load_file(str(ckpt / "trainable.safetensors"))
+    state = json.loads((ckpt / "state.json").read_text())
+    if state.get("stage") != cfg.stage:
+        raise CheckpointError(f"{ckpt} is a {state.get('stage')!r} checkpoint but this run is {cfg.stage!r}; "
+                              "use another out_dir or the matching --stage/--task.")
+    weights = load_file(str(ckpt / "trainable.safetensors"))
     params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        raise CheckpointError(f"{ckpt} does not match this model: {len(set(weights) ^ expected)} trainable weights "
+                              "differ. Resume with the same model configuration.")
     with torch.no_grad():
-        for n, v in state.items():
+        for n, v in weights.items():
             params[n].copy_(v)
-    opt = torch.load(ckpt / "optim.pt", weights_only=False)  # our own file: optimizer state has python ints
+    opt = torch.load(ckpt / "optim.pt", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    rng = torch.load(ckpt / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    gen.set_state(rng["negatives"])
-    return json.loads((ckpt / "state.json").read_text())
+    _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True), gen)
+    return state
 
 
-def fit(model, train: CellTextDataset, cfg: TrainConfig, *, measured: np.ndarray | None = None,
-        resume: bool = False, stop_after: int | None = None) -> dict:
+class _Log:
+    """metrics.jsonl (+ optional TensorBoard) on the main process."""
+
+    def __init__(self, out_dir: Path | None, enabled: bool, tensorboard: bool) -> None:
+        self.path = out_dir / "metrics.jsonl" if (out_dir is not None and enabled) else None
+        self.tb = None
+        if tensorboard and self.path is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("tensorboard=True needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+
+    def write(self, rec: dict) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, rec["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def fit(model, train: CellTextDataset, cfg: TrainConfig, *, val: CellTextDataset | None = None,
+        measured: np.ndarray | None = None, resume: bool = False, stop_after: int | None = None) -> dict:
     """Train ``model`` on ``train`` for ``cfg.max_steps`` optimiser steps.
 
     Parameters
     ----------
     model
         A :class:`~scmmgpt.models.scmmgpt.ScMMGPT`; its trainable set is taken from ``cfg.stage``.
-    train
-        Cells with descriptions (and PCGen targets for stage 2 / generate).
+    train, val
+        Cells with descriptions (and PCGen targets for stage 2 / generate); ``val`` is evaluated
+        every ``cfg.val_every`` steps and at the end.
     measured
         (V,) bool genes the training data measured (PCGen mask).
     resume
@@ -121,65 +198,94 @@ def fit(model, train: CellTextDataset, cfg: TrainConfig, *, measured: np.ndarray
 
     Returns
     -------
-    dict with ``steps``, ``history`` (logged losses) and ``cells_per_s``.
+    dict with ``steps``, ``history`` (logged records), ``validation`` (last validation record)
+    and ``cells_per_s``.
     """
+    if train.texts is None:
+        raise ConfigError("Training needs a description for every cell (CellTextDataset(texts=...)).")
+    previous = torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _fit(model, train, cfg, val, measured, resume, stop_after)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _fit(model, train, cfg, val, measured, resume, stop_after) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     model.set_trainable(cfg.stage)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = model.param_groups(cfg.lr, cfg.lr_new)
+    params = [p for g in groups for p in g["params"]]
     fused = accelerator.device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     scheduler = linear_schedule(optimizer, cfg.warmup_steps, cfg.max_steps)
+    bucketing = cfg.length_bucketing if cfg.length_bucketing is not None else cfg.stage not in ALIGN_STAGES
     sampler = LengthBucketSampler(train.lengths(), cfg.batch_size, seed=cfg.seed, drop_last=True,
+                                  pool_batches=50 if bucketing else 1,
                                   num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    if len(sampler) == 0:
+        raise ConfigError(f"{len(train)} training cells give no full batch of {cfg.batch_size} per process; "
+                          "lower batch_size.")
+    # the loader gets its own generator so creating an iterator never draws from the global RNG
     loader = DataLoader(train, batch_sampler=sampler, collate_fn=model.collator(), num_workers=cfg.num_workers,
-                        pin_memory=accelerator.device.type == "cuda")
+                        pin_memory=accelerator.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed))
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
     step = epoch = skip = 0
     if resume and out_dir is not None and (ckpt := latest_checkpoint(out_dir)) is not None:
-        state = _load(ckpt, core, optimizer, scheduler, gen)
+        state = _load(ckpt, core, optimizer, scheduler, gen, cfg)
         step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
     if out_dir is not None and accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
         core.config.save(out_dir / "model_config.json")
+    log = _Log(out_dir, accelerator.is_main_process, cfg.tensorboard)
     meas = torch.from_numpy(measured).to(accelerator.device) if measured is not None else None
-    history, n_cells, t0 = [], 0, time.perf_counter()
+    history, last_val, n_cells, t0 = [], {}, 0, time.perf_counter()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.stage, dynamic_ncols=True,
+               disable=not (cfg.progress and accelerator.is_main_process))
     while step < cfg.max_steps:
-        sampler.set_epoch(epoch)
-        for b_idx, batch in enumerate(loader):
-            if b_idx < skip:
-                continue
+        sampler.set_epoch(epoch, skip)
+        for b_idx, batch in enumerate(loader, start=skip):
             batch = batch.to(accelerator.device)
             with accelerator.accumulate(model), accelerator.autocast():
-                loss, parts = _loss(core, batch, cfg.stage, meas, gen)
+                loss, parts = model(batch, cfg.stage, meas, gen)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.clip_grad:
                     accelerator.clip_grad_norm_(params, cfg.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            n_cells += len(batch)
+            n_cells += len(batch) * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             step += 1
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                # .item() forces a device sync; only on log steps
-                rec = {"step": step, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()},
-                       "lr": scheduler.get_last_lr()[0], "cells_per_s": n_cells / (time.perf_counter() - t0)}
-                history.append(rec)
-                if out_dir is not None and accelerator.is_main_process:
-                    with open(out_dir / "metrics.jsonl", "a") as fh:
-                        fh.write(json.dumps(rec) + "\n")
+            bar.update(1)
             done = step >= cfg.max_steps or (stop_after is not None and step >= stop_after)
+            want_val = val is not None and ((cfg.val_every and step % cfg.val_every == 0) or step >= cfg.max_steps)
+            if step % cfg.log_every == 0 or done or want_val:
+                # float() forces a device sync; only on log steps
+                rec = {"step": step, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()},
+                       "lr": scheduler.get_last_lr()[-1], "cells_per_s": n_cells / (time.perf_counter() - t0)}
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", cells_s=f"{rec['cells_per_s']:.1f}")
+                if want_val:
+                    last_val = validate(core, val, cfg.stage, batch_size=cfg.batch_size, measured=meas,
+                                        max_cells=cfg.val_max_cells, seed=cfg.seed)
+                    rec.update(last_val)
+                history.append(rec)
+                log.write(rec)
             if out_dir is not None and (done or (cfg.save_every and step % cfg.save_every == 0)):
                 _save(accelerator, model, optimizer, scheduler, step, epoch, b_idx + 1, out_dir, cfg, gen)
             if done:
@@ -189,6 +295,9 @@ def fit(model, train: CellTextDataset, cfg: TrainConfig, *, measured: np.ndarray
             skip = 0
             continue
         break
+    bar.close()
+    log.close()
     accelerator.wait_for_everyone()
     model.eval()
-    return {"steps": step, "history": history, "cells_per_s": n_cells / max(time.perf_counter() - t0, 1e-9)}
+    return {"steps": step, "history": history, "validation": last_val,
+            "cells_per_s": n_cells / max(time.perf_counter() - t0, 1e-9)}

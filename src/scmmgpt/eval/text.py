@@ -1,0 +1,51 @@
+"""Text generation metrics (paper §4.2, Table 4): BLEU-2 (Papineni et al. 2002) and ROUGE-2
+(Lin 2004) of generated descriptions against the reference descriptions.
+
+Both lower-case and split on non-alphanumeric characters, so punctuation and case do not count.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+__all__ = ["tokenize_words", "bleu2", "rouge2", "text_metrics"]
+
+_WORD = re.compile(r"[a-z0-9]+(?:[+\-][a-z0-9]*)*")
+
+
+def tokenize_words(text: str) -> list[str]:
+    """Lower-cased word tokens; marker names such as ``cd14+`` or ``cd8-positive`` stay whole."""
+    return _WORD.findall(text.lower())
+
+
+def bleu2(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU with uni- and bi-gram precision weighted 1/2 each and the brevity penalty."""
+    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
+
+    _check(predictions, references)
+    return float(corpus_bleu([[tokenize_words(r)] for r in references], [tokenize_words(p) for p in predictions],
+                             weights=(0.5, 0.5), smoothing_function=SmoothingFunction().method1))
+
+
+def rouge2(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-2 F1 (bigram overlap) over pairs."""
+    from rouge_score import rouge_scorer
+
+    _check(predictions, references)
+    scorer = rouge_scorer.RougeScorer(["rouge2"], tokenizer=_Tokenizer())
+    return float(sum(scorer.score(r, p)["rouge2"].fmeasure for p, r in zip(predictions, references)) / len(predictions))
+
+
+class _Tokenizer:
+    def tokenize(self, text: str) -> list[str]:
+        return tokenize_words(text)
+
+
+def _check(predictions, references) -> None:
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"Need as many predictions as references (>0), got {len(predictions)} and {len(references)}.")
+
+
+def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    return {"bleu2": bleu2(predictions, references), "rouge2": rouge2(predictions, references)}

@@ -1,0 +1,99 @@
+"""Batched inference primitives over a model and a :class:`~scmmgpt.data.dataset.CellTextDataset`:
+cell and text features, cell-text similarities and zero-shot label scores.
+
+These are the building blocks of validation during training, of the demo and of the ``tl`` API.
+All run under ``torch.inference_mode`` in eval mode and restore the model's mode afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .data.dataset import CellBatch, CellTextDataset
+from .modules.losses import similarity
+
+__all__ = ["CellFeatures", "iter_batches", "encode_dataset", "encode_texts", "zero_shot_scores", "topk_accuracy",
+           "evaluation_mode"]
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: torch.nn.Module):
+    """Eval mode + no autograd inside; the previous train/eval mode is restored on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class CellFeatures:
+    """Per-cell outputs of the cell side. N cells."""
+
+    features: torch.Tensor
+    """(N, Q, embed_dim) L2-normalised contrastive features (one per query)."""
+    cell_embedding: torch.Tensor
+    """(N, d_cell) the cell encoder's ``<cls>`` output."""
+    query_mean: torch.Tensor
+    """(N, d_qformer) Q-Former query outputs averaged over queries."""
+
+    def embedding(self) -> np.ndarray:
+        """(N, embed_dim) one vector per cell: the mean of its query features, re-normalised."""
+        return torch.nn.functional.normalize(self.features.float().mean(1), dim=-1).numpy()
+
+
+def iter_batches(model, ds: CellTextDataset, batch_size: int = 64, *, with_text: bool = False,
+                 indices: Sequence[int] | None = None) -> Iterator[CellBatch]:
+    """Batches of ``ds`` (optionally only ``indices``), in order, on the model's device."""
+    collate = model.collator(with_text=with_text)
+    device = next(model.parameters()).device
+    idx = np.arange(len(ds)) if indices is None else np.asarray(indices)
+    for start in range(0, len(idx), batch_size):
+        yield collate([ds[int(i)] for i in idx[start:start + batch_size]]).to(device)
+
+
+def encode_dataset(model, ds: CellTextDataset, batch_size: int = 64, *, indices: Sequence[int] | None = None
+                   ) -> CellFeatures:
+    """Cell features of every cell of ``ds`` (or of ``indices``), in order, on the CPU."""
+    feats, cls, query = [], [], []
+    with evaluation_mode(model):
+        for batch in iter_batches(model, ds, batch_size, indices=indices):
+            out = model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
+            feats.append(out.features.float().cpu())
+            cls.append(out.cell_embedding.float().cpu())
+            query.append(out.query.float().mean(1).cpu())
+    return CellFeatures(torch.cat(feats), torch.cat(cls), torch.cat(query))
+
+
+def encode_texts(model, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """Text features ``(T, embed_dim)``, L2-normalised, on the CPU."""
+    device = next(model.parameters()).device
+    out = []
+    with evaluation_mode(model):
+        for start in range(0, len(texts), batch_size):
+            enc = model.bert_tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
+                                       max_length=model.config.qformer.max_text_len, return_tensors="pt")
+            out.append(model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def zero_shot_scores(cell: CellFeatures | torch.Tensor, text_features: torch.Tensor) -> np.ndarray:
+    """(N, T) cosine similarities of each cell to each label text (max over queries, as in CTC)."""
+    feats = cell.features if isinstance(cell, CellFeatures) else cell
+    return similarity(feats.float(), text_features.float()).numpy()
+
+
+def topk_accuracy(scores: np.ndarray, truth: np.ndarray, k: int = 1) -> float:
+    """Fraction of rows whose true column is among the ``k`` highest scores."""
+    if len(truth) == 0:
+        return float("nan")
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return float((top == np.asarray(truth)[:, None]).any(1).mean())
