@@ -47,7 +47,7 @@ def test_stage1_learns_and_validates(data, tmp_path):
     order = rng.permutation(len(texts))
     train, val = _subset(cells, texts, order[:500], vocab), _subset(cells, texts, order[500:620], vocab)
     model = _model(vocab)
-    cfg = TrainConfig(stage="stage1", max_steps=60, batch_size=16, lr=1e-4, lr_new=1e-3, warmup_steps=5,
+    cfg = TrainConfig(stage="stage1", max_steps=60, batch_size=16, lr=1e-4, lr_new=3e-3, warmup_steps=5,
                       log_every=10, val_every=30, out_dir=str(tmp_path), progress=False)
     before = fit(model, train, TrainConfig(**{**cfg.to_dict(), "max_steps": 1, "out_dir": None}), val=val)
     out = fit(_model(vocab), train, cfg, val=val)
@@ -61,7 +61,7 @@ def test_stage1_learns_and_validates(data, tmp_path):
     assert ckpt.name == "checkpoint-60"
     assert {p.name for p in ckpt.iterdir()} == {"trainable.safetensors", "optim.pt", "rng.pt", "state.json",
                                                 "model_config.json", "train_config.json"}
-    assert json.loads((ckpt / "train_config.json").read_text())["lr_new"] == 1e-3
+    assert json.loads((ckpt / "train_config.json").read_text())["lr_new"] == 3e-3
 
 
 def test_stage2_loss_decreases(data):

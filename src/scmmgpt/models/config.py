@@ -128,6 +128,11 @@ class TextToCellConfig:
     """Width of the per-gene attention read-out of the cell decoder."""
     gene_chunk: int = 8192
     """Genes decoded per chunk (bounds memory for a 60k-gene vocabulary)."""
+    read_text: bool = True
+    """The projector cross-attends to the LM states of the description tokens as well as of the
+    dummy tokens. ``False`` is the paper's dummy-only read-out: with a frozen LM the dummy states
+    hardly differ between descriptions (cosine ~0.97 across PBMC types with SmolLM2) and
+    generation stays at the average cell for many steps."""
 
     def __post_init__(self) -> None:
         if min(self.n_dummy_tokens, self.n_cell_queries, self.n_layers, self.n_heads, self.decoder_dim) < 1:

@@ -294,7 +294,10 @@ class ScMMGPT(nn.Module):
         # right padding sits between text and dummies: positions continue from the last real token
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
-        return self.text_to_cell(out.hidden_states[-1][:, -n:])
+        states = out.hidden_states[-1]
+        if self.config.text_to_cell.read_text:
+            return self.text_to_cell(states, key_padding_mask=mask == 0)
+        return self.text_to_cell(states[:, -n:])
 
     def decode_cells(self, cell_feats: torch.Tensor) -> torch.Tensor:
         """Cell features -> eq.-1 values of every vocabulary gene (B, V)."""

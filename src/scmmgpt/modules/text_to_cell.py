@@ -31,8 +31,8 @@ class _CrossBlock(nn.Module):
         self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
         self.norm2 = nn.LayerNorm(d)
 
-    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        q = self.norm1(q + self.attn(q, kv, kv, need_weights=False)[0])
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.norm1(q + self.attn(q, kv, kv, key_padding_mask=key_padding_mask, need_weights=False)[0])
         return self.norm2(q + self.ff(q))
 
 
@@ -51,17 +51,30 @@ class TextToCellProjector(nn.Module):
     def n_dummy(self) -> int:
         return self.dummy_embeds.shape[0]
 
-    def forward(self, dummy_states: torch.Tensor) -> torch.Tensor:
-        """``(B, n_dummy, d_lm) -> (B, n_cell_queries, d_cell)``."""
-        kv = self.in_proj(dummy_states.to(self.cell_queries.dtype))
-        q = self.cell_queries.expand(kv.shape[0], -1, -1)
+    def forward(self, states: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """LM states ``(B, S, d_lm)`` (the dummy tokens', optionally with the description's; True in
+        ``key_padding_mask`` marks padding) -> cell features ``(B, n_cell_queries, d_cell)``."""
+        kv = self.in_proj(states.to(self.cell_queries.dtype))
+        # the queries start from the (masked) mean of the projected states: every query carries the
+        # text's content from the first step, instead of waiting for attention to become selective
+        keep = torch.ones(kv.shape[:2], dtype=kv.dtype, device=kv.device) if key_padding_mask is None \
+            else (~key_padding_mask).to(kv.dtype)
+        pooled = (kv * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
+        q = self.cell_queries[None] + pooled[:, None]
         for block in self.blocks:
-            q = block(q, kv)
+            q = block(q, kv, key_padding_mask)
         return q
 
 
 class CellDecoder(nn.Module):
-    """Per-gene attention read-out of cell features -> a value for every vocabulary gene."""
+    """Per-gene attention read-out of cell features -> a value for every vocabulary gene.
+
+    Gene ``g`` forms a query from its cell-encoder embedding ``e_g``, attends over the cell features
+    and reads the result out with ``u_g = W_u e_g + w_g``: ``W_u e_g`` shares what the encoder knows
+    about the gene, and the free per-gene vector ``w_g`` (zero at start) lifts the rank limit of a
+    read-out that is linear in a d_cell-wide embedding (without it generated cells stayed near the
+    average cell on PBMCs).
+    """
 
     def __init__(self, d_cell: int, vocab_size: int, *, dim: int = 64, gene_chunk: int = 8192) -> None:
         super().__init__()
@@ -69,6 +82,7 @@ class CellDecoder(nn.Module):
         self.gene_u = nn.Linear(d_cell, dim)
         self.key = nn.Linear(d_cell, dim)
         self.value = nn.Linear(d_cell, dim)
+        self.gene_out = nn.Parameter(torch.zeros(vocab_size, dim))
         self.bias = nn.Parameter(torch.zeros(vocab_size))
         self.dim = dim
         self.gene_chunk = gene_chunk
@@ -81,11 +95,14 @@ class CellDecoder(nn.Module):
         k = self.key(cell_feats)                      # (B, N, r)
         v = self.value(cell_feats)                    # (B, N, r)
         bias = self.bias if gene_ids is None else self.bias[gene_ids]
+        free = self.gene_out if gene_ids is None else self.gene_out[gene_ids]
         out = []
         for start in range(0, gene_emb.shape[0], self.gene_chunk):
-            e = gene_emb[start:start + self.gene_chunk].to(k.dtype)
+            sl = slice(start, start + self.gene_chunk)
+            e = gene_emb[sl].to(k.dtype)
             q = self.gene_q(e)                        # (G, r)
             att = torch.softmax(torch.einsum("gr,bnr->bgn", q, k) / math.sqrt(self.dim), dim=-1)  # (B, G, N)
             ctx = torch.einsum("bgn,bnr->bgr", att, v)                                            # (B, G, r)
-            out.append(torch.einsum("bgr,gr->bg", ctx, self.gene_u(e)) + bias[start:start + self.gene_chunk])
+            u = self.gene_u(e) + free[sl]             # (G, r)
+            out.append(torch.einsum("bgr,gr->bg", ctx, u) + bias[sl])
         return torch.cat(out, dim=1)

@@ -41,10 +41,10 @@ class DemoSettings:
     """Schedule sizes. ``fast`` is the CI setting (about a minute); the default fits ~10 min on 2 cores."""
 
     stage1_steps: int = 150
-    stage2_steps: int = 40
+    stage2_steps: int = 60
     stage2_batch: int = 8
     n_describe: int = 24
-    max_new_tokens: int = 40
+    max_new_tokens: int = 32
 
     @classmethod
     def fast(cls) -> "DemoSettings":
@@ -188,7 +188,7 @@ def run_demo(*, data: str | None = None, label_key: str = "cell_type", layer: st
     t_s1 = time.perf_counter() - t0 - t_setup
     train2 = lab.dataset("train", max_genes=mc.max_genes, with_targets=True)
     cfg2 = type(cfg1).from_dict({**cfg1.to_dict(), "stage": "stage2", "max_steps": s.stage2_steps,
-                                 "batch_size": s.stage2_batch, "lr_new": 1e-3,
+                                 "batch_size": s.stage2_batch, "lr_new": 2e-3,
                                  "warmup_steps": max(1, s.stage2_steps // 10), "log_every": 5,
                                  "out_dir": str(out_dir / "train-stage2")})
     r2 = fit(model, train2, cfg2, measured=lab.cells.measured)
