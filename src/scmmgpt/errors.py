@@ -25,3 +25,13 @@ class ConfigError(ScMMGPTError, ValueError):
 
 class CheckpointError(ScMMGPTError, RuntimeError):
     """A checkpoint is missing weights, has the wrong shapes or failed verification."""
+
+
+def check_config_keys(cls, d: dict, what: str) -> None:
+    """Raise :class:`ConfigError` naming any key of ``d`` that is not a field of dataclass ``cls``."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ConfigError(f"Unknown {what} config keys: {sorted(unknown)}; known: {sorted(known)}.")

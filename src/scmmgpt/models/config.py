@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_config_keys
 
 __all__ = ["CellEncoderConfig", "QFormerConfig", "LMConfig", "TextToCellConfig", "ModelConfig", "CELL_ENCODER_PRESETS"]
 
@@ -177,10 +176,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"Unknown model config keys: {sorted(unknown)}.")
+        check_config_keys(cls, d, "model")
         return cls(**d)
 
     def save(self, path: str | os.PathLike) -> None:

@@ -1,13 +1,14 @@
 """Text-to-cell projector and cell decoder (paper §3.2-3.3, PCGen).
 
 The LM reads a description followed by ``n_dummy`` learned dummy-cell embeddings; its last hidden
-states at those positions (B, n_dummy, d_lm) are projected to the cell encoder width and read by
-learned cell queries through cross-attention (Table 6: 1 layer, 4 heads) -> cell features
-(B, n_cell_queries, d_cell). The cell decoder gives every vocabulary gene ``g`` a value: the gene's
+states at those positions (B, n_dummy, d_lm) — by default together with the description's own
+states (``TextToCellConfig.read_text``) — are projected to the cell encoder width and read by
+learned cell queries, which start from the states' masked mean, through cross-attention (Table 6:
+1 layer, 4 heads) -> cell features (B, n_cell_queries, d_cell). The cell decoder gives every vocabulary gene ``g`` a value: the gene's
 own embedding ``e_g`` (from the cell encoder) attends over the cell features and the read-out is
 scored against a gene-specific vector::
 
-    x'_g = < softmax(q(e_g) K(z)^T / sqrt(r)) V(z), u(e_g) > + b_g
+    x'_g = < softmax(q(e_g) K(z)^T / sqrt(r)) V(z), u(e_g) + w_g > + b_g
 
 so each gene is conditioned on its gene embedding and the whole vocabulary is decoded (in chunks of
 ``gene_chunk`` genes to bound memory).

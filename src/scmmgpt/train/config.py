@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_config_keys
 
 __all__ = ["TrainConfig"]
 
@@ -77,8 +77,5 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"Unknown training config keys: {sorted(unknown)}; known: {sorted(known)}.")
+        check_config_keys(cls, d, "training")
         return cls(**d)
