@@ -23,12 +23,14 @@ def expression_pca(real: np.ndarray, n_components: int = 50, seed: int = 0):
 
 
 def knn_accuracy(real: np.ndarray, real_labels, generated: np.ndarray, generated_labels, *, k: int = 5,
-                 n_components: int = 50) -> float:
+                 n_components: int = 50, transform=None) -> float:
     """Fraction of generated cells whose k nearest real cells (majority vote, in a PCA of the real
-    cells' expression) carry the label the cell was generated for."""
+    cells' expression) carry the label the cell was generated for. ``transform``: a PCA from
+    :func:`expression_pca` already fitted on ``real`` (fitted here when ``None``)."""
     from sklearn.neighbors import KNeighborsClassifier
 
-    transform = expression_pca(real, n_components)
+    if transform is None:
+        transform = expression_pca(real, n_components)
     clf = KNeighborsClassifier(n_neighbors=min(k, len(real))).fit(transform(real), np.asarray(real_labels))
     pred = clf.predict(transform(generated))
     return float((pred == np.asarray(generated_labels)).mean())

@@ -240,12 +240,13 @@ def run_demo(*, data: str | None = None, label_key: str = "cell_type", layer: st
         pseudo = model.generate_cells(ids, mask).numpy()
     meas = lab.cells.measured
     real = lab.cells.expr[test].toarray()
-    knn = knn_accuracy(real[:, meas], truth_names, pseudo[:, meas], labels, k=5)
+    pca = expression_pca(real[:, meas], 50)
+    knn = knn_accuracy(real[:, meas], truth_names, pseudo[:, meas], labels, k=5, transform=pca)
     generation = {"knn_accuracy": knn, "n_generated": len(labels), "k": 5}
     t_eval = time.perf_counter() - t0 - t_setup - t_s1 - t_s2
 
     # ---- report
-    both = expression_pca(real[:, meas], 50)(np.concatenate([real[:, meas], pseudo[:, meas]]))
+    both = pca(np.concatenate([real[:, meas], pseudo[:, meas]]))
     figs = _report_figures(_umap(cell_feats.embedding(), seed), truth_names, pred_names, labels, cm,
                            _umap(both, seed), ["real"] * len(real) + ["generated"] * len(pseudo),
                            list(truth_names) + labels)

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 
 from ..data.dataset import CellTextDataset, LengthBucketSampler
 from ..errors import CheckpointError, ConfigError
-from ..inference import encode_dataset, encode_texts, evaluation_mode, topk_accuracy, zero_shot_scores
+from ..inference import (encode_dataset, encode_texts, evaluation_mode, iter_batches, topk_accuracy,
+                         zero_shot_scores)
 from ..utils.io import atomic_write_text
 from .config import TrainConfig
 
@@ -59,17 +60,13 @@ def validate(model, val: CellTextDataset, stage: str, *, batch_size: int, measur
     against every distinct description of the validation cells."""
     n = min(len(val), max_cells)
     idx = np.random.default_rng(seed).permutation(len(val))[:n]
-    device = next(model.parameters()).device
-    collate = model.collator()
     gen = torch.Generator().manual_seed(seed)
     totals: dict[str, float] = {}
     n_batches = 0
     with evaluation_mode(model):
-        for start in range(0, n, batch_size):
-            chunk = idx[start:start + batch_size]
-            if len(chunk) < 2:
+        for batch in iter_batches(model, val, batch_size, with_text=True, indices=idx):
+            if len(batch) < 2:
                 continue
-            batch = collate([val[int(i)] for i in chunk]).to(device)
             loss, parts = model(batch, stage, measured, gen)
             for k, v in {"loss": loss, **parts}.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
