@@ -33,9 +33,11 @@ def setup(pbmc3k):
 def _step_lowers(model, fn, stage, lr):
     model.set_trainable(stage)
     model.train()
-    for mod in model.modules():  # deterministic comparison: no dropout
+    for mod in model.modules():  # deterministic comparison: no dropout (modules and attention/F.dropout rates)
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
+        elif isinstance(getattr(mod, "dropout", None), float):
+            mod.dropout = 0.0
     params = [p for p in model.parameters() if p.requires_grad]
     assert params
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from scmmgpt.modules.text_to_cell import CellDecoder, TextToCellProjector
@@ -10,9 +11,12 @@ def test_projector_shapes_and_dummy_tokens():
     assert out.shape == (3, 6, 32)
 
 
-def test_decoder_chunking_is_exact_and_gene_conditioned():
+@pytest.mark.parametrize("pooled_dim", [0, 8])
+def test_decoder_chunking_is_exact_and_gene_conditioned(pooled_dim):
     torch.manual_seed(0)
-    dec = CellDecoder(32, 100, dim=16, gene_chunk=1000)
+    dec = CellDecoder(32, 100, dim=16, gene_chunk=1000, n_cell_queries=6, pooled_dim=pooled_dim)
+    if pooled_dim:
+        torch.nn.init.normal_(dec.gene_pooled)   # starts at zero; make the pooled term count here
     feats, genes = torch.randn(2, 6, 32), torch.randn(100, 32)
     full = dec(feats, genes)
     dec.gene_chunk = 7
@@ -23,6 +27,15 @@ def test_decoder_chunking_is_exact_and_gene_conditioned():
     torch.testing.assert_close(dec(feats, genes[ids], ids), full[:, ids])
     # values depend on the cell features
     assert not torch.allclose(dec(torch.randn(2, 6, 32), genes), full)
+    if pooled_dim:
+        # the pooled term is part of the value: switching it off changes the output
+        dec.gene_pooled.data.zero_()
+        assert not torch.allclose(dec(feats, genes), full)
+
+
+def test_decoder_pooled_readout_needs_query_count():
+    with pytest.raises(ValueError, match="n_cell_queries"):
+        CellDecoder(32, 10, pooled_dim=4)
 
 
 def test_projector_and_decoder_learn_a_target():

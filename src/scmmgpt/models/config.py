@@ -125,6 +125,8 @@ class TextToCellConfig:
     n_heads: int = 4
     decoder_dim: int = 64
     """Width of the per-gene attention read-out of the cell decoder."""
+    pooled_dim: int = 64
+    """Rank of the decoder's pooled read-out of all cell features (0: attention read-out only)."""
     gene_chunk: int = 8192
     """Genes decoded per chunk (bounds memory for a 60k-gene vocabulary)."""
     read_text: bool = True
@@ -136,6 +138,8 @@ class TextToCellConfig:
     def __post_init__(self) -> None:
         if min(self.n_dummy_tokens, self.n_cell_queries, self.n_layers, self.n_heads, self.decoder_dim) < 1:
             raise ConfigError("text-to-cell sizes must be positive.")
+        if self.pooled_dim < 0:
+            raise ConfigError("text_to_cell.pooled_dim must be >= 0 (0 turns the pooled read-out off).")
 
 
 @dataclass

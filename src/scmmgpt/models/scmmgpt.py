@@ -105,7 +105,8 @@ class ScMMGPT(nn.Module):
             self.text_to_cell = TextToCellProjector(d_lm, d_cell, n_dummy=t.n_dummy_tokens,
                                                     n_cell_queries=t.n_cell_queries, n_layers=t.n_layers,
                                                     n_heads=t.n_heads)
-            self.cell_decoder = CellDecoder(d_cell, len(vocab), dim=t.decoder_dim, gene_chunk=t.gene_chunk)
+            self.cell_decoder = CellDecoder(d_cell, len(vocab), dim=t.decoder_dim, gene_chunk=t.gene_chunk,
+                                            n_cell_queries=t.n_cell_queries, pooled_dim=t.pooled_dim)
             self._prompt_ids = torch.tensor(lm_tokenizer(config.lm.prompt, add_special_tokens=False)["input_ids"])
             self._answer_ids = torch.tensor(lm_tokenizer(config.lm.answer_prompt, add_special_tokens=False)["input_ids"])
         self.stage: Stage = "none"
@@ -282,8 +283,10 @@ class ScMMGPT(nn.Module):
         logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits
         return cdgen_loss(logits, labels)
 
-    def text_to_cell_features(self, lm_input_ids: torch.Tensor, lm_attention_mask: torch.Tensor) -> torch.Tensor:
-        """Description + dummy cell tokens through the LM -> cell features (B, n_cell_queries, d_cell)."""
+    def text_to_cell_states(self, lm_input_ids: torch.Tensor, lm_attention_mask: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Description + dummy cell tokens through the LM -> the states the projector reads and
+        their key padding mask (True at padding; ``None`` for the dummy-only read-out)."""
         B = lm_input_ids.shape[0]
         n = self.text_to_cell.n_dummy
         emb = self._embed_tokens(lm_input_ids)
@@ -296,8 +299,13 @@ class ScMMGPT(nn.Module):
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
         states = out.hidden_states[-1]
         if self.config.text_to_cell.read_text:
-            return self.text_to_cell(states, key_padding_mask=mask == 0)
-        return self.text_to_cell(states[:, -n:])
+            return states, mask == 0
+        return states[:, -n:], None
+
+    def text_to_cell_features(self, lm_input_ids: torch.Tensor, lm_attention_mask: torch.Tensor) -> torch.Tensor:
+        """Description + dummy cell tokens through the LM -> cell features (B, n_cell_queries, d_cell)."""
+        states, padding = self.text_to_cell_states(lm_input_ids, lm_attention_mask)
+        return self.text_to_cell(states, key_padding_mask=padding)
 
     def decode_cells(self, cell_feats: torch.Tensor) -> torch.Tensor:
         """Cell features -> eq.-1 values of every vocabulary gene (B, V)."""

@@ -8,10 +8,13 @@ learned cell queries, which start from the states' masked mean, through cross-at
 own embedding ``e_g`` (from the cell encoder) attends over the cell features and the read-out is
 scored against a gene-specific vector::
 
-    x'_g = < softmax(q(e_g) K(z)^T / sqrt(r)) V(z), u(e_g) + w_g > + b_g
+    x'_g = < softmax(q(e_g) K(z)^T / sqrt(r)) V(z), u(e_g) + w_g > + < P flatten(z), p_g > + b_g
 
 so each gene is conditioned on its gene embedding and the whole vocabulary is decoded (in chunks of
-``gene_chunk`` genes to bound memory).
+``gene_chunk`` genes to bound memory). The second term is a pooled low-rank read-out of all cell
+features at once (rank ``pooled_dim``): the attention term alone moved generated cells away from
+the average cell only slowly (k-NN accuracy at chance after 60 PBMC steps, 0.4 with this term after
+150 on the same states).
 """
 
 from __future__ import annotations
@@ -77,8 +80,11 @@ class CellDecoder(nn.Module):
     average cell on PBMCs).
     """
 
-    def __init__(self, d_cell: int, vocab_size: int, *, dim: int = 64, gene_chunk: int = 8192) -> None:
+    def __init__(self, d_cell: int, vocab_size: int, *, dim: int = 64, gene_chunk: int = 8192,
+                 n_cell_queries: int | None = None, pooled_dim: int = 0) -> None:
         super().__init__()
+        if pooled_dim and not n_cell_queries:
+            raise ValueError("the pooled read-out needs n_cell_queries.")
         self.gene_q = nn.Linear(d_cell, dim)
         self.gene_u = nn.Linear(d_cell, dim)
         self.key = nn.Linear(d_cell, dim)
@@ -87,6 +93,9 @@ class CellDecoder(nn.Module):
         self.bias = nn.Parameter(torch.zeros(vocab_size))
         self.dim = dim
         self.gene_chunk = gene_chunk
+        # pooled read-out: h = P flatten(z) (B, pooled_dim), gene g adds <h, p_g>; p_g start at zero
+        self.pool = nn.Linear(n_cell_queries * d_cell, pooled_dim) if pooled_dim else None
+        self.gene_pooled = nn.Parameter(torch.zeros(vocab_size, pooled_dim)) if pooled_dim else None
 
     def forward(self, cell_feats: torch.Tensor, gene_emb: torch.Tensor, gene_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``cell_feats`` (B, N, d_cell), ``gene_emb`` (G, d_cell) -> values (B, G).
@@ -97,6 +106,9 @@ class CellDecoder(nn.Module):
         v = self.value(cell_feats)                    # (B, N, r)
         bias = self.bias if gene_ids is None else self.bias[gene_ids]
         free = self.gene_out if gene_ids is None else self.gene_out[gene_ids]
+        if self.pool is not None:
+            h = self.pool(cell_feats.flatten(1))      # (B, pooled_dim)
+            pooled = self.gene_pooled if gene_ids is None else self.gene_pooled[gene_ids]
         out = []
         for start in range(0, gene_emb.shape[0], self.gene_chunk):
             sl = slice(start, start + self.gene_chunk)
@@ -105,5 +117,8 @@ class CellDecoder(nn.Module):
             att = torch.softmax(torch.einsum("gr,bnr->bgn", q, k) / math.sqrt(self.dim), dim=-1)  # (B, G, N)
             ctx = torch.einsum("bgn,bnr->bgr", att, v)                                            # (B, G, r)
             u = self.gene_u(e) + free[sl]             # (G, r)
-            out.append(torch.einsum("bgr,gr->bg", ctx, u) + bias[sl])
+            val = torch.einsum("bgr,gr->bg", ctx, u) + bias[sl]
+            if self.pool is not None:
+                val = val + h @ pooled[sl].to(h.dtype).T
+            out.append(val)
         return torch.cat(out, dim=1)

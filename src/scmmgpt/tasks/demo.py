@@ -43,12 +43,15 @@ class DemoSettings:
     stage1_steps: int = 150
     stage2_steps: int = 60
     stage2_batch: int = 8
+    t2c_warmup_steps: int = 300
+    """Text-to-cell warm-up steps on cached LM states before the joint stage-2 steps."""
     n_describe: int = 24
     max_new_tokens: int = 32
 
     @classmethod
     def fast(cls) -> "DemoSettings":
-        return cls(stage1_steps=20, stage2_steps=4, stage2_batch=4, n_describe=4, max_new_tokens=16)
+        return cls(stage1_steps=20, stage2_steps=4, stage2_batch=4, t2c_warmup_steps=20, n_describe=4,
+                   max_new_tokens=16)
 
 
 def _fig_to_data_uri(fig) -> str:
@@ -189,6 +192,7 @@ def run_demo(*, data: str | None = None, label_key: str = "cell_type", layer: st
     train2 = lab.dataset("train", max_genes=mc.max_genes, with_targets=True)
     cfg2 = type(cfg1).from_dict({**cfg1.to_dict(), "stage": "stage2", "max_steps": s.stage2_steps,
                                  "batch_size": s.stage2_batch, "lr_new": 2e-3,
+                                 "t2c_warmup_steps": s.t2c_warmup_steps,
                                  "warmup_steps": max(1, s.stage2_steps // 10), "log_every": 5,
                                  "out_dir": str(out_dir / "train-stage2")})
     r2 = fit(model, train2, cfg2, measured=lab.cells.measured)
@@ -258,6 +262,7 @@ def run_demo(*, data: str | None = None, label_key: str = "cell_type", layer: st
             "stage1": {"steps": r1["steps"], "cells_per_s": round(r1["cells_per_s"], 2),
                        **{k: round(v, 4) for k, v in r1["validation"].items()}},
             "stage2": {"steps": r2["steps"], "cells_per_s": round(r2["cells_per_s"], 2),
+                       "t2c_warmup": r2["t2c_warmup"],
                        **{k: round(v, 4) for k, v in r2["history"][-1].items() if k in ("cdgen", "pcgen")}},
         },
         "settings": {"fast": fast, **s.__dict__},

@@ -62,12 +62,20 @@ class TrainConfig:
     """Show a progress bar (main process only)."""
     tensorboard: bool = False
     """Also write TensorBoard scalars under ``out_dir/tb`` (needs ``tensorboard``)."""
+    t2c_warmup_steps: int = 0
+    """stage2 / generate: before the joint steps, this many PCGen steps train the text-to-cell
+    projector and cell decoder alone on cached LM states of the training descriptions
+    (:func:`scmmgpt.train.warmup.warm_up_text_to_cell`; at ``lr_new``). Skipped when resuming."""
+    t2c_warmup_batch: int = 32
+    """Cells per text-to-cell warm-up step."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("max_steps, batch_size and grad_accum must be >= 1.")
         if self.lr <= 0 or self.warmup_steps < 0 or (self.lr_new is not None and self.lr_new <= 0):
             raise ConfigError("lr and lr_new must be > 0 and warmup_steps >= 0.")
+        if self.t2c_warmup_steps < 0 or self.t2c_warmup_batch < 1:
+            raise ConfigError("t2c_warmup_steps must be >= 0 and t2c_warmup_batch >= 1.")
         stages = ("stage1", "stage2", "annotate", "describe", "generate")
         if self.stage not in stages:
             raise ConfigError(f"Unknown stage {self.stage!r}; choose from {stages}.")

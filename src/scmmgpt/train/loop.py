@@ -28,6 +28,7 @@ from ..inference import (encode_dataset, encode_texts, evaluation_mode, iter_bat
                          zero_shot_scores)
 from ..utils.io import atomic_write_text
 from .config import TrainConfig
+from .warmup import warm_up_text_to_cell
 
 __all__ = ["fit", "linear_schedule", "latest_checkpoint", "validate"]
 
@@ -220,6 +221,16 @@ def _fit(model, train, cfg, val, measured, resume, stop_after) -> dict:
     set_seed(cfg.seed)
     model.set_trainable(cfg.stage)
     model.train()
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+    ckpt = latest_checkpoint(out_dir) if resume and out_dir is not None else None
+    warmup = None
+    if cfg.t2c_warmup_steps and cfg.stage in ("stage2", "generate") and ckpt is None:
+        # before DDP wraps the model (its construction broadcasts rank 0's weights to every rank)
+        model.to(accelerator.device)
+        warmup = warm_up_text_to_cell(
+            model, train, steps=cfg.t2c_warmup_steps, batch_size=cfg.t2c_warmup_batch,
+            lr=cfg.lr_new or cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, device=accelerator.device,
+            measured=torch.from_numpy(measured) if measured is not None else None)
     groups = model.param_groups(cfg.lr, cfg.lr_new)
     params = [p for g in groups for p in g["params"]]
     fused = accelerator.device.type == "cuda"
@@ -238,10 +249,9 @@ def _fit(model, train, cfg, val, measured, resume, stop_after) -> dict:
                         generator=torch.Generator().manual_seed(cfg.seed))
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     gen = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
     step = epoch = skip = 0
-    if resume and out_dir is not None and (ckpt := latest_checkpoint(out_dir)) is not None:
+    if ckpt is not None:
         state = _load(ckpt, core, optimizer, scheduler, gen, cfg)
         step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
     if out_dir is not None and accelerator.is_main_process:
@@ -249,6 +259,8 @@ def _fit(model, train, cfg, val, measured, resume, stop_after) -> dict:
         atomic_write_text(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
         core.config.save(out_dir / "model_config.json")
     log = _Log(out_dir, accelerator.is_main_process, cfg.tensorboard)
+    if warmup is not None:
+        log.write({"step": 0, "t2c_warmup": warmup})
     meas = torch.from_numpy(measured).to(accelerator.device) if measured is not None else None
     history, last_val, n_cells, t0 = [], {}, 0, time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.stage, dynamic_ncols=True,
@@ -296,5 +308,5 @@ def _fit(model, train, cfg, val, measured, resume, stop_after) -> dict:
     log.close()
     accelerator.wait_for_everyone()
     model.eval()
-    return {"steps": step, "history": history, "validation": last_val,
+    return {"steps": step, "history": history, "validation": last_val, "t2c_warmup": warmup,
             "cells_per_s": n_cells / max(time.perf_counter() - t0, 1e-9)}
