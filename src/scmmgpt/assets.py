@@ -191,3 +191,31 @@ def resolve_bert(name_or_path: str | os.PathLike) -> str:
     if key in _BERT_ALIASES:
         return str(_BERT_ALIASES[key]())
     return str(name_or_path)
+
+
+DEFAULT_MODEL_ENV = "SCMMGPT_MODEL"
+
+
+def default_model() -> Path:
+    """The model used when none is named: ``$SCMMGPT_MODEL``, else the last full ``scmmgpt demo``
+    model (recorded in the cache by :func:`set_default_model`)."""
+    env = os.environ.get(DEFAULT_MODEL_ENV)
+    if env:
+        return Path(env)
+    pointer = cache_dir() / "default_model.txt"
+    if pointer.exists():
+        path = Path(pointer.read_text().strip())
+        if path.is_dir():
+            return path
+    raise AssetMissingError(
+        "No model given and no default model. Pass --model PATH (a folder written by save_pretrained or a "
+        f"training run's model/), set ${DEFAULT_MODEL_ENV}, or run `scmmgpt demo`, which trains one on the "
+        "bundled PBMCs and makes it the default.")
+
+
+def set_default_model(path: str | os.PathLike) -> None:
+    """Record ``path`` as the default model (see :func:`default_model`)."""
+    from .utils.io import atomic_write_text
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cache_dir() / "default_model.txt", str(Path(path).resolve()))

@@ -78,6 +78,8 @@ def _demo():
               f"right type named {d['type_named']:.3f}")
         print(f"  text -> cell          k-NN accuracy {g['knn_accuracy']:.3f} ({g['n_generated']} pseudo-cells)")
         print(f"  {m['seconds']['total']:.0f} s; report: {m['report']}  model: {m['model']}")
+        if not args.fast:
+            print("  this model is now the default of scmmgpt embed/annotate/describe/generate/search")
         return 0
 
     return add, run

@@ -198,6 +198,11 @@ def run_demo(*, data: str | None = None, label_key: str = "cell_type", layer: st
     r2 = fit(model, train2, cfg2, measured=lab.cells.measured)
     t_s2 = time.perf_counter() - t0 - t_setup - t_s1
     model.save_pretrained(out_dir / "model")
+    if not fast and settings is None:
+        # the full demo's model becomes the default of `scmmgpt generate/annotate/...` without --model
+        from ..assets import set_default_model
+
+        set_default_model(out_dir / "model")
     atomic_write_text(out_dir / "split.json", json.dumps({k: lab.cells.obs_names[v].tolist()
                                                           for k, v in lab.split.items()}))
 
