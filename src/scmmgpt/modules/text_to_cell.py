@@ -114,10 +114,11 @@ class CellDecoder(nn.Module):
             sl = slice(start, start + self.gene_chunk)
             e = gene_emb[sl].to(k.dtype)
             q = self.gene_q(e)                        # (G, r)
-            att = torch.softmax(torch.einsum("gr,bnr->bgn", q, k) / math.sqrt(self.dim), dim=-1)  # (B, G, N)
-            ctx = torch.einsum("bgn,bnr->bgr", att, v)                                            # (B, G, r)
             u = self.gene_u(e) + free[sl]             # (G, r)
-            val = torch.einsum("bgr,gr->bg", ctx, u) + bias[sl]
+            # <sum_n att_gn v_n, u_g> = sum_n att_gn <v_n, u_g>: two (B*N, r) x (r, G) matmuls and an
+            # elementwise product, instead of a (B, G, r) context read out by G tiny batched products
+            att = torch.softmax(torch.matmul(k, q.T) / math.sqrt(self.dim), dim=1)   # (B, N, G)
+            val = (att * torch.matmul(v, u.T)).sum(1) + bias[sl]                    # (B, G)
             if self.pool is not None:
                 val = val + h @ pooled[sl].to(h.dtype).T
             out.append(val)

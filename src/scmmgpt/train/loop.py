@@ -308,5 +308,7 @@ def _fit(model, train, cfg, val, measured, resume, stop_after) -> dict:
     log.close()
     accelerator.wait_for_everyone()
     model.eval()
+    # what was trained here is no longer at initialisation (as after save + reload)
+    core.fresh_parameters -= {n for n, p in core.named_parameters() if p.requires_grad}
     return {"steps": step, "history": history, "validation": last_val, "t2c_warmup": warmup,
             "cells_per_s": n_cells / max(time.perf_counter() - t0, 1e-9)}
