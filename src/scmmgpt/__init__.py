@@ -2,6 +2,26 @@
 
 Implementation of scMMGPT (Shi et al., 2025, "Multimodal Language Modeling for High-Accuracy Single
 Cell Transcriptomics Analysis and Generation").
+
+``scmmgpt.tl`` (embed, annotate, describe, generate, search) and ``scmmgpt.pl`` (plots) follow
+scanpy's conventions; :func:`load_model` reads a saved model. They are imported on first use, so
+``import scmmgpt`` stays light.
 """
 
+import importlib
+
 __version__ = "0.1.0"
+__all__ = ["tl", "pl", "load_model", "__version__"]
+
+
+def load_model(path, *, with_lm=None, device="cpu"):
+    """Load a model folder written by ``save_pretrained`` (or a training run's ``model/``)."""
+    from .models.scmmgpt import ScMMGPT
+
+    return ScMMGPT.from_pretrained(path, with_lm=with_lm, device=device)
+
+
+def __getattr__(name):
+    if name in ("tl", "pl"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'scmmgpt' has no attribute {name!r}")

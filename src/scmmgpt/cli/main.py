@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable
 
-from ..errors import ScMMGPTError
+from ..errors import ConfigError, InputDataError, ScMMGPTError
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -21,7 +23,9 @@ def command(name: str):
     """Register ``(add_arguments, run)`` for a subcommand."""
 
     def wrap(fn):
-        COMMANDS[name] = fn()
+        add, run = fn()
+        run.__doc__ = fn.__doc__
+        COMMANDS[name] = (add, run)
         return fn
 
     return wrap
@@ -145,6 +149,226 @@ def _finetune():
 
     def run(args: argparse.Namespace) -> int:
         return _run_training(args, args.task, args.model)
+
+    return add, run
+
+
+# ---------------------------------------------------------------------------------- inference
+def _add_model_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
+    p.add_argument("--model", default=None,
+                   help="model folder (default: $SCMMGPT_MODEL, else the model of the last full `scmmgpt demo`)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--batch-size", type=int, default=None, help="cells per batch")
+    if data:
+        p.add_argument("data", help="input .h5ad")
+        p.add_argument("-o", "--output", default=None,
+                       help="output .h5ad (default: INPUT_scmmgpt.h5ad next to the input)")
+        p.add_argument("--inplace", action="store_true", help="write the results into the input file")
+        p.add_argument("--layer", default=None, help="matrix to read (default: X)")
+        p.add_argument("--use-raw", action="store_true", help="read adata.raw.X")
+        p.add_argument("--gene-symbol-key", default=None, help="var column with gene symbols")
+
+
+def _load_model(args, *, with_lm: bool):
+    from ..assets import default_model
+    from ..models.scmmgpt import ScMMGPT
+
+    path = args.model or default_model()
+    return ScMMGPT.from_pretrained(path, with_lm=None if with_lm else False, device=args.device or "cpu")
+
+
+def _read(args):
+    from ..data.io import read_h5ad
+
+    return read_h5ad(args.data)
+
+
+def _output_path(args) -> Path:
+    src = Path(args.data).resolve()
+    if args.inplace:
+        if args.output and Path(args.output).resolve() != src:
+            raise ConfigError("--inplace writes into the input file; drop --output or --inplace.")
+        return src
+    out = Path(args.output) if args.output else src.with_name(src.stem + "_scmmgpt.h5ad")
+    if out.resolve() == src:
+        raise ConfigError(f"--output {out} is the input file; pass --inplace to overwrite the input.")
+    return out
+
+
+def _write(adata, path: Path) -> None:
+    """Write an .h5ad atomically (a temporary file in the same folder, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    print(f"wrote {path}")
+
+
+def _data_kwargs(args) -> dict:
+    kw = dict(layer=args.layer, use_raw=args.use_raw, gene_symbol_key=args.gene_symbol_key, progress=True)
+    if args.batch_size is not None:
+        kw["batch_size"] = args.batch_size
+    return kw
+
+
+@command("embed")
+def _embed():
+    """Cell embeddings into .obsm["X_scmmgpt"] (and the aligned features into .obsm["X_scmmgpt_aligned"])."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        _add_model_args(p)
+        p.add_argument("--no-aligned", action="store_true", help="skip the aligned (text-space) features")
+        p.add_argument("--key-added", default="X_scmmgpt")
+
+    def run(args: argparse.Namespace) -> int:
+        from .. import tl
+
+        out = _output_path(args)
+        adata = _read(args)
+        tl.embed(adata, _load_model(args, with_lm=False), aligned=not args.no_aligned, key_added=args.key_added,
+                 **_data_kwargs(args))
+        _write(adata, out)
+        return 0
+
+    return add, run
+
+
+@command("annotate")
+def _annotate():
+    """Zero-shot cell types into .obs["scmmgpt_label"] from --labels, --labels-file, --labels-key or
+    --descendants-of (one of them)."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        _add_model_args(p)
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--labels", nargs="+", help="candidate labels (names or CL ids)")
+        src.add_argument("--labels-file", help="a text file with one candidate label per line")
+        src.add_argument("--labels-key", help="obs column whose values are the candidates")
+        src.add_argument("--descendants-of", help="a CL term (id or name): it and all its descendants")
+        p.add_argument("--context", default=None, help='appended to each label text, e.g. "Sampled from the blood."')
+        p.add_argument("--alpha", type=float, default=0.0, help="weight of the CTM re-ranking (0: CTC only)")
+        p.add_argument("--top-k", type=int, default=3)
+        p.add_argument("--min-score", type=float, default=None, help="below it a cell is 'unassigned'")
+        p.add_argument("--min-margin", type=float, default=None,
+                       help="a cell whose best label beats the second by less is 'unassigned'")
+        p.add_argument("--key-added", default="scmmgpt_label")
+
+    def run(args: argparse.Namespace) -> int:
+        from .. import tl
+
+        labels = args.labels
+        if args.labels_file:
+            try:
+                text = Path(args.labels_file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputDataError(f"Cannot read the labels file {args.labels_file}: {exc}") from None
+            labels = [line.strip() for line in text.splitlines() if line.strip()]
+        out = _output_path(args)
+        adata = _read(args)
+        tl.annotate(adata, _load_model(args, with_lm=False), labels=labels, labels_key=args.labels_key,
+                    descendants_of=args.descendants_of, context=args.context, alpha=args.alpha, top_k=args.top_k,
+                    min_score=args.min_score, min_margin=args.min_margin, key_added=args.key_added,
+                    **_data_kwargs(args))
+        counts = adata.obs[args.key_added].value_counts()
+        print(counts[counts > 0].to_string())
+        _write(adata, out)
+        return 0
+
+    return add, run
+
+
+@command("describe")
+def _describe():
+    """A generated text description of every cell into .obs["scmmgpt_description"]."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        _add_model_args(p)
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy decoding")
+        p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--top-p", type=float, default=0.9)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--key-added", default="scmmgpt_description")
+
+    def run(args: argparse.Namespace) -> int:
+        from .. import tl
+
+        out = _output_path(args)
+        adata = _read(args)
+        tl.describe(adata, _load_model(args, with_lm=True), max_new_tokens=args.max_new_tokens,
+                    do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                    key_added=args.key_added, **_data_kwargs(args))
+        for name, text in list(adata.obs[args.key_added].items())[:5]:
+            print(f"{name}: {text}")
+        _write(adata, out)
+        return 0
+
+    return add, run
+
+
+@command("generate")
+def _generate():
+    """Pseudo-cells from text descriptions, written as a new .h5ad (-o)."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("texts", nargs="+", help="descriptions (or cell type names / CL ids)")
+        p.add_argument("-n", "--n-per-text", type=int, default=1, help="cells per text")
+        p.add_argument("-o", "--output", required=True, help="output .h5ad")
+        p.add_argument("--library-size", type=int, default=None,
+                       help="sample counts at this many reads per cell (default 5000 when -n > 1)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--no-expand", action="store_true",
+                       help="use cell type names as they are, not their ontology descriptions")
+        _add_model_args(p, data=False)
+
+    def run(args: argparse.Namespace) -> int:
+        from .. import tl
+
+        library = args.library_size if args.library_size is not None else (5000 if args.n_per_text > 1 else None)
+        kw = {"batch_size": args.batch_size} if args.batch_size is not None else {}
+        gen = tl.generate(_load_model(args, with_lm=True), args.texts, n_per_text=args.n_per_text,
+                          library_size=library, expand=not args.no_expand, seed=args.seed, **kw)
+        out = Path(args.output)
+        if out.suffix != ".h5ad":
+            raise ConfigError(f"--output must end in .h5ad, got {out}.")
+        _write(gen, out)
+        return 0
+
+    return add, run
+
+
+@command("search")
+def _search():
+    """The cells best matching a text query (printed; --csv writes them)."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("data", help="input .h5ad")
+        p.add_argument("query", nargs="+", help="query texts")
+        p.add_argument("--top-k", type=int, default=10)
+        p.add_argument("--csv", default=None, help="write the hits to this CSV file")
+        p.add_argument("--no-expand", action="store_true",
+                       help="use cell type names as they are, not their ontology descriptions")
+        p.add_argument("--layer", default=None)
+        p.add_argument("--use-raw", action="store_true")
+        p.add_argument("--gene-symbol-key", default=None)
+        _add_model_args(p, data=False)
+
+    def run(args: argparse.Namespace) -> int:
+        from .. import tl
+
+        adata = _read(args)
+        hits = tl.search(adata, _load_model(args, with_lm=False), args.query, top_k=args.top_k,
+                         expand=not args.no_expand, **_data_kwargs(args))
+        cols = [c for c in ("query", "rank", "obs_name", "score") if c in hits.columns]
+        print(hits[cols].to_string(index=False))
+        if args.csv:
+            hits.to_csv(args.csv, index=False)
+            print(f"wrote {args.csv}")
+        return 0
 
     return add, run
 

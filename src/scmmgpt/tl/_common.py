@@ -1,0 +1,131 @@
+"""Shared plumbing of the ``tl`` functions: model resolution, AnnData -> model cells with the gene
+coverage report, batched iteration with progress, and the ``copy`` convention."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..data.dataset import CellBatch, CellTextDataset
+from ..data.prepare import CellData, GeneMatch, prepare_cells
+from ..errors import ConfigError, InputDataError
+
+logger = logging.getLogger("scmmgpt")
+
+COVERAGE_WARN = 0.9
+"""Below this fraction of the expression in vocabulary genes, the ``tl`` functions warn."""
+
+
+class GeneCoverageWarning(UserWarning):
+    """Part of the data's expression falls in genes the model does not know."""
+
+
+class UntrainedWarning(UserWarning):
+    """The model part a function needs was never trained (its outputs are meaningless)."""
+
+
+def resolve_model(model, *, device: str | torch.device | None = None, with_lm: bool | None = None):
+    """An :class:`~scmmgpt.models.scmmgpt.ScMMGPT`, given one or a folder written by ``save_pretrained``."""
+    from ..models.scmmgpt import ScMMGPT
+
+    if isinstance(model, (str, os.PathLike)):
+        return ScMMGPT.from_pretrained(model, with_lm=with_lm, device=device or "cpu")
+    if not isinstance(model, ScMMGPT):
+        raise ConfigError(f"model must be an ScMMGPT or the path of a saved model folder, not {type(model).__name__}.")
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def require_lm(model, what: str, parts: tuple[str, ...]) -> None:
+    """Error without an LM; warn when the weights ``what`` needs are still at initialisation."""
+    if model.lm is None:
+        raise ConfigError(f"{what} needs the text LM: load the model with with_lm=True (a stage-2 model).")
+    fresh = [n for n in model.fresh_parameters if n.startswith(parts)]
+    if fresh:
+        warnings.warn(f"{what}: this model's {parts[0].rstrip('.')} weights were never trained (run "
+                      "`scmmgpt pretrain --stage 2` first); the output is meaningless.", UntrainedWarning, stacklevel=3)
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@dataclass
+class ModelCells:
+    """An AnnData's cells in the model's vocabulary space."""
+
+    cells: CellData
+    dataset: CellTextDataset
+    rows: np.ndarray
+    """Row in the AnnData of each kept cell (empty cells are dropped)."""
+    n_obs: int
+
+    @property
+    def gene_match(self) -> GeneMatch:
+        return self.cells.gene_match
+
+    def report(self) -> dict:
+        """What went into the model: for ``.uns``."""
+        m = self.gene_match
+        return {"n_genes": m.n_genes, "n_genes_in_vocab": m.n_mapped, "gene_coverage": round(m.coverage, 4),
+                "value_kind": self.cells.value_kind, "n_empty_cells": int(self.n_obs - len(self.rows))}
+
+
+def model_cells(adata, model, *, layer: str | None = None, use_raw: bool = False, gene_symbol_key: str | None = None,
+                min_coverage: float = 0.5, with_targets: bool = False) -> ModelCells:
+    """Map ``adata`` into ``model``'s vocabulary; log and (when low) warn the gene coverage; warn
+    about cells with no expression in vocabulary genes (they get no result)."""
+    cells = prepare_cells(adata, model.vocab, layer=layer, use_raw=use_raw, target_sum=model.config.target_sum,
+                          gene_symbol_key=gene_symbol_key, min_coverage=min_coverage)
+    m = cells.gene_match
+    logger.info(m.summary())
+    if m.coverage < COVERAGE_WARN:
+        warnings.warn(f"{m.summary()}; genes outside the vocabulary are ignored (e.g. {m.unmapped_examples[:5]}). "
+                      "Check the gene ids, or use a model whose vocabulary covers this data.",
+                      GeneCoverageWarning, stacklevel=3)
+    rows = np.asarray(cells.cell_index)
+    if len(rows) < adata.n_obs:
+        warnings.warn(f"{adata.n_obs - len(rows)} of {adata.n_obs} cells have no expression in the model's genes; "
+                      "their results are left empty (NaN / '').", GeneCoverageWarning, stacklevel=3)
+    ds = CellTextDataset(cells, cls_id=model.vocab.cls_id, max_genes=model.config.max_genes,
+                         n_bins=model.config.cell.n_bins if model.config.cell.input_style == "category" else None,
+                         with_targets=with_targets)
+    return ModelCells(cells, ds, rows, adata.n_obs)
+
+
+def batches(model, ds: CellTextDataset, batch_size: int, *, progress: bool = False, desc: str = "") -> Iterator[CellBatch]:
+    """Batches of ``ds`` in order on the model's device, with an optional progress bar."""
+    from tqdm.auto import tqdm
+
+    from ..inference import iter_batches
+
+    if batch_size < 1:
+        raise ConfigError("batch_size must be >= 1.")
+    n = (len(ds) + batch_size - 1) // batch_size
+    yield from tqdm(iter_batches(model, ds, batch_size), total=n, desc=desc, disable=not progress, leave=False)
+
+
+def start(adata, copy: bool):
+    """scanpy's convention: work on a copy when ``copy=True`` (and return it), else in place."""
+    import anndata as ad
+
+    if not isinstance(adata, ad.AnnData):
+        raise InputDataError(f"Expected an AnnData as the first argument, got {type(adata).__name__}.")
+    return adata.copy() if copy else adata
+
+
+def full_rows(values: np.ndarray, rows: np.ndarray, n_obs: int, fill=np.nan) -> np.ndarray:
+    """Scatter per-kept-cell ``values`` back to all ``n_obs`` rows (``fill`` for dropped cells)."""
+    if len(rows) == n_obs:
+        return values
+    dtype = object if (values.dtype == object or isinstance(fill, str)) else np.promote_types(values.dtype, np.float32)
+    out = np.full((n_obs, *values.shape[1:]), fill, dtype=dtype)
+    out[rows] = values
+    return out

@@ -1,0 +1,145 @@
+"""Zero-shot cell type annotation from free-text label sets."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import InputDataError
+from ..inference import encode_texts, evaluation_mode
+from ..modules.losses import similarity
+from ._common import batches, full_rows, model_cells, resolve_model, start
+from .texts import candidate_labels
+
+__all__ = ["annotate"]
+
+MAX_SCORE_ENTRIES = 50_000_000
+"""Above this many cell x label scores (200 MB) the full matrix is kept only with store_scores=True."""
+
+
+def _scores(feats: torch.Tensor, text: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """CTC similarities (B, T) computed over label chunks (bounds the (B, Q, T) intermediate)."""
+    return torch.cat([similarity(feats, text[i:i + chunk]) for i in range(0, len(text), chunk)], dim=1)
+
+
+def _rerank(model, out, sim: torch.Tensor, texts: list[str], alpha: float, top: int) -> torch.Tensor:
+    """BLIP-2-style re-ranking (Li et al., 2023): the ``top`` labels by CTC similarity get
+    ``(1 - alpha) * sim + alpha * P(match)`` from the CTM head; the others ``(1 - alpha) * sim``,
+    which keeps them below every re-ranked label."""
+    B, T = sim.shape
+    top = min(top, T)
+    cand = sim.topk(top, dim=1).indices                                    # (B, top)
+    device = out.states.device
+    enc = model.bert_tokenizer([texts[int(j)] for j in cand.flatten()], padding=True, truncation=True,
+                               max_length=model.config.qformer.max_text_len, return_tensors="pt")
+    states = out.states.repeat_interleave(top, dim=0)
+    padding = out.padding.repeat_interleave(top, dim=0)
+    logits = model.match_logits(states, padding, enc["input_ids"].to(device), enc["attention_mask"].to(device))
+    p = logits.float().softmax(-1)[:, 1].cpu().view(B, top)
+    final = (1 - alpha) * sim
+    final.scatter_add_(1, cand, alpha * p)
+    return final
+
+
+def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: str | None = None,
+             descendants_of: str | None = None, context: str | None = None, alpha: float = 0.0,
+             rerank_top: int = 10, top_k: int = 3, min_score: float | None = None, min_margin: float | None = None,
+             unassigned: str = "unassigned", key_added: str = "scmmgpt_label", store_scores: bool | None = None,
+             batch_size: int = 64, layer: str | None = None, use_raw: bool = False,
+             gene_symbol_key: str | None = None, device: str | None = None, progress: bool = False,
+             copy: bool = False):
+    """Zero-shot annotation: score every cell against every candidate label's description.
+
+    Candidate labels come from exactly one of ``labels`` (names or CL ids), ``labels_key`` (the
+    distinct values of an ``.obs`` column) or ``descendants_of`` (a CL term and all its descendants,
+    e.g. ``"CL:0000542"`` for every lymphocyte type). Each label's text is built like a training
+    description (Cell Ontology definition and synonyms; ``context`` such as "Sampled from the blood."
+    is appended); ambiguous labels ("unknown", "?") are dropped.
+
+    Scores are the CTC similarity (cosine of cell and text features, max over the Q-Former queries).
+    With ``alpha > 0`` the ``rerank_top`` best labels of each cell are re-scored with the CTM head:
+    ``(1 - alpha) * similarity + alpha * P(match)``.
+    A cell whose best score is below ``min_score``, or beats the second best by less than
+    ``min_margin``, is ``unassigned`` (open-set annotation).
+
+    Returns
+    -------
+    ``None``, or the annotated copy with ``copy=True``. Writes
+
+    * ``.obs[key_added]`` — categorical top-1 label (``unassigned`` as above; ``""`` for cells with
+      no expression in the model's genes);
+    * ``.obs[key_added + "_score"]`` — the top-1 score;
+    * ``.obsm[key_added + "_topk"]`` — DataFrame of the ``top_k`` best labels (columns
+      ``top1``...) and ``.obsm[key_added + "_topk_score"]`` their scores;
+    * ``.obsm[key_added + "_scores"]`` — (n_obs, n_labels) all scores, columns in the order of
+      ``.uns[key_added]["labels"]`` (kept unless it would exceed 50M entries, or ``store_scores``);
+    * ``.uns[key_added]`` — labels, CL ids, texts, parameters and the gene coverage report.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise InputDataError(f"alpha must be in [0, 1], got {alpha}.")
+    if top_k < 1 or rerank_top < 1:
+        raise InputDataError("top_k and rerank_top must be >= 1.")
+    adata = start(adata, copy)
+    obs_values = None
+    if labels_key is not None:
+        if labels_key not in adata.obs.columns:
+            raise InputDataError(f"obs has no column {labels_key!r}; columns: {list(adata.obs.columns)}.")
+        col = adata.obs[labels_key]
+        obs_values = list(col.cat.categories) if isinstance(col.dtype, pd.CategoricalDtype) else list(pd.unique(col))
+    cands = candidate_labels(labels=labels, obs_values=obs_values, descendants_of=descendants_of, context=context)
+    T = len(cands.names)
+    model = resolve_model(model, device=device, with_lm=False)
+    mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key)
+    keep_all = store_scores if store_scores is not None else len(mc.rows) * T <= MAX_SCORE_ENTRIES
+    if store_scores is None and not keep_all:
+        warnings.warn(f"{len(mc.rows)} cells x {T} labels: the full score matrix is not stored (pass "
+                      "store_scores=True to keep it); top-k labels and scores are.", stacklevel=2)
+    k = min(top_k, T)
+    text = encode_texts(model, cands.texts)
+    all_scores, top_idx, top_val, second = [], [], [], []
+    with evaluation_mode(model):
+        for batch in batches(model, mc.dataset, batch_size, progress=progress, desc="annotate"):
+            out = model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
+            sim = _scores(out.features.float().cpu(), text)
+            if alpha > 0:
+                sim = _rerank(model, out, sim, cands.texts, alpha, rerank_top)
+            best = sim.topk(min(max(k, 2), T), dim=1)
+            top_idx.append(best.indices[:, :k])
+            top_val.append(best.values[:, :k])
+            second.append(best.values[:, 1] if T > 1 else torch.full((len(sim),), -np.inf))
+            if keep_all:
+                all_scores.append(sim)
+    top_idx, top_val = torch.cat(top_idx).numpy(), torch.cat(top_val).numpy()
+    second = torch.cat(second).numpy()
+    names = np.asarray(cands.names, dtype=object)
+    pred = names[top_idx[:, 0]].copy()
+    reject = np.zeros(len(pred), dtype=bool)
+    if min_score is not None:
+        reject |= top_val[:, 0] < min_score
+    if min_margin is not None:
+        reject |= (top_val[:, 0] - second) < min_margin
+    pred[reject] = unassigned
+    n, rows = mc.n_obs, mc.rows
+    categories = list(dict.fromkeys(list(cands.names) + ([unassigned] if reject.any() else [])))
+    full_pred = full_rows(pred, rows, n, fill="")
+    adata.obs[key_added] = pd.Categorical(full_pred, categories=categories + ([""] if len(rows) < n else []))
+    adata.obs[key_added + "_score"] = full_rows(top_val[:, 0], rows, n)
+    topk = pd.DataFrame(full_rows(names[top_idx], rows, n, fill=""), index=adata.obs_names,
+                        columns=[f"top{i + 1}" for i in range(k)])
+    adata.obsm[key_added + "_topk"] = topk
+    adata.obsm[key_added + "_topk_score"] = full_rows(top_val, rows, n)
+    if keep_all:
+        adata.obsm[key_added + "_scores"] = full_rows(torch.cat(all_scores).numpy(), rows, n)
+    adata.uns[key_added] = {
+        "labels": list(cands.names), "label_ids": list(cands.ids), "texts": list(cands.texts),
+        "params": {"alpha": alpha, "rerank_top": rerank_top, "top_k": k,
+                   "min_score": "none" if min_score is None else min_score,
+                   "min_margin": "none" if min_margin is None else min_margin, "unassigned": unassigned,
+                   "context": context or ""},
+        "n_unassigned": int(reject.sum()), **mc.report(),
+    }
+    return adata if copy else None

@@ -1,0 +1,140 @@
+"""Cell -> text (descriptions) and text -> cell (pseudo-cells)."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data.dataset import tokenize_for_lm
+from ..errors import InputDataError
+from ..inference import evaluation_mode
+from ._common import batches, device_of, full_rows, model_cells, require_lm, resolve_model, start
+from .texts import query_texts
+
+__all__ = ["describe", "generate"]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """A local RNG state: ``seed`` fixes sampling without touching the caller's global RNG."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def describe(adata, model, *, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+             top_p: float = 0.9, seed: int | None = 0, key_added: str = "scmmgpt_description", batch_size: int = 16,
+             layer: str | None = None, use_raw: bool = False, gene_symbol_key: str | None = None,
+             device: str | None = None, progress: bool = False, copy: bool = False):
+    """Generate a text description of every cell (paper §3.3, CDGen direction).
+
+    The cell's Q-Former query outputs, projected into the LM's embedding space, prefix a prompt; the
+    LM continues it with its KV cache, greedily or by nucleus sampling (``do_sample=True``,
+    ``temperature``, ``top_p``). Batches need no padding: every prefix has the same length. With a
+    ``seed`` the output is the same on every run (same settings and device); the caller's global
+    RNG is left as it was.
+
+    Returns
+    -------
+    ``None``, or the annotated copy with ``copy=True``. Writes ``.obs[key_added]`` (``""`` for cells
+    with no expression in the model's genes) and ``.uns["scmmgpt"]["describe"]`` (parameters and
+    the gene coverage report).
+    """
+    if max_new_tokens < 1:
+        raise InputDataError("max_new_tokens must be >= 1.")
+    if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
+        raise InputDataError("Sampling needs temperature > 0 and 0 < top_p <= 1.")
+    adata = start(adata, copy)
+    model = resolve_model(model, device=device)
+    require_lm(model, "describe", ("lm_proj.",))
+    mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key)
+    texts: list[str] = []
+    with evaluation_mode(model), _seeded(seed, device_of(model)):
+        for batch in batches(model, mc.dataset, batch_size, progress=progress, desc="describe"):
+            texts += model.generate_text(batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                         temperature=temperature, top_p=top_p)
+    adata.obs[key_added] = full_rows(np.asarray(texts, dtype=object), mc.rows, mc.n_obs, fill="")
+    adata.uns.setdefault("scmmgpt", {})["describe"] = {
+        "max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature, "top_p": top_p,
+        "seed": "none" if seed is None else seed, **mc.report()}
+    return adata if copy else None
+
+
+def _sample_counts(values: np.ndarray, target_sum: float, library_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Counts at ``library_size`` from eq.-1 values ``log(1 + target_sum * x / sum x)``: the gene
+    proportions are ``expm1(values)`` normalised, and a multinomial draws the reads."""
+    props = np.expm1(values.astype(np.float64))
+    props = props / np.maximum(props.sum(1, keepdims=True), 1e-12)
+    return np.stack([rng.multinomial(library_size, p) for p in props]).astype(np.float32)
+
+
+def generate(model, texts: str | Sequence[str], *, n_per_text: int = 1, library_size: int | None = None,
+             expand: bool = True, seed: int = 0, batch_size: int = 16, device: str | None = None,
+             progress: bool = False):
+    """Generate pseudo-cells from text descriptions (paper §3.3, PCGen direction).
+
+    The description (with ``expand=True``, a text that is exactly a Cell Ontology id, label or
+    synonym is replaced by its training-style description) and the dummy cell tokens go through
+    the LM; the text-to-cell projector and the cell decoder give a value for every vocabulary gene.
+
+    The model predicts one expected profile per text (values on the eq.-1 scale,
+    ``log(1 + target_sum * x / sum x)``). With ``library_size`` each of the ``n_per_text`` copies is
+    made a realistic cell: reads are drawn from the profile's gene proportions (multinomial,
+    ``seed``), stored as counts in ``.layers["counts"]`` and normalised into ``.X``; without it the
+    copies are identical.
+
+    Returns
+    -------
+    A new AnnData: ``n_texts * n_per_text`` cells x the model's genes. ``.X`` eq.-1 values,
+    ``.layers["expected"]`` the predicted profile, ``.layers["counts"]`` (with ``library_size``),
+    ``.obs["prompt"]`` (the text given), ``.obs["model_text"]`` (what the model read),
+    ``.uns["scmmgpt"]["generate"]`` the parameters.
+    """
+    import anndata as ad
+
+    prompts = [texts] if isinstance(texts, str) else list(texts)
+    if not prompts:
+        raise InputDataError("generate needs at least one text.")
+    if n_per_text < 1:
+        raise InputDataError("n_per_text must be >= 1.")
+    if library_size is not None and library_size < 1:
+        raise InputDataError("library_size must be a positive number of reads (e.g. 5000).")
+    if n_per_text > 1 and library_size is None:
+        warnings.warn("n_per_text > 1 without library_size gives identical copies (the model predicts one "
+                      "expected profile per text); pass library_size= to sample cells.", stacklevel=2)
+    model_texts = query_texts(prompts, expand=expand)
+    model = resolve_model(model, device=device)
+    require_lm(model, "generate", ("text_to_cell.", "cell_decoder."))
+    dev = device_of(model)
+    ids, mask = tokenize_for_lm(model.lm_tokenizer, model_texts, model.config.lm.max_text_len)
+    out = []
+    with evaluation_mode(model):
+        for s in range(0, len(model_texts), batch_size):
+            out.append(model.generate_cells(ids[s:s + batch_size].to(dev), mask[s:s + batch_size].to(dev)).float().cpu())
+    genes = model.vocab.gene_mask()
+    expected = torch.cat(out).numpy()[:, genes]
+    expected = np.repeat(expected, n_per_text, axis=0)
+    obs = pd.DataFrame({"prompt": np.repeat(prompts, n_per_text), "model_text": np.repeat(model_texts, n_per_text),
+                        "copy": np.tile(np.arange(n_per_text), len(prompts))},
+                       index=[f"generated_{i}" for i in range(len(expected))])
+    var = pd.DataFrame(index=pd.Index(np.asarray(model.vocab.tokens)[genes], name="gene"))
+    layers = {"expected": expected.copy()}
+    X = expected
+    target_sum = model.config.target_sum
+    if library_size is not None:
+        counts = _sample_counts(expected, target_sum, library_size, np.random.default_rng(seed))
+        layers["counts"] = counts
+        X = np.log1p(target_sum * counts / np.maximum(counts.sum(1, keepdims=True), 1)).astype(np.float32)
+    gen = ad.AnnData(X=X, obs=obs, var=var, layers=layers)
+    gen.uns["scmmgpt"] = {"generate": {"n_per_text": n_per_text, "library_size": library_size or "none",
+                                       "seed": seed, "target_sum": target_sum, "expand": expand}}
+    return gen

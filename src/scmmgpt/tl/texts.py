@@ -1,0 +1,102 @@
+"""Texts for candidate labels and queries, built like the training descriptions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..data.descriptions import DescriptionBuilder, is_ambiguous
+from ..errors import InputDataError
+
+__all__ = ["Candidates", "candidate_labels", "query_texts"]
+
+MAX_TEXT_CHARS = 2000
+"""Longer prompts/queries are refused: the encoders read at most a few hundred tokens anyway."""
+
+
+@dataclass
+class Candidates:
+    """Candidate labels for annotation: shown names, CL ids ('' when none) and model texts."""
+
+    names: list[str]
+    ids: list[str]
+    texts: list[str]
+
+
+def _check_text(t, what: str) -> str:
+    if not isinstance(t, str):
+        raise InputDataError(f"{what} must be text, got {type(t).__name__} ({t!r}).")
+    t = t.strip()
+    if not t:
+        raise InputDataError(f"{what} is empty; give a cell type or a description.")
+    if len(t) > MAX_TEXT_CHARS:
+        raise InputDataError(f"{what} has {len(t)} characters; keep it under {MAX_TEXT_CHARS} (the model reads "
+                             "only the first few hundred tokens).")
+    return t
+
+
+def query_texts(queries: Sequence[str], *, expand: bool = True) -> list[str]:
+    """Model input for each query: the training-style description when the whole query is a CL
+    id/label/synonym and ``expand``, else the query itself."""
+    out = []
+    builder = DescriptionBuilder() if expand else None
+    for q in queries:
+        q = _check_text(q, "A query")
+        if builder is not None and builder.resolve_cell_type(q) is not None:
+            out.append(builder.describe_cell_type(q))
+        else:
+            out.append(q)
+    return out
+
+
+def candidate_labels(*, labels: Sequence[str] | None = None, obs_values=None, descendants_of: str | None = None,
+                     context: str | None = None) -> Candidates:
+    """Candidate labels from exactly one source, each described like a training cell type.
+
+    ``labels``: names or CL ids; ``obs_values``: the values of an ``.obs`` column (its distinct
+    values); ``descendants_of``: a CL term (id or name) and all its descendants. Ambiguous labels
+    ("unknown", "?", NaN...) are dropped, as in training. ``context`` (e.g. "Sampled from the
+    blood.") is appended to every text, like the context sentence of training descriptions.
+    """
+    given = sum(x is not None for x in (labels, obs_values, descendants_of))
+    if given != 1:
+        raise InputDataError("Give exactly one source of candidate labels: labels=[...], an .obs column "
+                             "(labels_key=) or descendants_of='CL:...'.")
+    builder = DescriptionBuilder()
+    if descendants_of is not None:
+        term = builder.resolve_cell_type(descendants_of)
+        if term is None:
+            raise InputDataError(f"{descendants_of!r} is not a Cell Ontology id or label.")
+        from ..data.ontology import cell_ontology
+
+        cl = cell_ontology()
+        ids = cl.descendants(term.id, include_self=True)
+        raw = ids
+    else:
+        if isinstance(labels, str):
+            raise InputDataError("labels must be a list of labels, not one string.")
+        values = list(labels) if labels is not None else list(obs_values)
+        raw = []
+        for v in values:
+            if is_ambiguous(v):
+                continue
+            if not isinstance(v, str):
+                v = str(v)
+            raw.append(_check_text(v, "A candidate label"))
+        raw = list(dict.fromkeys(raw))
+    if not raw:
+        raise InputDataError("No candidate labels left (all were empty or ambiguous like 'unknown').")
+    names, ids, texts = [], [], []
+    for v in raw:
+        term = builder.resolve_cell_type(v)
+        name = term.label if (term is not None and v.startswith("CL:")) else v
+        names.append(name)
+        ids.append(term.id if term is not None else "")
+        text = builder.describe_cell_type(v)
+        texts.append(f"{text} {context.strip()}" if context else text)
+    dup = [n for n in set(names) if names.count(n) > 1]
+    if dup:
+        raise InputDataError(f"Candidate labels {sorted(dup)[:5]} appear twice (e.g. as a name and its CL id); "
+                             "give each once.")
+    return Candidates(names, ids, texts)
+

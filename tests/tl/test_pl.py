@@ -1,0 +1,40 @@
+"""scmmgpt.pl returns matplotlib figures drawn from what tl wrote."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from scmmgpt import pl, tl  # noqa: E402
+from scmmgpt.errors import InputDataError  # noqa: E402
+
+
+def test_plots(trained, test_cells):
+    a = test_cells
+    tl.embed(a, trained.model)
+    tl.annotate(a, trained.model, labels_key="cell_type")
+    fig = pl.embedding(a, color=["cell_type", "scmmgpt_label"])
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    assert a.obsm["X_scmmgpt_aligned_umap"].shape == (a.n_obs, 2)
+    # one scatter series per cell type present
+    assert len(fig.axes[0].collections) == a.obs["cell_type"].nunique()
+    cm = pl.confusion_matrix(a, truth="cell_type")
+    img = cm.axes[0].images[0].get_array()
+    assert img.shape[0] == a.obs["cell_type"].nunique()
+    np.testing.assert_allclose(np.asarray(img).sum(1), 1.0)       # rows normalised
+    heat = pl.score_heatmap(a, groupby="cell_type")
+    assert heat.axes[0].images[0].get_array().shape == (a.obs["cell_type"].nunique(), len(a.uns["scmmgpt_label"]["labels"]))
+    types = sorted(set(a.obs["cell_type"].astype(str)))
+    gen = tl.generate(trained.model, types)
+    real = a.copy()
+    real.X = np.log1p(1e4 * real.X.toarray() / real.X.toarray().sum(1, keepdims=True))
+    fig = pl.real_vs_generated(real, gen, label_key="cell_type")
+    stars = [c for c in fig.axes[0].collections if len(c.get_offsets()) and c.get_sizes()[0] > 100]
+    assert sum(len(c.get_offsets()) for c in stars) == len(types)
+    with pytest.raises(InputDataError, match="tl.embed"):
+        pl.embedding(a, basis="X_other", color="cell_type")
+    with pytest.raises(InputDataError, match="no column"):
+        pl.confusion_matrix(a, truth="nope")

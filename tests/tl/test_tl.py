@@ -1,0 +1,249 @@
+"""The public tl API on held-out real PBMCs (pbmc3k) with the session's trained model: where
+results land, copy semantics, label sources, open-set calls, determinism, gene mismatch."""
+
+import inspect
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from scmmgpt import tl
+from scmmgpt.errors import ConfigError, InputDataError
+from scmmgpt.eval.cells import expression_pca, knn_accuracy
+
+
+def _loo_knn(x, labels, k=5):
+    """Leave-one-out k-NN accuracy of ``labels`` in the space ``x`` (cosine)."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    nn = np.argsort(-sim, axis=1)[:, :k]
+    labels = np.asarray(labels)
+    votes = [pd.Series(labels[row]).value_counts().index[0] for row in nn]
+    return float(np.mean(np.asarray(votes) == labels))
+
+
+# ------------------------------------------------------------------------------- contract
+PUBLIC = {name: getattr(tl, name) for name in ("embed", "annotate", "describe", "generate", "search")}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_contract(name):
+    """scanpy's conventions: AnnData first (generate: the model, it makes a new AnnData), then the
+    model, every option keyword-only; functions that annotate in place take ``copy``; docstrings
+    say where results land."""
+    fn = PUBLIC[name]
+    params = list(inspect.signature(fn).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    first = "model" if name == "generate" else "adata"
+    assert positional[0].name == first
+    assert all(p.default is p.empty for p in positional), "positional parameters are the required ones"
+    assert all(p.kind == p.KEYWORD_ONLY for p in params[len(positional):])
+    doc = inspect.getdoc(fn)
+    if name in ("embed", "annotate", "describe"):
+        assert "copy" in inspect.signature(fn).parameters
+        assert "Writes" in doc and (".obs[" in doc or ".obsm[" in doc)
+    assert "Returns" in doc
+
+
+# ------------------------------------------------------------------------------- embed
+def test_embed_copy_semantics_and_quality(trained, test_cells):
+    a = test_cells
+    out = tl.embed(a, trained.model, copy=True)
+    assert "X_scmmgpt" not in a.obsm and out is not a          # copy=True leaves the input alone
+    assert tl.embed(a, trained.path) is None                     # a saved model folder works too
+    d_cell = trained.model.cell_encoder.d_model
+    assert a.obsm["X_scmmgpt"].shape == (a.n_obs, d_cell)
+    al = a.obsm["X_scmmgpt_aligned"]
+    np.testing.assert_allclose(np.linalg.norm(al, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(out.obsm["X_scmmgpt_aligned"], al, atol=1e-5)
+    rep = a.uns["scmmgpt"]["embed"]
+    assert rep["gene_coverage"] == 1.0 and rep["n_empty_cells"] == 0 and rep["value_kind"] == "counts"
+    # the aligned space groups cells by type (chance, majority class: ~0.45)
+    assert _loo_knn(al, a.obs["cell_type"].astype(str)) > 0.6
+
+
+def test_gene_mismatch_is_reported(trained, test_cells):
+    a = test_cells
+    # the most expressed genes renamed to ids the model does not know: coverage falls, a warning
+    # says by how much, and the report records it
+    tot = np.asarray(a.X.sum(0)).ravel()
+    order = np.argsort(-tot)
+    top = order[: int(np.searchsorted(np.cumsum(tot[order]) / tot.sum(), 0.2)) + 1]   # ~20% of the reads
+    sub = a.copy()
+    names = sub.var_names.to_numpy().copy()
+    names[top] = [f"NOVEL{i}" for i in range(len(top))]
+    sub.var_names = names
+    with pytest.warns(tl.GeneCoverageWarning, match=r"covering \d+\.\d% of the expression"):
+        tl.embed(sub, trained.model, aligned=False)
+    rep = sub.uns["scmmgpt"]["embed"]
+    assert rep["gene_coverage"] < 0.9 and rep["n_genes_in_vocab"] == a.n_vars - len(top)
+    # cells with nothing in the model's genes: NaN rows, named in a warning, never dropped silently
+    b = a.copy()
+    X = b.X.tolil()
+    X[:3] = 0
+    b.X = X.tocsr()
+    with pytest.warns(tl.GeneCoverageWarning, match="3 of"):
+        tl.embed(b, trained.model, aligned=False)
+    assert np.isnan(b.obsm["X_scmmgpt"][:3]).all() and np.isfinite(b.obsm["X_scmmgpt"][3:]).all()
+    # genes of another organism / id space: a clear error
+    c = a.copy()
+    c.var_names = [f"gene{i}" for i in range(c.n_vars)]
+    with pytest.raises(InputDataError, match="vocabulary"):
+        tl.embed(c, trained.model)
+
+
+# ------------------------------------------------------------------------------- annotate
+def test_annotate_from_obs_column(trained, test_cells):
+    a = test_cells
+    tl.annotate(a, trained.model, labels_key="cell_type", top_k=3)
+    labels = a.uns["scmmgpt_label"]["labels"]
+    truth = a.obs["cell_type"].astype(str).to_numpy()
+    assert sorted(labels) == sorted(set(truth))
+    pred = a.obs["scmmgpt_label"].astype(str).to_numpy()
+    assert np.mean(pred == truth) > 2.0 / len(labels)            # well above chance (1/9)
+    scores = a.obsm["scmmgpt_label_scores"]
+    assert scores.shape == (a.n_obs, len(labels))
+    np.testing.assert_allclose(a.obs["scmmgpt_label_score"], scores.max(1), rtol=1e-5)
+    assert (np.asarray(labels)[scores.argmax(1)] == pred).all()
+    topk = a.obsm["scmmgpt_label_topk"]
+    assert list(topk.columns) == ["top1", "top2", "top3"] and (topk["top1"].to_numpy() == pred).all()
+    assert (np.diff(a.obsm["scmmgpt_label_topk_score"], axis=1) <= 0).all()
+    assert a.uns["scmmgpt_label"]["label_ids"][labels.index("B cell")] == "CL:0000236"
+
+
+def test_annotate_label_sources_and_errors(trained, test_cells):
+    a = test_cells
+    out = tl.annotate(a, trained.model, labels=["CL:0000236", "CL:0000624", "natural killer cell", "unknown"],
+                      copy=True, key_added="ct")
+    u = out.uns["ct"]
+    # CL ids shown by their names; the ambiguous 'unknown' dropped; texts carry the CL definitions
+    assert u["labels"] == ["B cell", "CD4-positive, alpha-beta T cell", "natural killer cell"]
+    assert u["label_ids"] == ["CL:0000236", "CL:0000624", "CL:0000623"]
+    assert all(len(t) > 40 and t.startswith(n) for t, n in zip(u["texts"], u["labels"]))
+    sub = tl.annotate(a, trained.model, descendants_of="CL:0000542", copy=True)   # lymphocyte
+    names = sub.uns["scmmgpt_label"]["labels"]
+    assert len(names) > 50 and "B cell" in names and "lymphocyte" in names and "monocyte" not in names
+    with pytest.raises(InputDataError, match="exactly one"):
+        tl.annotate(a, trained.model, labels=["B cell"], labels_key="cell_type")
+    with pytest.raises(InputDataError, match="No candidate labels"):
+        tl.annotate(a, trained.model, labels=["unknown", "?"])
+    with pytest.raises(InputDataError, match="no column"):
+        tl.annotate(a, trained.model, labels_key="celltype")
+    with pytest.raises(InputDataError, match="not one string"):
+        tl.annotate(a, trained.model, labels="B cell")
+    with pytest.raises(InputDataError, match="alpha"):
+        tl.annotate(a, trained.model, labels=["B cell"], alpha=2.0)
+    with pytest.raises(InputDataError, match="AnnData"):
+        tl.annotate(a.X, trained.model, labels=["B cell"])
+    with pytest.raises(ConfigError, match="model"):
+        tl.annotate(a, 3, labels=["B cell"])
+
+
+def test_annotate_open_set_and_ctm_rerank(trained, test_cells):
+    a = test_cells
+    base = tl.annotate(a, trained.model, labels_key="cell_type", copy=True)
+    s = base.obsm["scmmgpt_label_scores"]
+    thr = float(np.median(s.max(1)))
+    low = tl.annotate(a, trained.model, labels_key="cell_type", min_score=thr, copy=True)
+    un = low.obs["scmmgpt_label"].astype(str).to_numpy() == "unassigned"
+    np.testing.assert_array_equal(un, s.max(1) < thr)
+    assert low.uns["scmmgpt_label"]["n_unassigned"] == un.sum() > 0
+    top2 = np.sort(s, axis=1)[:, -2:]
+    margin = tl.annotate(a, trained.model, labels_key="cell_type", min_margin=0.02, copy=True)
+    np.testing.assert_array_equal(margin.obs["scmmgpt_label"].astype(str) == "unassigned",
+                                  (top2[:, 1] - top2[:, 0]) < 0.02)
+    # CTM re-ranking: the top-3 labels by similarity are re-scored, the rest scaled by (1 - alpha)
+    rr = tl.annotate(a, trained.model, labels_key="cell_type", alpha=0.5, rerank_top=3, copy=True)
+    r = rr.obsm["scmmgpt_label_scores"]
+    top3 = np.argsort(-s, axis=1)[:, :3]
+    rest = np.ones_like(s, dtype=bool)
+    np.put_along_axis(rest, top3, False, axis=1)
+    np.testing.assert_allclose(r[rest], 0.5 * s[rest], rtol=1e-4, atol=1e-6)
+    bonus = np.take_along_axis(r, top3, 1) - 0.5 * np.take_along_axis(s, top3, 1)
+    assert (bonus >= 0).all() and (bonus <= 0.5 + 1e-6).all() and bonus.std() > 0
+    assert set(rr.obs["scmmgpt_label"].astype(str)) <= set(np.asarray(rr.uns["scmmgpt_label"]["labels"]))
+
+
+# ------------------------------------------------------------------------------- describe
+def test_describe_deterministic(trained, test_cells):
+    a = test_cells[:6].copy()
+    state = torch.random.get_rng_state()
+    tl.describe(a, trained.model, max_new_tokens=8, batch_size=4)
+    texts = a.obs["scmmgpt_description"].tolist()
+    assert len(texts) == 6 and all(isinstance(t, str) and t for t in texts)
+    again = tl.describe(a, trained.model, max_new_tokens=8, copy=True)
+    assert again.obs["scmmgpt_description"].tolist() == texts
+    s1 = tl.describe(a, trained.model, max_new_tokens=8, do_sample=True, seed=3, copy=True)
+    s2 = tl.describe(a, trained.model, max_new_tokens=8, do_sample=True, seed=3, copy=True)
+    s3 = tl.describe(a, trained.model, max_new_tokens=8, do_sample=True, temperature=1.5, seed=4, copy=True)
+    assert s1.obs["scmmgpt_description"].tolist() == s2.obs["scmmgpt_description"].tolist()
+    assert s1.obs["scmmgpt_description"].tolist() != s3.obs["scmmgpt_description"].tolist()
+    assert torch.equal(torch.random.get_rng_state(), state)      # the caller's RNG is untouched
+    assert a.uns["scmmgpt"]["describe"]["max_new_tokens"] == 8
+    with pytest.raises(InputDataError, match="temperature"):
+        tl.describe(a, trained.model, do_sample=True, temperature=0)
+
+
+# ------------------------------------------------------------------------------- generate
+def test_generate_pseudo_cells(trained, test_cells):
+    m = trained.model
+    real = test_cells
+    types = sorted(set(real.obs["cell_type"].astype(str)))
+    gen = tl.generate(m, types)
+    genes = np.asarray(m.vocab.tokens)[m.vocab.gene_mask()]
+    assert gen.shape == (len(types), len(genes)) and (gen.var_names == genes).all()
+    assert gen.obs["prompt"].tolist() == types
+    assert all(t.startswith(p + ":") for t, p in zip(gen.obs["model_text"], types))   # expanded from CL
+    assert (gen.X >= 0).all()
+    # each pseudo-cell resembles the real cells of its prompted type (k-NN on real held-out cells)
+    x = np.asarray(real.X.toarray(), dtype=np.float64)
+    x = np.log1p(1e4 * x / x.sum(1, keepdims=True))
+    g = gen[:, real.var_names].X
+    knn = knn_accuracy(x, real.obs["cell_type"].astype(str).to_numpy(), g, types, k=5,
+                       transform=expression_pca(x, 30))
+    assert knn >= 3.0 / len(types), knn   # chance 1/9; the real per-type means score 5/9
+
+    counts = tl.generate(m, ["B cell", "a CD8-positive cytotoxic T cell from lung"], n_per_text=3,
+                         library_size=2000, seed=1)
+    assert counts.n_obs == 6 and counts.obs["copy"].tolist() == [0, 1, 2, 0, 1, 2]
+    c = counts.layers["counts"]
+    np.testing.assert_array_equal(c.sum(1), 2000)
+    assert not np.array_equal(c[0], c[1])                          # sampled copies differ
+    np.testing.assert_allclose(counts.X, np.log1p(1e4 * c / 2000), rtol=1e-5)
+    again = tl.generate(m, ["B cell", "a CD8-positive cytotoxic T cell from lung"], n_per_text=3,
+                        library_size=2000, seed=1)
+    np.testing.assert_array_equal(again.layers["counts"], c)        # same seed, same cells
+    assert counts.obs["model_text"].iloc[3] == "a CD8-positive cytotoxic T cell from lung"   # free text as is
+    with pytest.warns(UserWarning, match="identical"):
+        tl.generate(m, "B cell", n_per_text=2)
+    for bad, match in (([], "at least one"), ([""], "empty"), (["x" * 5000], "characters"), ([3], "text")):
+        with pytest.raises(InputDataError, match=match):
+            tl.generate(m, bad)
+
+
+# ------------------------------------------------------------------------------- search
+def test_search_finds_the_queried_type(trained, test_cells):
+    a = test_cells
+    hits = tl.search(a, trained.model, ["B cell", "CD14-positive monocyte"], top_k=10, key_added="b_score")
+    assert list(hits.columns[:4]) == ["query", "rank", "obs_name", "score"]
+    assert len(hits) == 20 and (hits.groupby("query")["score"].diff().dropna() <= 0).all()
+    frac_b = (a.obs["cell_type"] == "B cell").mean()
+    got_b = (hits[hits["query"] == "B cell"]["cell_type"] == "B cell").mean()
+    assert got_b > 2 * frac_b, (got_b, frac_b)
+    np.testing.assert_allclose(hits["score"].iloc[0], a.obs["b_score"].max(), rtol=1e-5)
+    with pytest.raises(InputDataError, match="top_k"):
+        tl.search(a, trained.model, "B cell", top_k=0)
+
+
+def test_untrained_generation_side_warns(trained, test_cells):
+    from scmmgpt.models.scmmgpt import ScMMGPT
+
+    stage1_only = ScMMGPT.build(trained.model.config, trained.model.vocab, with_lm=True)
+    with pytest.warns(tl.UntrainedWarning, match="never trained"):
+        tl.generate(stage1_only, "B cell")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tl.UntrainedWarning)
+        tl.generate(trained.model, "B cell")
