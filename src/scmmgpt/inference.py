@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .data.dataset import CellBatch, CellTextDataset
+from .eval.annotation import topk_accuracy  # re-exported: validation and the demo use it
 from .modules.losses import similarity
 
 __all__ = ["CellFeatures", "iter_batches", "encode_dataset", "encode_texts", "zero_shot_scores", "topk_accuracy",
@@ -88,12 +89,3 @@ def zero_shot_scores(cell: CellFeatures | torch.Tensor, text_features: torch.Ten
     """(N, T) cosine similarities of each cell to each label text (max over queries, as in CTC)."""
     feats = cell.features if isinstance(cell, CellFeatures) else cell
     return similarity(feats.float(), text_features.float()).numpy()
-
-
-def topk_accuracy(scores: np.ndarray, truth: np.ndarray, k: int = 1) -> float:
-    """Fraction of rows whose true column is among the ``k`` highest scores."""
-    if len(truth) == 0:
-        return float("nan")
-    k = min(k, scores.shape[1])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    return float((top == np.asarray(truth)[:, None]).any(1).mean())

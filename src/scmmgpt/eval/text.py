@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-__all__ = ["tokenize_words", "bleu2", "rouge2", "text_metrics"]
+__all__ = ["tokenize_words", "bleu2", "rouge2", "text_metrics", "description_metrics"]
 
 _WORD = re.compile(r"[a-z0-9]+(?:[+\-][a-z0-9]*)*")
 
@@ -49,3 +49,21 @@ def _check(predictions, references) -> None:
 
 def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     return {"bleu2": bleu2(predictions, references), "rouge2": rouge2(predictions, references)}
+
+
+def description_metrics(predictions: Sequence[str], references: Sequence[str], groups: Sequence | None = None, *,
+                        embedder: str = "minilm-l6", device: str = "cpu", seed: int = 0) -> dict[str, float | str]:
+    """Table 1 + Table 4 of the paper for generated descriptions against their references:
+    BLEU-2, ROUGE-2, MMD and EMD between sentence embeddings of the two sets, and the t-/KS-tests
+    that each generated text is closer to its own reference than to another type's
+    (:func:`~scmmgpt.eval.embedding.closeness_tests`; ``groups`` = each cell's type). The embedder
+    is named in the result (``"embedder"``)."""
+    from .embedding import closeness_tests, embed_texts, emd, mmd_rbf
+
+    out: dict[str, float | str] = text_metrics(predictions, references)
+    g = embed_texts(predictions, model=embedder, device=device)
+    r = embed_texts(references, model=embedder, device=device)
+    out.update({"mmd": mmd_rbf(g, r), "emd": emd(g, r), "embedder": str(embedder)})
+    if len(predictions) >= 3 and (groups is None or len(set(map(str, groups))) > 1):
+        out.update(closeness_tests(g, r, groups, seed=seed))
+    return out
