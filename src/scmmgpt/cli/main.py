@@ -215,6 +215,44 @@ def _data_kwargs(args) -> dict:
     return kw
 
 
+@command("benchmark")
+def _benchmark():
+    """Run a paper protocol with baselines and write results.json + results.md (paper table layout).
+    annotation: pre-train stage 1 on --pretrain-data, then zero-shot and fine-tuned on 10/20/30%
+    of the types of --data (seen / unseen types), beside random, logistic regression and k-NN."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("protocol", choices=["annotation"], help="which table to reproduce")
+        p.add_argument("--data", required=True, help="evaluation .h5ad (counts)")
+        p.add_argument("--pretrain-data", required=True, help=".h5ad the stage-1 model is pre-trained on")
+        p.add_argument("--label-key", default="cell_type", help="obs column with cell type labels")
+        p.add_argument("--out", required=True, help="output folder")
+        p.add_argument("--fast", action="store_true", help="tiny schedules (for CI)")
+        p.add_argument("--pretrain-steps", type=int, default=None)
+        p.add_argument("--finetune-steps", type=int, default=None)
+        p.add_argument("--fractions", type=float, nargs="+", default=None, help="type fractions fine-tuned on")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--config", default="cpu-small", help="run configuration (model size, optimiser)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+    def run(args: argparse.Namespace) -> int:
+        from ..tasks.benchmark import AnnotationBenchmark, run_annotation_benchmark
+
+        for path in (args.data, args.pretrain_data):
+            if not Path(path).exists():
+                raise InputDataError(f"No such file: {path}")
+        kw = {k: v for k, v in (("pretrain_steps", args.pretrain_steps), ("finetune_steps", args.finetune_steps),
+                                ("fractions", tuple(args.fractions) if args.fractions else None)) if v is not None}
+        kw.update(label_key=args.label_key, seed=args.seed, config=args.config, overrides=list(args.overrides))
+        b = (AnnotationBenchmark.fast if args.fast else AnnotationBenchmark)(args.data, args.pretrain_data, **kw)
+        rec = run_annotation_benchmark(b, args.out, progress=True, command="scmmgpt " + " ".join(args._argv))
+        print(Path(args.out, "results.md").read_text())
+        print(f"wrote {Path(args.out) / 'results.json'} ({rec['seconds']['total']:.0f} s)")
+        return 0
+
+    return add, run
+
+
 @command("embed")
 def _embed():
     """Cell embeddings into .obsm["X_scmmgpt"] (and the aligned features into .obsm["X_scmmgpt_aligned"])."""
@@ -390,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)     # recorded in benchmark results
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default", UserWarning)

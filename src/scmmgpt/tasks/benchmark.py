@@ -1,0 +1,222 @@
+"""Benchmark protocols in the paper's table layouts, with baselines beside scMMGPT.
+
+``annotation`` (paper Table 3, on the data at hand):
+
+1. *pre-train* stage 1 (CTC + CTM) on one dataset (``pretrain_data``); its vocabulary covers the
+   evaluation data's genes;
+2. *zero-shot* on another dataset (``data``): every test cell scored against the descriptions of
+   all of the dataset's cell types (none seen in training under this dataset's name; types shared
+   with the pre-training data are "seen" as biology, not as these cells);
+3. *fine-tuned on a fraction of the types*: for each fraction ``f``, fine-tune (CTC + CTM) on the
+   training cells of a seeded ``ceil(f * n_types)`` types of ``data`` and score the test cells of
+   all types, reported separately for seen and unseen types;
+4. baselines on the same split: random scores, and logistic regression / k-NN (k=15) on
+   log-normalised expression trained on the same training cells (supervised references: they
+   cannot score a type without training cells, so their unseen-type accuracy is 0 by construction).
+
+Acc@k is over all of ``data``'s types (capped at their number), ties counted against the truth.
+Output: ``results.json`` (every figure, the command, data files, seed and machine) and
+``results.md`` (the table).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..eval.annotation import annotation_metrics
+from ..utils.io import atomic_write_text
+
+__all__ = ["AnnotationBenchmark", "run_annotation_benchmark", "machine_info"]
+
+
+@dataclass
+class AnnotationBenchmark:
+    """Settings of the annotation protocol. ``fast()`` is the CI setting."""
+
+    data: str
+    """Evaluation ``.h5ad`` (counts in ``X``)."""
+    pretrain_data: str
+    """``.h5ad`` the stage-1 model is pre-trained on (another dataset)."""
+    label_key: str = "cell_type"
+    fractions: tuple[float, ...] = (0.1, 0.2, 0.3)
+    """Fractions of the evaluation types fine-tuned on (paper: 10/20/30%)."""
+    ks: tuple[int, ...] = (1, 5, 10)
+    pretrain_steps: int = 300
+    finetune_steps: int = 100
+    split: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    seed: int = 0
+    config: str = "cpu-small"
+    """Packaged (or YAML) run configuration for model size and optimiser."""
+    overrides: list[str] = field(default_factory=list)
+
+    @classmethod
+    def fast(cls, data: str, pretrain_data: str, **kw) -> "AnnotationBenchmark":
+        kw["overrides"] = ["model.max_genes=64", "train.batch_size=8", *kw.get("overrides", [])]
+        return cls(data, pretrain_data, **{"fractions": (0.3,), "pretrain_steps": 8, "finetune_steps": 2, **kw})
+
+
+def machine_info() -> dict:
+    import torch
+
+    info = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_count": __import__("os").cpu_count(), "cuda": torch.cuda.get_device_name(0)
+            if torch.cuda.is_available() else None}
+    try:
+        import subprocess
+
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                            cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except Exception:  # pragma: no cover - not a checkout
+        info["git_commit"] = None
+    return info
+
+
+def _scores(model, lab, labels: list[str]) -> np.ndarray:
+    """(n_test, n_labels) CTC similarities of the test cells to each type's training-style text."""
+    from ..inference import encode_dataset, encode_texts, zero_shot_scores
+
+    desc = lab.descriptions
+    text = [str(desc["description"][(desc["cell_type"].astype(str) == t) & ~desc["ambiguous"]].iloc[0]) for t in labels]
+    ds = lab.dataset("test", max_genes=model.config.max_genes)
+    return zero_shot_scores(encode_dataset(model, ds), encode_texts(model, text))
+
+
+def _split_metrics(scores, labels, truth, ids, truth_ids, ks, seen: set[str] | None) -> dict:
+    """Metrics over all test cells, and over seen / unseen types when ``seen`` is given."""
+    out = {"all": annotation_metrics(scores, labels, truth, ks=ks, label_ids=ids, truth_ids=truth_ids)}
+    if seen is not None:
+        for name, mask in (("seen", np.isin(truth, list(seen))), ("unseen", ~np.isin(truth, list(seen)))):
+            if mask.any():
+                out[name] = annotation_metrics(scores[mask], labels, truth[mask], ks=ks, label_ids=ids,
+                                               truth_ids=truth_ids[mask])
+                del out[name]["confusion"]          # the "all" matrix holds these rows
+    return out
+
+
+def _baselines(lab, labels, truth, ids, truth_ids, ks, seed, train_idx, seen) -> dict:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+
+    x = lab.cells.expr[:, lab.cells.measured]
+    y = lab.descriptions["cell_type"].astype(str).to_numpy()
+    xtr, ytr, xte = x[train_idx], y[train_idx], x[lab.split["test"]]
+    out = {"random": _split_metrics(np.random.default_rng(seed).random((xte.shape[0], len(labels))), labels, truth,
+                                     ids, truth_ids, ks, seen)}
+    for name, clf in (("logreg", LogisticRegression(max_iter=2000, C=1.0)),
+                      ("knn", KNeighborsClassifier(n_neighbors=min(15, len(ytr))))):
+        clf.fit(xtr, ytr)
+        p = clf.predict_proba(xte)
+        scores = np.full((xte.shape[0], len(labels)), -1.0)      # types without training cells rank last
+        for j, c in enumerate(clf.classes_):
+            scores[:, labels.index(c)] = p[:, j]
+        out[name] = _split_metrics(scores, labels, truth, ids, truth_ids, ks, seen)
+    return out
+
+
+def run_annotation_benchmark(b: AnnotationBenchmark, out: str | Path, *, progress: bool = False,
+                             command: str | None = None) -> dict:
+    """Run the annotation protocol; write ``{out}/results.json`` and ``{out}/results.md``."""
+    import torch
+
+    from ..models.scmmgpt import ScMMGPT
+    from ..train.loop import fit
+    from ..train.run import DataConfig, load_labelled, load_run_config
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rc = load_run_config(b.config, [f"train.seed={b.seed}", *b.overrides])
+    cfg = rc.train
+    cfg.progress, cfg.val_every, cfg.out_dir, cfg.deterministic = progress, None, None, True
+
+    # 1. pre-train stage 1 on the other dataset
+    pre = load_labelled(DataConfig(path=b.pretrain_data, label_key=b.label_key, split=b.split, seed=b.seed),
+                        target_sum=rc.model.target_sum)
+    torch.manual_seed(b.seed)
+    model = ScMMGPT.build(rc.model, pre.vocab, with_lm=False)
+    cfg.stage, cfg.max_steps = "stage1", b.pretrain_steps
+    cfg.warmup_steps = min(cfg.warmup_steps, max(1, b.pretrain_steps // 10))
+    fit(model, pre.dataset("train", max_genes=model.config.max_genes), cfg)
+    model.save_pretrained(out / "pretrained")
+    t_pre = time.perf_counter() - t0
+
+    # 2. zero-shot on the evaluation data, in the pre-trained vocabulary
+    lab = load_labelled(DataConfig(path=b.data, label_key=b.label_key, split=b.split, seed=b.seed),
+                        vocab=model.vocab, target_sum=model.config.target_sum)
+    desc = lab.descriptions
+    usable = ~desc["ambiguous"].to_numpy()
+    labels = sorted({str(t) for t in desc["cell_type"][usable]})
+    id_of = {str(t): str(i) for t, i in zip(desc["cell_type"], desc["cell_type_id"])}
+    ids = [id_of[t] for t in labels]
+    test = lab.split["test"]
+    truth = desc["cell_type"].astype(str).to_numpy()[test]
+    truth_ids = np.array([id_of[t] for t in truth])
+    pre_types = sorted({str(t) for t, a in zip(pre.descriptions["cell_type"], pre.descriptions["ambiguous"]) if not a})
+    results: dict = {"zero_shot": {"scmmgpt": _split_metrics(_scores(model, lab, labels), labels, truth, ids,
+                                                             truth_ids, b.ks, set(pre_types) & set(labels)),
+                                   **_baselines(lab, labels, truth, ids, truth_ids, b.ks, b.seed, lab.split["train"],
+                                                None)},
+                     "fine_tuned": {}}
+    # 3. fine-tune on a fraction of the types, from the pre-trained model each time
+    for f in b.fractions:
+        sub = load_labelled(DataConfig(path=b.data, label_key=b.label_key, split=b.split, seed=b.seed,
+                                       types_fraction=f), vocab=model.vocab, target_sum=model.config.target_sum)
+        assert np.array_equal(sub.split["test"], test)          # same cells, only training types differ
+        ft = ScMMGPT.from_pretrained(out / "pretrained", with_lm=False)
+        fcfg = type(cfg).from_dict({**cfg.to_dict(), "stage": "annotate", "max_steps": b.finetune_steps,
+                                    "warmup_steps": max(1, b.finetune_steps // 10)})
+        fit(ft, sub.dataset("train", max_genes=ft.config.max_genes), fcfg)
+        seen = set(sub.train_types)
+        results["fine_tuned"][f"{f:g}"] = {
+            "train_types": sub.train_types,
+            "scmmgpt": _split_metrics(_scores(ft, sub, labels), labels, truth, ids, truth_ids, b.ks, seen),
+            **_baselines(sub, labels, truth, ids, truth_ids, b.ks, b.seed, sub.split["train"], seen)}
+
+    record = {"protocol": "annotation", "settings": {**asdict(b), "fractions": list(b.fractions), "ks": list(b.ks)},
+              "command": command, "data": str(b.data), "pretrain_data": str(b.pretrain_data),
+              "n_test_cells": int(len(test)), "n_types": len(labels), "labels": labels,
+              "pretrain_types": pre_types, "machine": machine_info(),
+              "seconds": {"pretrain": round(t_pre, 1), "total": round(time.perf_counter() - t0, 1)},
+              "results": results}
+    atomic_write_text(out / "results.json", json.dumps(record, indent=2))
+    atomic_write_text(out / "results.md", annotation_table(record))
+    return record
+
+
+def _fmt(m: dict | None, key: str) -> str:
+    if m is None or key not in m or m[key] is None or (isinstance(m[key], float) and math.isnan(m[key])):
+        return "–"
+    return f"{100 * m[key]:.1f}"
+
+
+def annotation_table(record: dict) -> str:
+    """Markdown in the layout of the paper's Table 3: rows = methods, columns = Acc@k for zero-shot
+    and each fine-tuning fraction (seen / unseen types)."""
+    ks = record["settings"]["ks"]
+    res = record["results"]
+    methods = ["scmmgpt", "logreg", "knn", "random"]
+    head = ["method", *[f"zero-shot Acc@{k}" for k in ks]]
+    for f in res["fine_tuned"]:
+        head += [f"ft {float(f):.0%} {part} Acc@{k}" for part in ("seen", "unseen") for k in ks]
+    lines = [f"Annotation on `{Path(record['data']).name}` ({record['n_test_cells']} test cells, "
+             f"{record['n_types']} types); stage 1 pre-trained on `{Path(record['pretrain_data']).name}`. "
+             "Acc@k in %; logreg/knn are supervised references trained on the same training cells.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        row = [m, *[_fmt(res["zero_shot"][m]["all"], f"acc@{k}") for k in ks]]
+        for f, r in res["fine_tuned"].items():
+            row += [_fmt(r[m].get(part), f"acc@{k}") for part in ("seen", "unseen") for k in ks]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"Command: `{record['command']}`" if record.get("command") else "",
+              f"Machine: {record['machine']['platform']}, {record['machine']['cpu_count']} CPUs, "
+              f"CUDA: {record['machine']['cuda']}; commit {record['machine'].get('git_commit')}; "
+              f"{record['seconds']['total']:.0f} s."]
+    return "\n".join(lines) + "\n"
