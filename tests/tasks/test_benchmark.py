@@ -36,3 +36,21 @@ def test_annotation_benchmark_fast(tmp_path, capsys):
     (out / "results.json").unlink()
     assert main(["benchmark", "annotation", "--data", str(tmp_path / "nope.h5ad"), "--pretrain-data", str(pre),
                  "--out", str(out)]) == 2
+
+
+def test_baselines_with_a_single_training_type():
+    """10% of 9 types = 1 type: the supervised references call every cell that type."""
+    from scmmgpt.tasks.benchmark import _baselines
+    from scmmgpt.train.run import DataConfig, load_labelled
+
+    lab = load_labelled(DataConfig(path=str(data_path("pbmc3k_clustifyr.h5ad")), split=(0.7, 0.1, 0.2),
+                                   types_fraction=0.1))
+    desc = lab.descriptions
+    labels = sorted(set(desc["cell_type"].astype(str)))
+    truth = desc["cell_type"].astype(str).to_numpy()[lab.split["test"]]
+    ids = np.array([""] * len(truth))
+    out = _baselines(lab, labels, truth, [""] * len(labels), ids, (1,), 0, lab.split["train"],
+                     set(lab.train_types))
+    (only,) = lab.train_types
+    assert out["logreg"]["seen"]["acc@1"] == 1.0 and out["logreg"]["unseen"]["acc@1"] == 0.0
+    assert out["knn"]["all"]["acc@1"] == np.mean(truth == only)

@@ -112,11 +112,15 @@ def _baselines(lab, labels, truth, ids, truth_ids, ks, seed, train_idx, seen) ->
                                      ids, truth_ids, ks, seen)}
     for name, clf in (("logreg", LogisticRegression(max_iter=2000, C=1.0)),
                       ("knn", KNeighborsClassifier(n_neighbors=min(15, len(ytr))))):
-        clf.fit(xtr, ytr)
-        p = clf.predict_proba(xte)
         scores = np.full((xte.shape[0], len(labels)), -1.0)      # types without training cells rank last
-        for j, c in enumerate(clf.classes_):
-            scores[:, labels.index(c)] = p[:, j]
+        classes = sorted(set(ytr))
+        if len(classes) == 1:                                     # one training type: it is every call
+            scores[:, labels.index(classes[0])] = 1.0
+        else:
+            clf.fit(xtr, ytr)
+            p = clf.predict_proba(xte)
+            for j, c in enumerate(clf.classes_):
+                scores[:, labels.index(c)] = p[:, j]
         out[name] = _split_metrics(scores, labels, truth, ids, truth_ids, ks, seen)
     return out
 
