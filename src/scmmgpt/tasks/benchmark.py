@@ -83,10 +83,8 @@ def _scores(model, lab, labels: list[str]) -> np.ndarray:
     """(n_test, n_labels) CTC similarities of the test cells to each type's training-style text."""
     from ..inference import encode_dataset, encode_texts, zero_shot_scores
 
-    desc = lab.descriptions
-    text = [str(desc["description"][(desc["cell_type"].astype(str) == t) & ~desc["ambiguous"]].iloc[0]) for t in labels]
     ds = lab.dataset("test", max_genes=model.config.max_genes)
-    return zero_shot_scores(encode_dataset(model, ds), encode_texts(model, text))
+    return zero_shot_scores(encode_dataset(model, ds), encode_texts(model, lab.label_texts(labels)))
 
 
 def _split_metrics(scores, labels, truth, ids, truth_ids, ks, seen: set[str] | None) -> dict:

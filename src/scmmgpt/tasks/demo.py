@@ -212,8 +212,7 @@ def run_demo(*, data: str | None = None, label_key: str = "cell_type", layer: st
     test_ds = lab.dataset("test", max_genes=mc.max_genes, with_targets=True)
     usable = ~desc["ambiguous"].to_numpy()
     labels = sorted({str(t) for t in desc["cell_type"][usable]})
-    label_text = {lab_: str(desc["description"][(desc["cell_type"].astype(str) == lab_) & usable].iloc[0])
-                  for lab_ in labels}
+    label_text = dict(zip(labels, lab.label_texts(labels)))
     truth_names = desc["cell_type"].astype(str).to_numpy()[test]
     truth = np.array([labels.index(t) for t in truth_names])
     cell_feats = encode_dataset(model, test_ds)

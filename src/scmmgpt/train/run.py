@@ -175,6 +175,12 @@ class LabelledCells:
     train_types: list[str] | None = None
     """With ``types_fraction``: the types trained on; the others are held out entirely."""
 
+    def label_texts(self, labels: list[str]) -> list[str]:
+        """The training description of each cell type in ``labels`` (its first unambiguous cell's)."""
+        d = self.descriptions
+        names = d["cell_type"].astype(str)
+        return [str(d["description"][(names == t) & ~d["ambiguous"]].iloc[0]) for t in labels]
+
     def dataset(self, part: str, *, max_genes: int, with_targets: bool = False, n_bins: int | None = None
                 ) -> CellTextDataset:
         idx = self.split[part]
