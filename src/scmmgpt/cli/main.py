@@ -218,34 +218,77 @@ def _data_kwargs(args) -> dict:
 @command("benchmark")
 def _benchmark():
     """Run a paper protocol with baselines and write results.json + results.md (paper table layout).
-    annotation: pre-train stage 1 on --pretrain-data, then zero-shot and fine-tuned on 10/20/30%
-    of the types of --data (seen / unseen types), beside random, logistic regression and k-NN."""
+    annotation: stage 1 on --pretrain-data, then zero-shot and fine-tuned on 10/20/30% of the types
+    of --data (Table 3). description / generation: stage 1 + 2 on --data, beside a cell-sentence LM
+    (Tables 1, 2, 4; genes-per-cell sweep of Fig. 6). representation: expression vs cell-sentence MLP
+    (Fig. 2). batch: embedding silhouettes and UMAPs by type and batch (Fig. 5).
+    --suite paper: all of them on the datasets of --data-dir, plus one README.md."""
 
     def add(p: argparse.ArgumentParser) -> None:
-        p.add_argument("protocol", choices=["annotation"], help="which table to reproduce")
-        p.add_argument("--data", required=True, help="evaluation .h5ad (counts)")
-        p.add_argument("--pretrain-data", required=True, help=".h5ad the stage-1 model is pre-trained on")
+        p.add_argument("protocol", nargs="?", choices=["annotation", "description", "generation", "representation",
+                                                       "batch"], help="which table to reproduce")
+        p.add_argument("--suite", choices=["paper"], help="run every protocol on --data-dir")
+        p.add_argument("--data-dir", help="folder with the suite's .h5ad files (--suite)")
+        p.add_argument("--data", nargs="+", help="evaluation .h5ad (counts); several for batch")
+        p.add_argument("--pretrain-data", help="annotation: .h5ad the stage-1 model is pre-trained on")
         p.add_argument("--label-key", default="cell_type", help="obs column with cell type labels")
         p.add_argument("--out", required=True, help="output folder")
         p.add_argument("--fast", action="store_true", help="tiny schedules (for CI)")
-        p.add_argument("--pretrain-steps", type=int, default=None)
-        p.add_argument("--finetune-steps", type=int, default=None)
+        p.add_argument("--pretrain-steps", type=int, default=None, help="annotation / batch: stage-1 steps")
+        p.add_argument("--finetune-steps", type=int, default=None, help="annotation: fine-tuning steps")
         p.add_argument("--fractions", type=float, nargs="+", default=None, help="type fractions fine-tuned on")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--config", default="cpu-small", help="run configuration (model size, optimiser)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
     def run(args: argparse.Namespace) -> int:
-        from ..tasks.benchmark import AnnotationBenchmark, run_annotation_benchmark
+        command = "scmmgpt " + " ".join(args._argv)
+        if args.suite:
+            from ..tasks.suite import run_paper_suite
 
-        for path in (args.data, args.pretrain_data):
+            if not args.data_dir:
+                raise InputDataError("--suite paper needs --data-dir (the folder with the datasets).")
+            run_paper_suite(args.data_dir, args.out, fast=args.fast, progress=True, command=command)
+            print(Path(args.out, "README.md").read_text())
+            return 0
+        if not args.protocol or not args.data:
+            raise InputDataError("Name a protocol and --data (e.g. `scmmgpt benchmark annotation --data X.h5ad "
+                                 "--pretrain-data Y.h5ad --out DIR`), or use --suite paper --data-dir DIR.")
+        for path in [*args.data, *([args.pretrain_data] if args.pretrain_data else [])]:
             if not Path(path).exists():
                 raise InputDataError(f"No such file: {path}")
-        kw = {k: v for k, v in (("pretrain_steps", args.pretrain_steps), ("finetune_steps", args.finetune_steps),
-                                ("fractions", tuple(args.fractions) if args.fractions else None)) if v is not None}
-        kw.update(label_key=args.label_key, seed=args.seed, config=args.config, overrides=list(args.overrides))
-        b = (AnnotationBenchmark.fast if args.fast else AnnotationBenchmark)(args.data, args.pretrain_data, **kw)
-        rec = run_annotation_benchmark(b, args.out, progress=True, command="scmmgpt " + " ".join(args._argv))
+        common = dict(label_key=args.label_key, seed=args.seed)
+        if args.protocol == "annotation":
+            from ..tasks.benchmark import AnnotationBenchmark, run_annotation_benchmark
+
+            if not args.pretrain_data:
+                raise InputDataError("annotation needs --pretrain-data (the dataset stage 1 is pre-trained on).")
+            kw = {k: v for k, v in (("pretrain_steps", args.pretrain_steps), ("finetune_steps", args.finetune_steps),
+                                    ("fractions", tuple(args.fractions) if args.fractions else None)) if v is not None}
+            kw.update(common, config=args.config, overrides=list(args.overrides))
+            b = (AnnotationBenchmark.fast if args.fast else AnnotationBenchmark)(args.data[0], args.pretrain_data, **kw)
+            rec = run_annotation_benchmark(b, args.out, progress=True, command=command)
+        elif args.protocol in ("description", "generation"):
+            from ..tasks.generative import GenerativeBenchmark, run_generative_benchmark
+
+            parts = ("description", "gene_sweep") if args.protocol == "description" else ("generation",)
+            g = (GenerativeBenchmark.fast if args.fast else GenerativeBenchmark)(
+                args.data[0], parts=parts, config=args.config, overrides=list(args.overrides), **common)
+            rec = run_generative_benchmark(g, args.out, progress=True, command=command)
+        elif args.protocol == "representation":
+            from ..tasks.ablations import RepresentationAblation, run_representation_ablation
+
+            r = (RepresentationAblation.fast if args.fast else RepresentationAblation)(
+                args.data[0], label_key=args.label_key, seeds=(args.seed, args.seed + 1, args.seed + 2)
+                if not args.fast else (args.seed,))
+            rec = run_representation_ablation(r, args.out, command=command)
+        else:
+            from ..tasks.ablations import BatchView, run_batch_view
+
+            kw = {"steps": args.pretrain_steps} if args.pretrain_steps else {}
+            v = (BatchView.fast if args.fast else BatchView)(tuple(args.data), config=args.config,
+                                                              overrides=list(args.overrides), **common, **kw)
+            rec = run_batch_view(v, args.out, progress=True, command=command)
         print(Path(args.out, "results.md").read_text())
         print(f"wrote {Path(args.out) / 'results.json'} ({rec['seconds']['total']:.0f} s)")
         return 0

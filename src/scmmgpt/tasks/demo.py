@@ -32,6 +32,7 @@ from ..eval.text import text_metrics
 from ..inference import encode_dataset, encode_texts, evaluation_mode, iter_batches, topk_accuracy, zero_shot_scores
 from ..train.run import DataConfig, load_labelled, load_run_config
 from ..utils.io import atomic_write_text
+from ._train import train_two_stages
 
 __all__ = ["DemoSettings", "run_demo"]
 
@@ -166,7 +167,6 @@ def run_demo(*, data: str | None = None, label_key: str = "cell_type", layer: st
     from sklearn.metrics import confusion_matrix, f1_score
 
     from ..models.scmmgpt import ScMMGPT
-    from ..train.loop import fit
 
     t0 = time.perf_counter()
     s = settings or (DemoSettings.fast() if fast else DemoSettings())
@@ -181,22 +181,10 @@ def run_demo(*, data: str | None = None, label_key: str = "cell_type", layer: st
     t_setup = time.perf_counter() - t0
 
     # ---- training: stage 1 then stage 2 on the same model object
-    train1, val1 = lab.dataset("train", max_genes=mc.max_genes), lab.dataset("val", max_genes=mc.max_genes)
-    cfg1 = rc.train
-    cfg1.stage, cfg1.max_steps, cfg1.progress = "stage1", s.stage1_steps, progress
-    cfg1.warmup_steps = min(cfg1.warmup_steps, max(1, s.stage1_steps // 10))
-    cfg1.val_every = None
-    cfg1.out_dir = str(out_dir / "train-stage1")
-    r1 = fit(model, train1, cfg1, val=val1, measured=lab.cells.measured)
-    t_s1 = time.perf_counter() - t0 - t_setup
-    train2 = lab.dataset("train", max_genes=mc.max_genes, with_targets=True)
-    cfg2 = type(cfg1).from_dict({**cfg1.to_dict(), "stage": "stage2", "max_steps": s.stage2_steps,
-                                 "batch_size": s.stage2_batch, "lr_new": 2e-3,
-                                 "t2c_warmup_steps": s.t2c_warmup_steps,
-                                 "warmup_steps": max(1, s.stage2_steps // 10), "log_every": 5,
-                                 "out_dir": str(out_dir / "train-stage2")})
-    r2 = fit(model, train2, cfg2, measured=lab.cells.measured)
-    t_s2 = time.perf_counter() - t0 - t_setup - t_s1
+    r1, r2 = train_two_stages(model, lab, rc, stage1_steps=s.stage1_steps, stage2_steps=s.stage2_steps,
+                              stage2_batch=s.stage2_batch, t2c_warmup_steps=s.t2c_warmup_steps, progress=progress,
+                              out_dir=out_dir)
+    t_s1, t_s2 = r1["seconds"], r2["seconds"]
     model.save_pretrained(out_dir / "model")
     if not fast and settings is None:
         # the full demo's model becomes the default of `scmmgpt generate/annotate/...` without --model
