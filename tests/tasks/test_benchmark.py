@@ -1,5 +1,5 @@
-"""The annotation protocol end to end on real data (tiny schedules): pre-train on one PBMC
-dataset, zero-shot and fine-tuned on another, baselines beside, results.json + results.md."""
+"""The paper suite end to end on real data (tiny schedules): every protocol with its baselines,
+results.json + results.md per part and one README."""
 
 import json
 
@@ -9,13 +9,19 @@ from scmmgpt.cli.main import main
 from tests.conftest import data_path
 
 
-def test_annotation_benchmark_fast(tmp_path, capsys):
-    data, pre = data_path("pbmc3k_clustifyr.h5ad"), data_path("soupx_pbmc4k.h5ad")
-    out = tmp_path / "bench"
-    assert main(["benchmark", "annotation", "--data", str(data), "--pretrain-data", str(pre), "--fast",
-                 "--out", str(out), "--fractions", "0.3"]) == 0
-    rec = json.loads((out / "results.json").read_text())
-    assert rec["n_types"] == 9 and rec["command"].startswith("scmmgpt benchmark annotation")
+def test_paper_suite_fast(tmp_path, capsys):
+    """`scmmgpt benchmark --suite paper --fast`: every protocol on the shared datasets, one README."""
+    data_dir = data_path("pbmc3k_clustifyr.h5ad").parent
+    out = tmp_path / "suite"
+    assert main(["benchmark", "--suite", "paper", "--fast", "--data-dir", str(data_dir), "--out", str(out)]) == 0
+    suite = json.loads((out / "suite.json").read_text())
+    assert suite["parts"] == ["annotation", "generative", "representation", "batch"] and suite["fast"]
+    readme = (out / "README.md").read_text()
+    assert all(f"## {p}" in readme for p in suite["parts"]) and "--suite paper --fast" in readme
+
+    # annotation (Table 3)
+    rec = json.loads((out / "annotation" / "results.json").read_text())
+    assert rec["n_types"] == 9 and rec["command"].startswith("scmmgpt benchmark --suite paper")
     assert rec["machine"]["cpu_count"] >= 1 and rec["seconds"]["total"] > 0
     zs, ft = rec["results"]["zero_shot"], rec["results"]["fine_tuned"]["0.3"]
     assert set(zs) == {"scmmgpt", "logreg", "knn", "random"}
@@ -30,12 +36,43 @@ def test_annotation_benchmark_fast(tmp_path, capsys):
     n_seen = ft["scmmgpt"]["seen"]["n_cells"] + ft["scmmgpt"]["unseen"]["n_cells"]
     assert n_seen == rec["n_test_cells"] == np.sum(zs["scmmgpt"]["all"]["confusion"])
     assert 0 <= zs["scmmgpt"]["all"]["ontology_accuracy"] <= 1
-    md = (out / "results.md").read_text()
-    assert "| scmmgpt |" in md and "unseen Acc@1" in md and "pbmc3k_clustifyr.h5ad" in md
-    assert "results.json" in capsys.readouterr().out
-    (out / "results.json").unlink()
-    assert main(["benchmark", "annotation", "--data", str(tmp_path / "nope.h5ad"), "--pretrain-data", str(pre),
-                 "--out", str(out)]) == 2
+    assert "| scmmgpt |" in readme and "unseen Acc@1" in readme
+
+    # description (Tables 1 + 4), generation (Table 2), genes per cell (Fig. 6)
+    gen = json.loads((out / "generative" / "results.json").read_text())
+    d = gen["results"]["description"]["methods"]
+    assert set(d) == {"scmmgpt", "cell_sentence_lm", "logreg_template", "random"}
+    for m in d.values():
+        assert {"bleu2", "rouge2", "mmd", "emd", "t_pvalue", "ks_pvalue"} <= set(m) and m["mmd"] >= 0
+    g = gen["results"]["generation"]
+    assert set(g["methods"]) == {"scmmgpt", "cell_sentence_lm", "type_mean", "random_cells"}
+    for m in g["methods"].values():
+        assert list(m) == ["3", "5", "10", "25"] and all(len(m[k]["runs"]) == 3 for k in m)
+    assert g["methods"]["type_mean"]["3"]["mean"] > 2 / 9          # the supervised reference beats chance
+    assert [r["genes"] for r in gen["results"]["gene_sweep"]["rows"]] == [32, 64]
+    assert (out / "generative" / "gene_sweep.png").stat().st_size > 1000
+    assert gen["training"]["c2s_steps"] == gen["training"]["stage2_steps"] == 2    # same budget
+
+    # representation (Fig. 2) and batch view (Fig. 5)
+    rep = json.loads((out / "representation" / "results.json").read_text())["results"]
+    # the paper's point (Fig. 2): keeping only the top genes' names and order loses information
+    assert rep["expression"]["accuracy"]["mean"] > 0.8
+    assert rep["expression"]["accuracy"]["mean"] > rep["cell_sentence_32"]["accuracy"]["mean"] > 1 / 9
+    batch = json.loads((out / "batch" / "results.json").read_text())["results"]
+    assert set(batch) == {"symphony_pbmcs_small", "muscat_kang_se"}
+    assert batch["symphony_pbmcs_small"]["n_batches"] == 3 and batch["muscat_kang_se"]["n_batches"] == 8
+    for r in batch.values():
+        pca = r["scores"]["PCA of log-normalised expression"]
+        assert pca["type_asw"] > 0.5 and 0 < pca["batch_asw"] <= 1
+        assert (out / "batch" / r["umap"]).stat().st_size > 1000
+    capsys.readouterr()
+
+    # user errors: clear message, exit 2
+    assert main(["benchmark", "--suite", "paper", "--data-dir", str(tmp_path), "--out", str(out)]) == 2
+    assert "lacks" in capsys.readouterr().err
+    assert main(["benchmark", "annotation", "--data", str(tmp_path / "nope.h5ad"), "--pretrain-data",
+                 str(data_dir / "soupx_pbmc4k.h5ad"), "--out", str(out)]) == 2
+    assert main(["benchmark", "--out", str(out)]) == 2
 
 
 def test_baselines_with_a_single_training_type():
