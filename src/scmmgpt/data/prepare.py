@@ -159,6 +159,14 @@ def prepare_cells(
     n_cells, n_genes = X.shape
     if n_cells == 0 or n_genes == 0:
         raise InputDataError(f"{where} is empty ({n_cells} cells x {n_genes} genes); nothing to do.")
+    dtype = getattr(X, "dtype", None)
+    if dtype is not None and np.dtype(dtype).kind not in "fiub":
+        raise InputDataError(f"{where} has dtype {dtype}; expected numbers (counts). Convert it first, e.g. "
+                             "adata.X = adata.X.astype('float32'), after checking why it holds non-numbers.")
+    if not pd.Index(adata.obs_names).is_unique:
+        warnings.warn(f"{int(pd.Index(adata.obs_names).duplicated().sum())} duplicate cell names; results are "
+                      "written by position, but run adata.obs_names_make_unique() so they can be told apart.",
+                      UserWarning, stacklevel=2)
     symbols = None
     if gene_symbol_key is not None:
         var = adata.raw.var if use_raw else adata.var
@@ -189,7 +197,10 @@ def prepare_cells(
         totals += float(raw_abs.sum())
         mapped_totals += float(raw_abs[:, keep_cols].sum()) if keep_cols.size else 0.0
         blocks.append(norm[:, keep_cols])
-    coverage = mapped_totals / totals if totals > 0 else 0.0
+    if totals == 0:
+        raise InputDataError(f"Every cell of {where} is empty (all values are 0): there is no expression to use. "
+                             "Check that the right matrix was read (layer= / use_raw=True).")
+    coverage = mapped_totals / totals
     unmapped = [str(v) for v, i in zip(var_names[:2000], ids[:2000]) if i < 0][:10]
     match = GeneMatch(n_genes=n_genes, n_mapped=int(keep_cols.size), coverage=coverage,
                       organism=organism, id_type=id_type, unmapped_examples=unmapped)
