@@ -28,6 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..utils.io import atomic_write_bytes, atomic_write_text
+from .benchmark import FAST_OVERRIDES, provenance_lines
 
 __all__ = ["RepresentationAblation", "run_representation_ablation", "sentence_features", "BatchView",
            "run_batch_view"]
@@ -71,6 +72,7 @@ def run_representation_ablation(b: RepresentationAblation, out: str | Path, *, c
     from sklearn.metrics import accuracy_score, f1_score
     from sklearn.neural_network import MLPClassifier
 
+    from ..data import stratified_split
     from ..train.run import DataConfig, load_labelled
     from .benchmark import machine_info
 
@@ -79,11 +81,14 @@ def run_representation_ablation(b: RepresentationAblation, out: str | Path, *, c
     out.mkdir(parents=True, exist_ok=True)
     features = {"expression": None, **{f"cell_sentence_{k}": k for k in b.sentence_genes}}
     scores: dict[str, dict[str, list[float]]] = {name: {"accuracy": [], "macro_f1": []} for name in features}
+    lab = load_labelled(DataConfig(path=b.data, label_key=b.label_key, split=b.split, seed=b.seeds[0]))
+    y = lab.descriptions["cell_type"].astype(str).to_numpy()
+    expr = lab.cells.expr[:, lab.cells.measured]
     for seed in b.seeds:
-        lab = load_labelled(DataConfig(path=b.data, label_key=b.label_key, split=b.split, seed=seed))
-        y = lab.descriptions["cell_type"].astype(str).to_numpy()
-        expr = lab.cells.expr[:, lab.cells.measured]
-        tr, te = lab.split["train"], lab.split["test"]
+        # the same split load_labelled makes for this seed, without reading the data again
+        split = stratified_split(lab.descriptions["cell_type"].to_numpy(), b.split, seed=seed,
+                                 exclude=lab.descriptions["ambiguous"].to_numpy())
+        tr, te = split["train"], split["test"]
         for name, k in features.items():
             x = expr if k is None else sentence_features(expr, k)
             clf = MLPClassifier(hidden_layer_sizes=b.hidden, max_iter=b.max_iter, random_state=seed)
@@ -106,16 +111,10 @@ def run_representation_ablation(b: RepresentationAblation, out: str | Path, *, c
         label = "expression values" if name == "expression" else f"cell sentence, top {name.rsplit('_', 1)[1]} genes"
         lines.append(f"| {label} | {100 * s['accuracy']['mean']:.1f} ± {100 * s['accuracy']['sd']:.1f} | "
                      f"{100 * s['macro_f1']['mean']:.1f} ± {100 * s['macro_f1']['sd']:.1f} |")
-    lines += ["", f"Command: `{command}`" if command else "", _stamp(record)]
+    lines += ["", *provenance_lines(record)]
     atomic_write_text(out / "results.json", json.dumps(record, indent=2))
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     return record
-
-
-def _stamp(record: dict) -> str:
-    m = record["machine"]
-    return (f"Machine: {m['platform']}, {m['cpu_count']} CPUs, CUDA: {m['cuda']}; commit {m.get('git_commit')}; "
-            f"{record['seconds']['total']:.0f} s.")
 
 
 @dataclass
@@ -132,7 +131,7 @@ class BatchView:
 
     @classmethod
     def fast(cls, datasets, **kw) -> "BatchView":
-        kw["overrides"] = ["model.max_genes=64", "train.batch_size=8", *kw.get("overrides", [])]
+        kw["overrides"] = [*FAST_OVERRIDES, *kw.get("overrides", [])]
         return cls(tuple(datasets), **{"steps": 4, **kw})
 
 
@@ -216,7 +215,7 @@ def run_batch_view(b: BatchView, out: str | Path, *, progress: bool = False, com
         for emb_name, s in r["scores"].items():
             lines.append(f"| {name} | {r['n_test_cells']} | {r['n_types']} | {r['n_batches']} | {emb_name} | "
                          f"{s['type_asw']:.3f} | {s.get('batch_asw', float('nan')):.3f} |")
-    lines += ["", f"Command: `{command}`" if command else "", _stamp(record)]
+    lines += ["", *provenance_lines(record)]
     atomic_write_text(out / "results.json", json.dumps(record, indent=2))
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     return record

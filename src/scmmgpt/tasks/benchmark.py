@@ -34,7 +34,10 @@ import numpy as np
 from ..eval.annotation import annotation_metrics
 from ..utils.io import atomic_write_text
 
-__all__ = ["AnnotationBenchmark", "run_annotation_benchmark", "machine_info"]
+__all__ = ["AnnotationBenchmark", "run_annotation_benchmark", "machine_info", "provenance_lines", "FAST_OVERRIDES"]
+
+#: Model and batch size of every protocol's ``fast()`` (CI) setting.
+FAST_OVERRIDES = ("model.max_genes=64", "train.batch_size=8")
 
 
 @dataclass
@@ -59,7 +62,7 @@ class AnnotationBenchmark:
 
     @classmethod
     def fast(cls, data: str, pretrain_data: str, **kw) -> "AnnotationBenchmark":
-        kw["overrides"] = ["model.max_genes=64", "train.batch_size=8", *kw.get("overrides", [])]
+        kw["overrides"] = [*FAST_OVERRIDES, *kw.get("overrides", [])]
         return cls(data, pretrain_data, **{"fractions": (0.3,), "pretrain_steps": 8, "finetune_steps": 2, **kw})
 
 
@@ -77,6 +80,15 @@ def machine_info() -> dict:
     except Exception:  # pragma: no cover - not a checkout
         info["git_commit"] = None
     return info
+
+
+def provenance_lines(record: dict, detail: str = "") -> list[str]:
+    """The footer of every results table: the command, then machine, commit and total seconds
+    (``detail`` goes in brackets after them)."""
+    m = record["machine"]
+    return [f"Command: `{record['command']}`" if record.get("command") else "",
+            f"Machine: {m['platform']}, {m['cpu_count']} CPUs, CUDA: {m['cuda']}; commit {m.get('git_commit')}; "
+            f"{record['seconds']['total']:.0f} s{f' ({detail})' if detail else ''}."]
 
 
 def _scores(model, lab, labels: list[str]) -> np.ndarray:
@@ -217,8 +229,5 @@ def annotation_table(record: dict) -> str:
         for f, r in res["fine_tuned"].items():
             row += [_fmt(r[m].get(part), f"acc@{k}") for part in ("seen", "unseen") for k in ks]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", f"Command: `{record['command']}`" if record.get("command") else "",
-              f"Machine: {record['machine']['platform']}, {record['machine']['cpu_count']} CPUs, "
-              f"CUDA: {record['machine']['cuda']}; commit {record['machine'].get('git_commit')}; "
-              f"{record['seconds']['total']:.0f} s."]
+    lines += ["", *provenance_lines(record)]
     return "\n".join(lines) + "\n"

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from ..utils.io import atomic_write_text
+from .benchmark import FAST_OVERRIDES, provenance_lines
 
 __all__ = ["GenerativeBenchmark", "run_generative_benchmark", "generative_tables"]
 
@@ -77,7 +78,7 @@ class GenerativeBenchmark:
 
     @classmethod
     def fast(cls, data: str, **kw) -> "GenerativeBenchmark":
-        kw["overrides"] = ["model.max_genes=64", "train.batch_size=8", *kw.get("overrides", [])]
+        kw["overrides"] = [*FAST_OVERRIDES, *kw.get("overrides", [])]
         return cls(data, **{"stage1_steps": 6, "stage2_steps": 2, "stage2_batch": 2, "t2c_warmup_steps": 4,
                             "n_describe": 4, "max_new_tokens": 8, "n_per_type": 2, "gene_counts": (32, 64),
                             "c2s_genes": 6, **kw})
@@ -126,7 +127,7 @@ def run_generative_benchmark(b: GenerativeBenchmark, out: str | Path, *, progres
     from ..eval.text import description_metrics
     from ..inference import encode_dataset, encode_texts, evaluation_mode, topk_accuracy, zero_shot_scores
     from ..models.scmmgpt import ScMMGPT
-    from ..tl.generate import _sample_counts
+    from ..tl.generate import sample_cells
     from ..train.run import DataConfig, load_labelled, load_run_config
     from ._train import train_two_stages
     from .benchmark import machine_info
@@ -210,11 +211,9 @@ def run_generative_benchmark(b: GenerativeBenchmark, out: str | Path, *, progres
         r2e = RankToExpression.fit(tr_expr, b.c2s_genes)
         runs: dict[str, list[np.ndarray]] = {"scmmgpt": [], "cell_sentence_lm": [], "type_mean": [], "random_cells": []}
         c2s_valid = []
-        ts = mc.target_sum
 
         def as_cells(profile: np.ndarray, seed: int) -> np.ndarray:
-            counts = _sample_counts(profile, ts, lib, np.random.default_rng(seed))
-            return np.log1p(ts * counts / np.maximum(counts.sum(1, keepdims=True), 1))
+            return sample_cells(profile, mc.target_sum, lib, np.random.default_rng(seed))[1]
 
         for s in b.generation_seeds:
             runs["scmmgpt"].append(as_cells(expected, s)[:, meas])
@@ -340,8 +339,6 @@ def generative_tables(record: dict) -> str:
             lines.append(f"| {r['genes']} | {_f(r['acc1'])} | {_f(r['bleu2'])} | {_f(r['rouge2'])} | "
                          f"{_f(r['mmd'], False)} | {_f(r['emd'], False)} |")
         lines.append("")
-    m = record["machine"]
-    lines += [f"Command: `{record['command']}`" if record.get("command") else "",
-              f"Machine: {m['platform']}, {m['cpu_count']} CPUs, CUDA: {m['cuda']}; commit {m.get('git_commit')}; "
-              f"{record['seconds']['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in record['seconds'].items() if k != 'total')})."]
+    lines += provenance_lines(record, ", ".join(f"{k} {v:.0f} s" for k, v in record["seconds"].items()
+                                                 if k != "total"))
     return "\n".join(lines) + "\n"

@@ -69,12 +69,15 @@ def describe(adata, model, *, max_new_tokens: int = 64, do_sample: bool = False,
     return adata if copy else None
 
 
-def _sample_counts(values: np.ndarray, target_sum: float, library_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Counts at ``library_size`` from eq.-1 values ``log(1 + target_sum * x / sum x)``: the gene
-    proportions are ``expm1(values)`` normalised, and a multinomial draws the reads."""
+def sample_cells(values: np.ndarray, target_sum: float, library_size: int, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Cells drawn from eq.-1 profiles ``log(1 + target_sum * x / sum x)``: the gene proportions are
+    ``expm1(values)`` normalised, a multinomial draws ``library_size`` reads per cell. Returns
+    ``(counts, values)``: the reads and their eq.-1 normalisation (float32)."""
     props = np.expm1(values.astype(np.float64))
     props = props / np.maximum(props.sum(1, keepdims=True), 1e-12)
-    return np.stack([rng.multinomial(library_size, p) for p in props]).astype(np.float32)
+    counts = np.stack([rng.multinomial(library_size, p) for p in props]).astype(np.float32)
+    return counts, np.log1p(target_sum * counts / np.maximum(counts.sum(1, keepdims=True), 1)).astype(np.float32)
 
 
 def generate(model, texts: str | Sequence[str], *, n_per_text: int = 1, library_size: int | None = None,
@@ -131,9 +134,7 @@ def generate(model, texts: str | Sequence[str], *, n_per_text: int = 1, library_
     X = expected
     target_sum = model.config.target_sum
     if library_size is not None:
-        counts = _sample_counts(expected, target_sum, library_size, np.random.default_rng(seed))
-        layers["counts"] = counts
-        X = np.log1p(target_sum * counts / np.maximum(counts.sum(1, keepdims=True), 1)).astype(np.float32)
+        layers["counts"], X = sample_cells(expected, target_sum, library_size, np.random.default_rng(seed))
     gen = ad.AnnData(X=X, obs=obs, var=var, layers=layers)
     gen.uns["scmmgpt"] = {"generate": {"n_per_text": n_per_text, "library_size": library_size or "none",
                                        "seed": seed, "target_sum": target_sum, "expand": expand}}
