@@ -27,6 +27,15 @@ class CheckpointError(ScMMGPTError, RuntimeError):
     """A checkpoint is missing weights, has the wrong shapes or failed verification."""
 
 
+class OutputError(ScMMGPTError, OSError):
+    """A result could not be written (disk full, read-only folder, no permission); nothing partial
+    was left at the destination."""
+
+
+class ResourceError(ScMMGPTError, MemoryError):
+    """The work would need more memory than the machine has; the message says how to shrink it."""
+
+
 def check_config_keys(cls, d: dict, what: str) -> None:
     """Raise :class:`ConfigError` naming any key of ``d`` that is not a field of dataclass ``cls``."""
     import dataclasses

@@ -127,3 +127,55 @@ def test_label_column_missing_or_all_unknown(small):
         warnings.simplefilter("ignore")
         out = DescriptionBuilder(DescriptionConfig()).build(obs)
     assert out["ambiguous"].all() and (out["description"] == "").all()
+
+
+def test_mouse_genes_into_a_human_vocabulary_warn(small):
+    _, human = small
+    mouse = ad.read_h5ad(data_path("cluey_mouse_lung.h5ad"))[:100].copy()   # upper-cased symbols: 0610007P14RIK
+    with pytest.warns(UserWarning, match="look like mouse .* vocabulary is human .* not orthology"):
+        cells = prepare_cells(mouse, human, min_coverage=0.0)
+    assert cells.gene_match.organism == "mus_musculus"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # human genes into a human vocabulary: no warning
+        prepare_cells(small[0], human)
+
+
+def test_ensembl_and_symbol_mix_maps_both(small):
+    from scmmgpt.data.prepare import map_genes
+
+    a = ad.read_h5ad(data_path("muscat_kang_se.h5ad"), backed="r")   # Ensembl ids, symbols in var
+    ens = np.asarray(a.var_names, dtype=object)
+    sym = a.var["gene_symbol"].astype(str).to_numpy()
+    vocab = GeneVocab.from_genes(pd.unique(sym))
+    mixed = ens.copy()
+    mixed[::2] = sym[::2]                                            # every other gene as a symbol
+    keep = ~pd.Index(mixed).duplicated(keep=False)
+    ids, organism, id_type = map_genes(mixed[keep], vocab)
+    ids_ens, _, _ = map_genes(ens[keep], vocab)
+    ids_sym = vocab.encode(list(sym[keep]))
+    is_sym = (np.arange(len(ens)) % 2 == 0)[keep]
+    assert id_type == "mixed" and organism == "homo_sapiens"
+    # each gene maps as its own kind would: symbols directly, Ensembl ids through GENCODE
+    assert (ids == np.where(is_sym, ids_sym, ids_ens)).all()
+    assert (ids[is_sym] >= 0).mean() > 0.99 and (ids[~is_sym] >= 0).mean() > 0.85
+
+
+def test_all_zero_genes_are_kept_as_measured(small):
+    a, v = small
+    x = _dense(a).copy()
+    x[:, :50] = 0
+    cells = prepare_cells(_with_x(a, x), v)
+    ids = v.encode(list(a.var_names[:50]))
+    assert cells.measured[ids[ids >= 0]].all()               # measured, with zero expression
+    assert cells.expr[:, ids[ids >= 0]].nnz == 0
+
+
+def test_memory_guard_on_preparing_cells(small, monkeypatch):
+    from scmmgpt.errors import ResourceError
+
+    a, v = small
+    monkeypatch.setenv("SCMMGPT_MEMORY_LIMIT", "10K")
+    with pytest.raises(ResourceError, match="prepared cells .* Process the cells in parts"):
+        prepare_cells(a, v, chunk_size=50)
+    monkeypatch.setenv("SCMMGPT_MEMORY_LIMIT", "1G")
+    assert len(prepare_cells(a, v, chunk_size=50)) == 200

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -49,6 +48,45 @@ def _check():
         report = check_dataset(args.data, layer=args.layer, use_raw=args.use_raw, label_key=args.label_key,
                                backed=args.backed, max_genes=args.max_genes)
         print(json.dumps(report, indent=2))
+        return 0
+
+    return add, run
+
+
+@command("shard")
+def _shard():
+    """Preprocess .h5ad files (read in backed mode, block by block) into on-disk shards that training
+    streams from with constant memory: pass the shard folder as --data to pretrain / finetune."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("data", nargs="+", help=".h5ad files")
+        p.add_argument("--out", required=True, help="shard folder")
+        p.add_argument("--model", default=None, help="use this model's gene vocabulary and target_sum")
+        p.add_argument("--label-key", default="cell_type", help="obs column with cell type labels")
+        p.add_argument("--text-key", default=None, help="obs column of free-text descriptions")
+        p.add_argument("--layer", default=None, help="matrix to read (default: X)")
+        p.add_argument("--use-raw", action="store_true", help="read adata.raw.X")
+        p.add_argument("--cells-per-shard", type=int, default=50_000)
+        p.add_argument("--workers", type=int, default=1, help="processes on this machine")
+        p.add_argument("--rank", type=int, default=None, help="this node's rank (default: $RANK)")
+        p.add_argument("--world-size", type=int, default=None, help="number of nodes (default: $WORLD_SIZE)")
+
+    def run(args: argparse.Namespace) -> int:
+        from ..data.shards import write_shards
+
+        vocab, target_sum = None, 1e4
+        if args.model:
+            from ..models.scmmgpt import ScMMGPT
+
+            model = ScMMGPT.from_pretrained(args.model, with_lm=False)
+            vocab, target_sum = model.vocab, model.config.target_sum
+        m = write_shards(args.data, args.out, vocab=vocab, label_key=args.label_key, text_key=args.text_key,
+                         layer=args.layer, use_raw=args.use_raw, target_sum=target_sum,
+                         cells_per_shard=args.cells_per_shard, workers=args.workers, rank=args.rank,
+                         world_size=args.world_size, progress=True)
+        done = [s for s in m["shards"] if s]
+        print(json.dumps({"out": args.out, "shards": len(done), "of": len(m["shards"]), "cells": m["n_cells"],
+                          "complete": len(done) == len(m["shards"])}, indent=2))
         return 0
 
     return add, run
@@ -197,14 +235,10 @@ def _output_path(args) -> Path:
 
 def _write(adata, path: Path) -> None:
     """Write an .h5ad atomically (a temporary file in the same folder, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    from ..utils.io import atomic_path
+
+    with atomic_path(path, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     print(f"wrote {path}")
 
 

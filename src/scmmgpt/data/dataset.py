@@ -79,9 +79,7 @@ class CellTextDataset(Dataset):
         return np.minimum(self.cells.n_expressed(), self.max_genes) + 1
 
     def __getitem__(self, i: int) -> dict:
-        expr = self.cells.expr
-        lo, hi = expr.indptr[i], expr.indptr[i + 1]
-        genes, vals = expr.indices[lo:hi], expr.data[lo:hi]
+        genes, vals = self.cells.row(i)
         ids, values = tokenize_cell(genes, vals, cls_id=self.cls_id, max_genes=self.max_genes, n_bins=self.n_bins)
         item = {"gene_ids": ids, "values": values, "index": i}
         if self.texts is not None:

@@ -66,8 +66,9 @@ class GeneIdTable:
 
 
 def detect_organism(names: Iterable[str]) -> str:
-    """Guess ``"homo_sapiens"`` or ``"mus_musculus"`` from gene ids (ENSMUSG prefix, or which
-    GENCODE symbol set matches more names case-sensitively)."""
+    """Guess ``"homo_sapiens"`` or ``"mus_musculus"`` from gene ids: the ENSMUSG prefix; else which
+    GENCODE symbol set matches more names case-sensitively; and, ignoring case, whether clearly more
+    names are symbols only mouse has (upper-cased mouse symbols) than symbols only human has."""
     names = [str(n) for n in names]
     if not names:
         return "homo_sapiens"
@@ -81,7 +82,15 @@ def detect_organism(names: Iterable[str]) -> str:
     mouse_syms = set(mouse.ensembl_to_symbol.values())
     h = sum(n in human_syms for n in names)
     m = sum(n in mouse_syms for n in names)
-    return "mus_musculus" if m > h else "homo_sapiens"
+    if m > h:
+        return "mus_musculus"
+    # upper-cased mouse symbols (0610007P14RIK) match many human symbols exactly; count the names that
+    # only one species has, ignoring case (most symbols are shared between human and mouse)
+    only_h = human.symbols_upper - mouse.symbols_upper
+    only_m = mouse.symbols_upper - human.symbols_upper
+    hu = sum(n.upper() in only_h for n in names)
+    mu = sum(n.upper() in only_m for n in names)
+    return "mus_musculus" if mu > 2 * hu + 10 else "homo_sapiens"
 
 
 def to_symbols(names: Iterable[str], organism: str | None = None) -> list[str | None]:

@@ -17,6 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import InputDataError
+from ..utils.memory import check_fits
 from .genes import detect_id_type, detect_organism, to_symbols
 from .io import select_matrix
 from .values import ValueKindArg, check_finite, detect_value_kind, normalize_total_log1p
@@ -81,6 +82,15 @@ class CellData:
         """Number of expressed (non-zero) vocabulary genes per cell."""
         return np.diff(self.expr.indptr)
 
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Vocabulary gene ids and eq.-1 values of the ``i``-th cell's expressed genes."""
+        lo, hi = self.expr.indptr[i], self.expr.indptr[i + 1]
+        return self.expr.indices[lo:hi], self.expr.data[lo:hi]
+
+    def rows_csr(self, idx) -> sp.csr_matrix:
+        """The given cells as a CSR matrix over the vocabulary."""
+        return self.expr[np.asarray(idx)]
+
     def subset(self, rows: np.ndarray) -> "CellData":
         """A :class:`CellData` with the given rows (positions, not obs names)."""
         rows = np.asarray(rows)
@@ -111,7 +121,27 @@ def map_genes(var_names, vocab: GeneVocab, *, organism: str | None = None,
     if id_type != "symbol":  # also try the raw names (a vocabulary keyed by Ensembl ids)
         raw = vocab.encode(list(names))
         ids = np.where(ids >= 0, ids, raw)
+    model_organism = vocab_organism(vocab)
+    if (ids >= 0).any() and model_organism != organism:
+        warnings.warn(
+            f"The genes look like {_SPECIES.get(organism, organism)} genes but the model's vocabulary is "
+            f"{_SPECIES.get(model_organism, model_organism)}: {int((ids >= 0).sum())} of {len(ids)} matched by "
+            f"spelling only (symbols compared case-insensitively), which is not orthology, and the model never saw "
+            f"this species. Treat the results as approximate; map genes to orthologues first for real use, or pass "
+            f"organism= if the detection is wrong.", UserWarning, stacklevel=3)
     return ids, organism, id_type
+
+
+_SPECIES = {"homo_sapiens": "human (Homo sapiens)", "mus_musculus": "mouse (Mus musculus)"}
+
+
+def vocab_organism(vocab: GeneVocab) -> str:
+    """The organism of a vocabulary's genes (detected once and kept on the vocabulary)."""
+    org = getattr(vocab, "_organism", None)
+    if org is None:
+        org = detect_organism([t for t, ok in zip(vocab.tokens, vocab.gene_mask()) if ok])
+        vocab._organism = org
+    return org
 
 
 def prepare_cells(
@@ -179,6 +209,9 @@ def prepare_cells(
     # pass 1 over chunks: detect the value kind on the first chunk, normalise, collect
     kind = value_kind
     blocks, totals, mapped_totals = [], 0.0, 0.0
+    if not sp.issparse(X) and not isinstance(X, np.ndarray):
+        # a dense matrix read from disk (backed): each chunk is densely in memory; keep it near 256 MiB
+        chunk_size = max(1, min(chunk_size, (256 << 20) // max(1, n_genes * np.dtype(dtype or np.float32).itemsize)))
     for start in range(0, n_cells, chunk_size):
         chunk = X[start:start + chunk_size]
         chunk = sp.csr_matrix(chunk) if not sp.issparse(chunk) else chunk.tocsr()
@@ -197,6 +230,13 @@ def prepare_cells(
         totals += float(raw_abs.sum())
         mapped_totals += float(raw_abs[:, keep_cols].sum()) if keep_cols.size else 0.0
         blocks.append(norm[:, keep_cols])
+        if start == 0 and n_cells > chunk_size:
+            # the cells are kept in memory as CSR (float32 value + int32 index per non-zero), built twice
+            nnz = blocks[0].nnz / blocks[0].shape[0] * n_cells
+            check_fits(nnz * 8 * 2.5, f"The prepared cells of {where} ({n_cells} cells, about "
+                                      f"{nnz / n_cells:.0f} non-zero values each)",
+                       "Process the cells in parts (e.g. adata[:100_000] from a backed file, then the next part) "
+                       "or on a machine with more memory.")
     if totals == 0:
         raise InputDataError(f"Every cell of {where} is empty (all values are 0): there is no expression to use. "
                              "Check that the right matrix was read (layer= / use_raw=True).")

@@ -108,6 +108,10 @@ def batches(model, ds: CellTextDataset, batch_size: int, *, progress: bool = Fal
 
     if batch_size < 1:
         raise ConfigError("batch_size must be >= 1.")
+    from ..utils.memory import check_batch_memory
+
+    check_batch_memory(model, min(batch_size, len(ds)), training=False, device=next(model.parameters()).device,
+                       advice="Lower batch_size= (CLI: --batch-size).")
     n = (len(ds) + batch_size - 1) // batch_size
     yield from tqdm(iter_batches(model, ds, batch_size), total=n, desc=desc, disable=not progress, leave=False)
 

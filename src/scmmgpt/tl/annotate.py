@@ -13,7 +13,7 @@ from ..errors import InputDataError
 from ..inference import encode_texts, evaluation_mode
 from ..modules.losses import similarity
 from ._common import batches, full_rows, model_cells, resolve_model, start
-from .texts import candidate_labels
+from .texts import MAX_LABELS, candidate_labels
 
 __all__ = ["annotate"]
 
@@ -51,7 +51,7 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
              unassigned: str = "unassigned", key_added: str = "scmmgpt_label", store_scores: bool | None = None,
              batch_size: int = 64, layer: str | None = None, use_raw: bool = False,
              gene_symbol_key: str | None = None, device: str | None = None, progress: bool = False,
-             copy: bool = False):
+             max_labels: int = MAX_LABELS, copy: bool = False):
     """Zero-shot annotation: score every cell against every candidate label's description.
 
     Candidate labels come from exactly one of ``labels`` (names or CL ids), ``labels_key`` (the
@@ -78,6 +78,14 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
     * ``.obsm[key_added + "_scores"]`` — (n_obs, n_labels) all scores, columns in the order of
       ``.uns[key_added]["labels"]`` (kept unless it would exceed 50M entries, or ``store_scores``);
     * ``.uns[key_added]`` — labels, CL ids, texts, parameters and the gene coverage report.
+
+    Raises
+    ------
+    InputDataError
+        No candidate label left, more than ``max_labels`` of them, or an empty / over-long / not
+        UTF-8 label.
+    ResourceError
+        ``store_scores=True`` and the full score matrix cannot fit in memory.
     """
     if not 0.0 <= alpha <= 1.0:
         raise InputDataError(f"alpha must be in [0, 1], got {alpha}.")
@@ -90,11 +98,17 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
             raise InputDataError(f"obs has no column {labels_key!r}; columns: {list(adata.obs.columns)}.")
         col = adata.obs[labels_key]
         obs_values = list(col.cat.categories) if isinstance(col.dtype, pd.CategoricalDtype) else list(pd.unique(col))
-    cands = candidate_labels(labels=labels, obs_values=obs_values, descendants_of=descendants_of, context=context)
+    cands = candidate_labels(labels=labels, obs_values=obs_values, descendants_of=descendants_of, context=context,
+                             max_labels=max_labels)
     T = len(cands.names)
     model = resolve_model(model, device=device, with_lm=False)
     mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key)
     keep_all = store_scores if store_scores is not None else len(mc.rows) * T <= MAX_SCORE_ENTRIES
+    if keep_all:
+        from ..utils.memory import check_fits
+
+        check_fits(2 * 4 * len(mc.rows) * T, f"The full score matrix ({len(mc.rows)} cells x {T} labels)",
+                   "Pass store_scores=False: the top-k labels and scores are still stored.")
     if store_scores is None and not keep_all:
         warnings.warn(f"{len(mc.rows)} cells x {T} labels: the full score matrix is not stored (pass "
                       "store_scores=True to keep it); top-k labels and scores are.", stacklevel=2)

@@ -117,6 +117,15 @@ def generate(model, texts: str | Sequence[str], *, n_per_text: int = 1, library_
     model_texts = query_texts(prompts, expand=expand)
     model = resolve_model(model, device=device)
     require_lm(model, "generate", ("text_to_cell.", "cell_decoder."))
+    from ..utils.memory import check_fits
+
+    n_genes = int(model.vocab.gene_mask().sum())
+    n_cells = len(prompts) * n_per_text
+    # expected + X (float32) and, with library_size, counts (int64 while sampling)
+    check_fits(n_cells * n_genes * (8 + (8 if library_size is not None else 0)),
+               f"The generated matrices ({n_cells} cells x {n_genes} genes, dense)",
+               "Lower n_per_text (CLI: -n) or the number of texts, or generate in parts and join them with "
+               "anndata.concat.")
     dev = device_of(model)
     ids, mask = tokenize_for_lm(model.lm_tokenizer, model_texts, model.config.lm.max_text_len)
     out = []

@@ -8,7 +8,7 @@ from typing import Sequence
 from ..data.descriptions import DescriptionBuilder, is_ambiguous
 from ..errors import InputDataError
 
-__all__ = ["Candidates", "candidate_labels", "query_texts"]
+__all__ = ["Candidates", "MAX_LABELS", "candidate_labels", "query_texts"]
 
 MAX_TEXT_CHARS = 2000
 """Longer prompts/queries are refused: the encoders read at most a few hundred tokens anyway."""
@@ -26,6 +26,12 @@ class Candidates:
 def _check_text(t, what: str) -> str:
     if not isinstance(t, str):
         raise InputDataError(f"{what} must be text, got {type(t).__name__} ({t!r}).")
+    try:
+        t.encode("utf-8")
+    except UnicodeEncodeError:
+        # lone surrogates: bytes that were not UTF-8 (a file or argv in another encoding)
+        raise InputDataError(f"{what} {t[:40]!r} is not valid UTF-8 text; re-save the file (or the terminal "
+                             "input) as UTF-8.") from None
     t = t.strip()
     if not t:
         raise InputDataError(f"{what} is empty; give a cell type or a description.")
@@ -49,8 +55,14 @@ def query_texts(queries: Sequence[str], *, expand: bool = True) -> list[str]:
     return out
 
 
+MAX_LABELS = 20_000
+"""More candidate labels than this are refused unless ``max_labels=`` is raised: the Cell Ontology
+has about 3,000 cell types, so a longer list is almost always a mistake (a column of cell ids
+passed as labels_key, a file read whole)."""
+
+
 def candidate_labels(*, labels: Sequence[str] | None = None, obs_values=None, descendants_of: str | None = None,
-                     context: str | None = None) -> Candidates:
+                     context: str | None = None, max_labels: int = MAX_LABELS) -> Candidates:
     """Candidate labels from exactly one source, each described like a training cell type.
 
     ``labels``: names or CL ids; ``obs_values``: the values of an ``.obs`` column (its distinct
@@ -80,12 +92,19 @@ def candidate_labels(*, labels: Sequence[str] | None = None, obs_values=None, de
         for v in values:
             if is_ambiguous(v):
                 continue
+            if isinstance(v, (bytes, bytearray)):
+                raise InputDataError(f"A candidate label must be text, got bytes ({v[:40]!r}); decode it first, "
+                                     "e.g. label.decode('utf-8').")
             if not isinstance(v, str):
-                v = str(v)
+                v = str(v)   # numeric cluster ids from an .obs column
             raw.append(_check_text(v, "A candidate label"))
         raw = list(dict.fromkeys(raw))
     if not raw:
         raise InputDataError("No candidate labels left (all were empty or ambiguous like 'unknown').")
+    if len(raw) > max_labels:
+        raise InputDataError(f"{len(raw)} candidate labels (e.g. {list(raw[:3])}), more than max_labels={max_labels}: "
+                             "the Cell Ontology has about 3,000 cell types. Check the label source (a column of "
+                             "cell ids?), use descendants_of= a CL subtree, or raise max_labels.")
     names, ids, texts = [], [], []
     for v in raw:
         term = builder.resolve_cell_type(v)

@@ -23,10 +23,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.dataset import CellTextDataset, LengthBucketSampler
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, OutputError
 from ..inference import (encode_dataset, encode_texts, evaluation_mode, iter_batches, topk_accuracy,
                          zero_shot_scores)
 from ..utils.io import atomic_write_text
+from ..utils.memory import check_batch_memory
 from .config import TrainConfig
 from .warmup import warm_up_text_to_cell
 
@@ -105,10 +106,26 @@ def _save(accelerator, model, optimizer, scheduler, step, epoch, batch_in_epoch,
     target = out_dir / f"checkpoint-{step}"
     if not accelerator.is_main_process:
         return target
-    from safetensors.torch import save_file
-
     tmp = out_dir / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_checkpoint(accelerator, model, optimizer, scheduler, step, epoch, batch_in_epoch, tmp, cfg, gen)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OutputError):
+            raise
+        raise OutputError(f"Could not write checkpoint-{step} in {out_dir}: {exc}. The previous checkpoints are "
+                          "intact; free disk space (or set train.out_dir elsewhere) and continue with --resume.") \
+            from exc
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def _write_checkpoint(accelerator, model, optimizer, scheduler, step, epoch, batch_in_epoch, tmp: Path, cfg,
+                      gen) -> None:
+    from safetensors.torch import save_file
+
     tmp.mkdir(parents=True)
     unwrapped = accelerator.unwrap_model(model)
     trainable = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
@@ -120,9 +137,6 @@ def _save(accelerator, model, optimizer, scheduler, step, epoch, batch_in_epoch,
     # state.json is written last: its presence marks a complete checkpoint
     atomic_write_text(tmp / "state.json", json.dumps({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                                                        "stage": cfg.stage}))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target
 
 
 def _load(ckpt: Path, model, optimizer, scheduler, gen, cfg: TrainConfig) -> dict:
@@ -146,6 +160,20 @@ def _load(ckpt: Path, model, optimizer, scheduler, gen, cfg: TrainConfig) -> dic
     scheduler.load_state_dict(opt["scheduler"])
     _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True), gen)
     return state
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the records a killed run logged after the checkpoint it resumes from (they are redone)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut off by the crash
+            continue
+    atomic_write_text(path, "".join(f"{line}\n" for line in keep))
 
 
 class _Log:
@@ -251,9 +279,13 @@ def _fit(model, train, cfg, val, measured, resume, stop_after) -> dict:
     core = accelerator.unwrap_model(model)
     gen = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
     step = epoch = skip = 0
+    check_batch_memory(core, cfg.batch_size, training=True, with_lm=cfg.stage not in ALIGN_STAGES,
+                       device=accelerator.device)
     if ckpt is not None:
         state = _load(ckpt, core, optimizer, scheduler, gen, cfg)
         step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
+        if accelerator.is_main_process:
+            _truncate_log(out_dir / "metrics.jsonl", step)
     if out_dir is not None and accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))

@@ -192,6 +192,23 @@ class LabelledCells:
 def load_labelled(data: DataConfig, *, vocab: GeneVocab | None = None, target_sum: float = 1e4) -> LabelledCells:
     """Read the data, map genes into ``vocab`` (default: the data's own genes), build descriptions
     and a stratified split."""
+    from ..data.shards import ShardedCells, is_shard_dir, load_shard_descriptions
+
+    if is_shard_dir(data.path):
+        cells = ShardedCells(data.path)
+        manifest = cells.manifest
+        shard_vocab = GeneVocab.from_json(Path(data.path) / "vocab.json")
+        if vocab is not None and vocab.tokens != shard_vocab.tokens:
+            raise InputDataError(f"The shards in {data.path} were written for another gene vocabulary than the "
+                                 "model's; write them again with the model (scmmgpt shard --model DIR).")
+        if abs(manifest["target_sum"] - target_sum) > 1e-9 * target_sum:
+            raise InputDataError(f"The shards in {data.path} hold values for target_sum={manifest['target_sum']}, "
+                                 f"the model uses {target_sum}; write them again with the model's setting.")
+        if manifest["label_key"] != data.label_key:
+            raise InputDataError(f"The shards in {data.path} were labelled from {manifest['label_key']!r}, not "
+                                 f"{data.label_key!r}; write them again with --label-key {data.label_key}.")
+        desc = load_shard_descriptions(data.path)
+        return _labelled(cells, desc, data, shard_vocab, f"shards {data.path}")
     label_map: dict = {}
     layer, use_raw = data.layer, data.use_raw
     if data.bundled:
@@ -206,7 +223,11 @@ def load_labelled(data: DataConfig, *, vocab: GeneVocab | None = None, target_su
     cells = prepare_cells(adata, vocab, layer=layer, use_raw=use_raw, target_sum=target_sum)
     desc = DescriptionBuilder(DescriptionConfig(cell_type_key=data.label_key, text_key=data.text_key,
                                                 label_map=label_map)).build(adata.obs.iloc[cells.cell_index])
-    desc = desc.reset_index(drop=True)
+    return _labelled(cells, desc.reset_index(drop=True), data, vocab, source)
+
+
+def _labelled(cells, desc: pd.DataFrame, data: DataConfig, vocab: GeneVocab, source: str) -> LabelledCells:
+    """Split (stratified by type; ``types_fraction`` keeps a seeded subset of types for training)."""
     types = desc["cell_type"].to_numpy()
     amb = desc["ambiguous"].to_numpy()
     split = stratified_split(types, data.split, seed=data.seed, exclude=amb)
@@ -236,6 +257,10 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
     if not cfg.out_dir:
         raise ConfigError("train.out_dir is required (where checkpoints and the model go); pass --out.")
     needs_lm = cfg.stage in ("stage2", "describe", "generate")
+    import torch
+
+    # the same seed gives the same initial weights (new model, or the fresh LM side of stage 2)
+    torch.manual_seed(cfg.seed)
     if rc.init:
         model = ScMMGPT.from_pretrained(rc.init, with_lm=needs_lm)
     elif cfg.stage != "stage1":
@@ -247,6 +272,7 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
     target_sum = model.config.target_sum if model is not None else rc.model.target_sum
     lab = load_labelled(rc.data, vocab=vocab, target_sum=target_sum)
     if model is None:
+        torch.manual_seed(cfg.seed)
         model = ScMMGPT.build(rc.model, lab.vocab, with_lm=needs_lm)
     mc = model.config
     n_bins = mc.cell.n_bins if mc.cell.input_style == "category" else None
@@ -255,8 +281,6 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
     import yaml
     from accelerate import PartialState
 
-    import torch
-
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     out = Path(cfg.out_dir)
     if main:
@@ -264,7 +288,8 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
         atomic_write_text(out / "run_config.yaml", yaml.safe_dump(json.loads(json.dumps(rc.to_dict())), sort_keys=False))
         atomic_write_text(out / "split.json", json.dumps({
             "source": lab.source, "train_types": lab.train_types,
-            **{k: lab.cells.obs_names[v].tolist() for k, v in lab.split.items()}}))
+            **({k: lab.cells.obs_names[v].tolist() for k, v in lab.split.items()} if hasattr(lab.cells, "obs_names")
+               else {"positions": {k: v.tolist() for k, v in lab.split.items()}})}))
     result = fit(model, train, cfg, val=val, measured=lab.cells.measured, resume=resume)
     if main:
         model.save_pretrained(out / "model")

@@ -72,7 +72,6 @@ def warm_up_text_to_cell(model, train: CellTextDataset, *, steps: int, batch_siz
         cells = cells[inverse >= 0]
         uniq = uniq[keep]
     states, padding = _cache_states(model, [str(t) for t in uniq], device)
-    expr = train.cells.expr
     meas = measured.to(device) if measured is not None else None
 
     params = [p for n, p in model.text_to_cell.named_parameters() if n != "dummy_embeds"]
@@ -90,7 +89,7 @@ def warm_up_text_to_cell(model, train: CellTextDataset, *, steps: int, batch_siz
         for _ in range(steps):
             pick = cells[torch.randint(len(cells), (batch_size,), generator=gen).numpy()]
             t_idx = torch.from_numpy(inverse[pick]).to(device)
-            target = torch.from_numpy(expr[pick].toarray()).to(device)
+            target = torch.from_numpy(train.cells.rows_csr(pick).toarray()).to(device)
             feats = model.text_to_cell(states[t_idx], key_padding_mask=None if padding is None else padding[t_idx])
             loss = pcgen_loss(model.cell_decoder(feats, gene_emb), target, meas)
             loss.backward()

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import OutputError, ScMMGPTError
+
 __all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_path"]
 
 
@@ -19,11 +21,15 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.
 
     The caller writes the temporary file (with any library); if it raises, the temporary file is
-    removed and ``path`` is untouched.
+    removed and ``path`` is untouched. An ``OSError`` (disk full, read-only folder, no permission)
+    becomes an :class:`~scmmgpt.errors.OutputError` that names the path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"Cannot write into {path.parent}: {exc}. Choose another output path.") from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -31,9 +37,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, ScMMGPTError):
+            raise OutputError(f"Could not write {path}: {exc}. Nothing was written there (a previous file of that "
+                              "name is unchanged); free disk space or choose another output path.") from exc
         raise
 
 
