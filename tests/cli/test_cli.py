@@ -43,7 +43,7 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
               m["generation"]["knn_accuracy"]):
         assert 0.0 <= v <= 1.0
     assert m["annotation"]["acc3"] >= m["annotation"]["acc1"]
-    assert m["training"]["stage1"]["steps"] == 20 and m["training"]["stage2"]["steps"] == 4
+    assert m["training"]["stage1"]["steps"] == 8 and m["training"]["stage2"]["steps"] == 4
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
     assert "confusion matrix" in html and "Generated descriptions" in html

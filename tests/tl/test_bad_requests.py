@@ -12,14 +12,14 @@ from scmmgpt import tl
 from scmmgpt.cli.main import main
 from scmmgpt.errors import InputDataError, ResourceError
 
-LONG = "a T cell " * 1200  # 10,800 characters
+LONG = "a T cell " * 1200 + "x"  # 10,801 characters
 
 
 @pytest.mark.parametrize("labels, match", [
     ([], "No candidate labels left"),
     (["unknown", "?", ""], "No candidate labels left"),
     ([f"cell type {i}" for i in range(100_000)], "100000 candidate labels .* more than max_labels=20000"),
-    (["B cell", LONG], "10800 characters; keep it under 2000"),
+    (["B cell", LONG], "10801 characters; keep it under 2000"),
     (["B cell", "T cell\udcff"], "not valid UTF-8"),
     (["B cell", b"T cell"], "must be text, got bytes"),
 ])
@@ -36,7 +36,7 @@ def test_many_labels_pass_when_allowed(trained, test_cells):
 
 
 @pytest.mark.parametrize("prompt, match", [
-    ("", "is empty"), ("   ", "is empty"), (LONG, "10800 characters"), ("B cell\udcff", "not valid UTF-8"),
+    ("", "is empty"), ("   ", "is empty"), (LONG, "10801 characters"), ("B cell\udcff", "not valid UTF-8"),
 ])
 def test_generate_and_search_refuse_bad_prompts(trained, test_cells, prompt, match):
     with pytest.raises(InputDataError, match=match):

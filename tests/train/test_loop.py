@@ -64,6 +64,7 @@ def test_stage1_learns_and_validates(data, tmp_path):
     assert json.loads((ckpt / "train_config.json").read_text())["lr_new"] == 3e-3
 
 
+@pytest.mark.slow  # ~50 s; the model test lowers each stage-2 loss, tests/tl and the CLI test run stage-2 fit()
 def test_stage2_loss_decreases(data):
     vocab, cells, texts = data
     model = _model(vocab, with_lm=True)
@@ -161,3 +162,22 @@ def test_config_errors(data):
         TrainConfig.from_dict({"learning_rate": 1e-4})
     with pytest.raises(ConfigError, match="lower batch_size"):
         fit(_model(vocab), _subset(cells, texts, np.arange(4), vocab), TrainConfig(batch_size=8, progress=False))
+
+
+@pytest.mark.parametrize("option, tol", [
+    ("gradient_checkpointing", 1e-5),
+    # inductor's fused kernels round differently; compiling on CPU takes about a minute
+    pytest.param("compile", 5e-3, marks=pytest.mark.slow),
+])
+def test_memory_and_speed_options_train_the_same_model(data, option, tol):
+    """Gradient checkpointing and torch.compile change how a step runs, not what it computes."""
+    vocab, cells, texts = data
+    train = _subset(cells, texts, np.arange(32), vocab)
+    kw = dict(stage="stage1", max_steps=2, batch_size=8, lr=1e-4, lr_new=1e-3, warmup_steps=0, log_every=1,
+              progress=False, deterministic=True)
+    plain, other = _model(vocab), _model(vocab)
+    a = fit(plain, train, TrainConfig(**kw))
+    b = fit(other, train, TrainConfig(**kw, **{option: True}))
+    assert abs(a["history"][-1]["loss"] - b["history"][-1]["loss"]) < tol
+    wa, wb = _trainable(plain), _trainable(other)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < tol

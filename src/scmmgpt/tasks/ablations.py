@@ -62,7 +62,7 @@ class RepresentationAblation:
 
     @classmethod
     def fast(cls, data: str, **kw) -> "RepresentationAblation":
-        return cls(data, **{"sentence_genes": (32,), "seeds": (0,), "max_iter": 30, **kw})
+        return cls(data, **{"sentence_genes": (32,), "seeds": (0,), "max_iter": 10, **kw})
 
 
 def run_representation_ablation(b: RepresentationAblation, out: str | Path, *, command: str | None = None) -> dict:

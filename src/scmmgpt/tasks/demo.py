@@ -51,7 +51,7 @@ class DemoSettings:
 
     @classmethod
     def fast(cls) -> "DemoSettings":
-        return cls(stage1_steps=20, stage2_steps=4, stage2_batch=4, t2c_warmup_steps=20, n_describe=4,
+        return cls(stage1_steps=8, stage2_steps=4, stage2_batch=4, t2c_warmup_steps=20, n_describe=4,
                    max_new_tokens=16)
 
 

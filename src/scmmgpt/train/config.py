@@ -68,6 +68,13 @@ class TrainConfig:
     (:func:`scmmgpt.train.warmup.warm_up_text_to_cell`; at ``lr_new``). Skipped when resuming."""
     t2c_warmup_batch: int = 32
     """Cells per text-to-cell warm-up step."""
+    gradient_checkpointing: bool = False
+    """Recompute the cell encoder's (and the LM's) layer activations in the backward pass instead of
+    storing them: much less activation memory for long cells (2048 genes), about a third more
+    compute."""
+    compile: bool = False
+    """``torch.compile`` the cell encoder and the Q-Former (dynamic shapes; in place, so weights and
+    checkpoints keep their names). Pays off on long GPU runs; the first steps compile."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:

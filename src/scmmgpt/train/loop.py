@@ -249,6 +249,14 @@ def _fit(model, train, cfg, val, measured, resume, stop_after) -> dict:
     set_seed(cfg.seed)
     model.set_trainable(cfg.stage)
     model.train()
+    if cfg.gradient_checkpointing:
+        model.cell_encoder.gradient_checkpointing = True
+        lm = getattr(model, "lm", None)
+        if lm is not None and cfg.stage not in ALIGN_STAGES:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        model.cell_encoder.compile(dynamic=True)
+        model.qformer.compile(dynamic=True)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     ckpt = latest_checkpoint(out_dir) if resume and out_dir is not None else None
     warmup = None
