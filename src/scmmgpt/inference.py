@@ -18,7 +18,7 @@ from .data.dataset import CellBatch, CellTextDataset
 from .eval.annotation import topk_accuracy  # re-exported: validation and the demo use it
 from .modules.losses import similarity
 
-__all__ = ["CellFeatures", "iter_batches", "encode_dataset", "encode_texts", "zero_shot_scores", "topk_accuracy",
+__all__ = ["CellFeatures", "iter_batches", "encode_dataset", "embed_to_disk", "encode_texts", "zero_shot_scores", "topk_accuracy",
            "evaluation_mode"]
 
 
@@ -62,15 +62,20 @@ def iter_batches(model, ds: CellTextDataset, batch_size: int = 64, *, with_text:
 
 def encode_dataset(model, ds: CellTextDataset, batch_size: int = 64, *, indices: Sequence[int] | None = None
                    ) -> CellFeatures:
-    """Cell features of every cell of ``ds`` (or of ``indices``), in order, on the CPU."""
+    """Cell features of every cell of ``ds`` (or of ``indices``), in order, on the CPU.
+
+    Cells are encoded in order of length (batches pad less) and the results put back in order."""
+    idx = np.arange(len(ds)) if indices is None else np.asarray(indices)
+    by_length = np.argsort(ds.lengths()[idx], kind="stable")
     feats, cls, query = [], [], []
     with evaluation_mode(model):
-        for batch in iter_batches(model, ds, batch_size, indices=indices):
+        for batch in iter_batches(model, ds, batch_size, indices=idx[by_length]):
             out = model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
             feats.append(out.features.float().cpu())
             cls.append(out.cell_embedding.float().cpu())
             query.append(out.query.float().mean(1).cpu())
-    return CellFeatures(torch.cat(feats), torch.cat(cls), torch.cat(query))
+    inv = torch.from_numpy(np.argsort(by_length, kind="stable"))
+    return CellFeatures(torch.cat(feats)[inv], torch.cat(cls)[inv], torch.cat(query)[inv])
 
 
 def encode_texts(model, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
@@ -89,3 +94,43 @@ def zero_shot_scores(cell: CellFeatures | torch.Tensor, text_features: torch.Ten
     """(N, T) cosine similarities of each cell to each label text (max over queries, as in CTC)."""
     feats = cell.features if isinstance(cell, CellFeatures) else cell
     return similarity(feats.float(), text_features.float()).numpy()
+
+
+def embed_to_disk(model, ds: CellTextDataset, out, *, batch_size: int = 64, num_workers: int = 0,
+                  chunk: int = 16384) -> np.memmap:
+    """Embed every cell of ``ds`` into an ``(N, embed_dim)`` float32 ``.npy`` file at ``out``,
+    streaming: cells come from the dataset (e.g. memory-mapped shards) ``chunk`` at a time, sorted
+    by length within each chunk, and embeddings go straight to a memory-mapped file, so memory does
+    not grow with the number of cells. Returns the (read-only) memory map."""
+    import os
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    n, dim = len(ds), model.config.qformer.embed_dim
+    dest = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+    device = next(model.parameters()).device
+    lengths = ds.lengths()
+    collate = model.collator()
+    try:
+        with evaluation_mode(model):
+            for start in range(0, n, chunk):
+                idx = start + np.argsort(lengths[start:start + chunk], kind="stable")
+                batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+                loader = DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+                                    pin_memory=device.type == "cuda")
+                for batch in loader:
+                    batch = batch.to(device)
+                    f = model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask).features
+                    dest[batch.index.cpu().numpy()] = torch.nn.functional.normalize(
+                        f.float().mean(1), dim=-1).cpu().numpy()
+        dest.flush()
+        del dest
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return np.load(out, mmap_mode="r")

@@ -70,6 +70,16 @@ def test_training_data_from_shards_matches_the_h5ad(shards):
         x, y = ds[i], ref[i]
         assert (x["gene_ids"] == y["gene_ids"]).all() and x["text"] == y["text"]
         assert (x["target_genes"] == y["target_genes"]).all()
+    # DataLoader worker processes read the same cells from their own maps of the shard files
+    from torch.utils.data import DataLoader
+
+    from scmmgpt.data.dataset import CellTextCollator
+
+    collate = CellTextCollator(pad_id=vocab.pad_id, vocab_size=len(vocab))
+    seq = list(DataLoader(ds, batch_size=64, collate_fn=collate))
+    par = list(DataLoader(ds, batch_size=64, collate_fn=collate, num_workers=2))
+    assert len(seq) == len(par) and all(torch.equal(x.gene_ids, y.gene_ids) and x.texts == y.texts
+                                        for x, y in zip(seq, par))
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny", max_genes=32)
     cfg.qformer.n_layers, cfg.qformer.max_text_len = 1, 32
@@ -145,8 +155,8 @@ def test_streaming_200k_cells_keeps_memory_flat(tmp_path):
     del X, indices
 
     out = tmp_path / "shards"
-    m = write_shards(path, out, cells_per_shard=50_000)
-    assert m["n_cells"] == n and len(m["shards"]) == 4
+    m = write_shards(path, out, cells_per_shard=50_000, workers=2)     # two processes, one block each at a time
+    assert m["n_cells"] == n and len(m["shards"]) == 4 and all(s["n_cells"] == 50_000 for s in m["shards"])
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run([sys.executable, "-c", STREAM, str(out)], env=env, capture_output=True, text=True,
@@ -157,3 +167,28 @@ def test_streaming_200k_cells_keeps_memory_flat(tmp_path):
     growth = marks["end"] - marks["at_20k"]
     # streaming 180k more cells adds (almost) nothing; holding them would take ~0.9 x in_memory
     assert growth < 0.1 * in_memory, (growth, in_memory)
+
+
+def test_embed_to_disk_streams_in_order(shards, tmp_path):
+    import torch
+
+    from scmmgpt.data import CellTextDataset
+    from scmmgpt.inference import embed_to_disk, encode_dataset
+    from scmmgpt.models.config import ModelConfig
+    from scmmgpt.models.scmmgpt import ScMMGPT
+
+    _, out, vocab = shards
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", max_genes=32)
+    cfg.qformer.n_layers, cfg.qformer.n_query = 1, 4
+    model = ScMMGPT.build(cfg, vocab, with_lm=False)
+    cells = ShardedCells(out).subset(np.arange(0, 2638, 7))          # 377 cells across all shards
+    ds = CellTextDataset(cells, cls_id=vocab.cls_id, max_genes=32)
+    emb = embed_to_disk(model, ds, tmp_path / "emb.npy", batch_size=16, chunk=100)
+    ref = encode_dataset(model, ds, batch_size=64).embedding()        # length-sorted too, then restored
+    assert emb.shape == ref.shape == (377, cfg.qformer.embed_dim)
+    assert np.abs(np.asarray(emb) - ref).max() < 1e-4
+    # against plain file order, one cell at a time (no padding at all)
+    one = np.concatenate([encode_dataset(model, ds, batch_size=1, indices=[i]).embedding() for i in (0, 200, 376)])
+    assert np.abs(np.asarray(emb)[[0, 200, 376]] - one).max() < 1e-4
+    assert not list(tmp_path.glob(".emb.npy*"))

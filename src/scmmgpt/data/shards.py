@@ -57,6 +57,9 @@ class ShardTask:
     stop: int
     value_kind: str
     organism: str
+    soma: object | None = None
+    """A :class:`~scmmgpt.data.census.SomaSource`: rows ``start:stop`` of its saved join ids."""
+    joinids: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,27 @@ def is_shard_dir(path) -> bool:
     return path is not None and Path(path).is_dir() and (Path(path) / "manifest.json").is_file()
 
 
-def _plan(sources: Sequence[str], cells_per_shard: int, layer, use_raw) -> list[ShardTask]:
+def _plan(sources: Sequence, cells_per_shard: int, layer, use_raw, out: Path) -> list[ShardTask]:
+    from .census import SomaSource, read_soma_block, soma_joinids
+
     tasks = []
-    for src in sources:
+    for k, src in enumerate(sources):
+        if isinstance(src, SomaSource):
+            ids = soma_joinids(src)
+            if len(ids) == 0:
+                raise InputDataError(f"No cell of {src.uri} passes the filter {src.filter.value_filter()!r}.")
+            ids_path = out / f"soma-{k}-joinids.npy"
+            if not ids_path.is_file():
+                np.save(ids_path, ids)
+            elif not np.array_equal(np.load(ids_path), ids):
+                raise InputDataError(f"{out} holds shards of another selection of {src.uri}; use an empty folder.")
+            head = read_soma_block(src, ids[:500])
+            X = sp.csr_matrix(head.X)
+            kind, organism = detect_value_kind(X), detect_organism([str(v) for v in head.var_names])
+            for start in range(0, len(ids), cells_per_shard):
+                tasks.append(ShardTask(len(tasks), src.uri, start, min(len(ids), start + cells_per_shard), kind,
+                                       organism, soma=src, joinids=str(ids_path)))
+            continue
         adata = read_h5ad(src, backed=True)
         X, var_names, where = select_matrix(adata, layer=layer, use_raw=use_raw)
         n = adata.n_obs
@@ -104,9 +125,16 @@ def _write_one(task: ShardTask, opt: _Options) -> dict:
     if (final / "shard.json").is_file():          # done by an earlier, interrupted run
         return json.loads((final / "shard.json").read_text())
     vocab = GeneVocab.from_json(opt.vocab_path)
-    backed = read_h5ad(task.source, backed=True)
-    block = backed[task.start:task.stop].to_memory()
-    backed.file.close()
+    if task.soma is not None:
+        from .census import read_soma_block
+
+        rows = np.load(task.joinids)[task.start:task.stop]
+        block = read_soma_block(task.soma, rows)
+    else:
+        rows = np.arange(task.start, task.stop)
+        backed = read_h5ad(task.source, backed=True)
+        block = backed[task.start:task.stop].to_memory()
+        backed.file.close()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cells = prepare_cells(block, vocab, layer=opt.layer, use_raw=opt.use_raw, value_kind=task.value_kind,
@@ -123,7 +151,7 @@ def _write_one(task: ShardTask, opt: _Options) -> dict:
     np.save(tmp / "measured.npy", cells.measured)
     meta = pd.DataFrame({
         "obs_name": np.asarray(cells.obs_names).astype(str),
-        "source_row": (task.start + cells.cell_index).astype(np.int64),
+        "source_row": rows[cells.cell_index].astype(np.int64),     # h5ad row, or SOMA soma_joinid
         "cell_type": desc["cell_type"].astype(str).to_numpy(),
         "cell_type_id": desc["cell_type_id"].astype(str).to_numpy(),
         "ambiguous": desc["ambiguous"].to_numpy(bool),
@@ -155,7 +183,8 @@ def write_shards(sources: str | os.PathLike | Sequence[str | os.PathLike], out: 
     Parameters
     ----------
     sources
-        One or many ``.h5ad`` files (read in backed mode, one block at a time).
+        One or many ``.h5ad`` files (read in backed mode, one block at a time) and / or
+        :class:`~scmmgpt.data.census.SomaSource` (a TileDB-SOMA / Census experiment and a filter).
     vocab
         The model's gene vocabulary; default: the genes of the first file (Ensembl ids as symbols).
     cells_per_shard
@@ -171,7 +200,11 @@ def write_shards(sources: str | os.PathLike | Sequence[str | os.PathLike], out: 
 
     from .pipeline import vocab_from_adata
 
-    sources = [str(sources)] if isinstance(sources, (str, os.PathLike)) else [str(s) for s in sources]
+    from .census import SomaSource, read_soma_block, soma_joinids
+
+    if isinstance(sources, (str, os.PathLike, SomaSource)):
+        sources = [sources]
+    sources = [s if isinstance(s, SomaSource) else str(s) for s in sources]
     if not sources:
         raise InputDataError("write_shards needs at least one .h5ad file.")
     if cells_per_shard < 1 or workers < 1:
@@ -184,14 +217,16 @@ def write_shards(sources: str | os.PathLike | Sequence[str | os.PathLike], out: 
     out.mkdir(parents=True, exist_ok=True)
     vocab_path = out / "vocab.json"
     if vocab is None and not vocab_path.is_file():
-        adata = read_h5ad(sources[0], backed=True)
-        vocab = vocab_from_adata(adata, layer=layer, use_raw=use_raw)
+        if isinstance(sources[0], SomaSource):
+            vocab = vocab_from_adata(read_soma_block(sources[0], soma_joinids(sources[0])[:1]))
+        else:
+            vocab = vocab_from_adata(read_h5ad(sources[0], backed=True), layer=layer, use_raw=use_raw)
     if vocab is not None:
         if vocab_path.is_file() and GeneVocab.from_json(vocab_path).tokens != vocab.tokens:
             raise InputDataError(f"{out} holds shards of another vocabulary; write to an empty folder.")
         if not vocab_path.is_file():
             vocab.save(vocab_path)
-    tasks = _plan(sources, cells_per_shard, layer, use_raw)
+    tasks = _plan(sources, cells_per_shard, layer, use_raw, out)
     mine = tasks[rank::world_size]
     opt = _Options(str(out), str(vocab_path), label_key, text_key, layer, use_raw, target_sum, min_coverage)
     bar = tqdm(total=len(mine), desc="shards", disable=not progress)

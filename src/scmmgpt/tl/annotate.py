@@ -12,7 +12,7 @@ import torch
 from ..errors import InputDataError
 from ..inference import encode_texts, evaluation_mode
 from ..modules.losses import similarity
-from ._common import batches, full_rows, model_cells, resolve_model, start
+from ._common import batches, full_rows, in_order, model_cells, resolve_model, start
 from .texts import MAX_LABELS, candidate_labels
 
 __all__ = ["annotate"]
@@ -114,7 +114,7 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
                       "store_scores=True to keep it); top-k labels and scores are.", stacklevel=2)
     k = min(top_k, T)
     text = encode_texts(model, cands.texts)
-    all_scores, top_idx, top_val, second = [], [], [], []
+    all_scores, top_idx, top_val, second, index = [], [], [], [], []
     with evaluation_mode(model):
         for batch in batches(model, mc.dataset, batch_size, progress=progress, desc="annotate"):
             out = model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
@@ -127,8 +127,9 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
             second.append(best.values[:, 1] if T > 1 else torch.full((len(sim),), -np.inf))
             if keep_all:
                 all_scores.append(sim)
-    top_idx, top_val = torch.cat(top_idx).numpy(), torch.cat(top_val).numpy()
-    second = torch.cat(second).numpy()
+            index.append(batch.index)
+    top_idx, top_val = in_order(top_idx, index).numpy(), in_order(top_val, index).numpy()
+    second = in_order(second, index).numpy()
     names = np.asarray(cands.names, dtype=object)
     pred = names[top_idx[:, 0]].copy()
     reject = np.zeros(len(pred), dtype=bool)
@@ -147,7 +148,7 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
     adata.obsm[key_added + "_topk"] = topk
     adata.obsm[key_added + "_topk_score"] = full_rows(top_val, rows, n)
     if keep_all:
-        adata.obsm[key_added + "_scores"] = full_rows(torch.cat(all_scores).numpy(), rows, n)
+        adata.obsm[key_added + "_scores"] = full_rows(in_order(all_scores, index).numpy(), rows, n)
     adata.uns[key_added] = {
         "labels": list(cands.names), "label_ids": list(cands.ids), "texts": list(cands.texts),
         "params": {"alpha": alpha, "rerank_top": rerank_top, "top_k": k,

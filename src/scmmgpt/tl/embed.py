@@ -11,7 +11,7 @@ import torch
 from ..errors import InputDataError
 from ..inference import encode_texts, evaluation_mode
 from ..modules.losses import similarity
-from ._common import batches, full_rows, model_cells, resolve_model, start
+from ._common import batches, full_rows, in_order, model_cells, resolve_model, start
 from .texts import query_texts
 
 __all__ = ["embed", "search"]
@@ -19,13 +19,14 @@ __all__ = ["embed", "search"]
 
 def _cell_features(model, mc, batch_size: int, progress: bool, desc: str):
     """Per kept cell: ``<cls>`` embedding (N, d_cell), query features (N, Q, D) as float32 CPU tensors."""
-    cls, feats = [], []
+    cls, feats, index = [], [], []
     with evaluation_mode(model):
         for batch in batches(model, mc.dataset, batch_size, progress=progress, desc=desc):
             out = model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
             cls.append(out.cell_embedding.float().cpu())
             feats.append(out.features.float().cpu())
-    return torch.cat(cls), torch.cat(feats)
+            index.append(batch.index)
+    return in_order(cls, index), in_order(feats, index)
 
 
 def embed(adata, model, *, aligned: bool = True, key_added: str = "X_scmmgpt", batch_size: int = 64,
@@ -95,12 +96,13 @@ def search(adata, model, query: str | Sequence[str], *, top_k: int = 10, expand:
     texts = query_texts(queries, expand=expand)
     mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key)
     text_feats = encode_texts(model, texts)
-    sims = []
+    sims, index = [], []
     with evaluation_mode(model):
         for batch in batches(model, mc.dataset, batch_size, progress=progress, desc="search"):
             f = model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask).features.float().cpu()
             sims.append(similarity(f, text_feats))
-    sim = torch.cat(sims).numpy()                       # (kept cells, queries)
+            index.append(batch.index)
+    sim = in_order(sims, index).numpy()                       # (kept cells, queries)
     frames = []
     k = min(top_k, len(mc.rows))
     for j, q in enumerate(queries):

@@ -13,7 +13,7 @@ import torch
 from ..data.dataset import tokenize_for_lm
 from ..errors import InputDataError
 from ..inference import evaluation_mode
-from ._common import batches, device_of, full_rows, model_cells, require_lm, resolve_model, start
+from ._common import batches, device_of, full_rows, in_order, model_cells, require_lm, resolve_model, start
 from .texts import query_texts
 
 __all__ = ["describe", "generate"]
@@ -57,11 +57,13 @@ def describe(adata, model, *, max_new_tokens: int = 64, do_sample: bool = False,
     model = resolve_model(model, device=device)
     require_lm(model, "describe", ("lm_proj.",))
     mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key)
-    texts: list[str] = []
+    texts, index = [], []
     with evaluation_mode(model), _seeded(seed, device_of(model)):
         for batch in batches(model, mc.dataset, batch_size, progress=progress, desc="describe"):
-            texts += model.generate_text(batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                         temperature=temperature, top_p=top_p)
+            texts.append(model.generate_text(batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                             temperature=temperature, top_p=top_p))
+            index.append(batch.index)
+    texts = in_order(texts, index)
     adata.obs[key_added] = full_rows(np.asarray(texts, dtype=object), mc.rows, mc.n_obs, fill="")
     adata.uns.setdefault("scmmgpt", {})["describe"] = {
         "max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature, "top_p": top_p,
