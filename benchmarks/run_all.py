@@ -1,0 +1,73 @@
+"""Every performance benchmark (``make bench``): throughput against the naive reference
+(``perf.py``) and memory while streaming from shards as the data grows (``streaming.py``). Each
+writes its JSON under ``benchmarks/results/``; this script also writes
+``benchmarks/results/perf.md`` with both tables, the machine, the commands and the date.
+
+``--quick`` runs small sizes (a few minutes on a laptop CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import perf  # noqa: E402
+import streaming  # noqa: E402
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--model", choices=["cpu-small", "paper"], default="cpu-small")
+    p.add_argument("--results", default=str(HERE / "results"), help="folder for the JSON and perf.md")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--skip-streaming", action="store_true")
+    args = p.parse_args(argv)
+    out = Path(args.results)
+    perf_args = ["--out", str(out / "perf.json"), "--model", args.model]
+    perf_args += (["--device", args.device] if args.device else []) + (
+        ["--batch-size", str(args.batch_size)] if args.batch_size else [])
+    if args.quick:
+        perf_args += ["--max-genes", "256", "--cells", "128", "--steps", "2"]
+    rp = perf.main(perf_args)
+    rs = None if args.skip_streaming else streaming.main(
+        ["--out", str(out / "streaming.json")] + (["--sizes", "10000", "50000"] if args.quick else []))
+    m = rp["machine"]
+    lines = [f"# Performance ({rp['date'][:10]}; {m['platform']}, {m['cpu_count']} CPUs, device {rp['device']}, "
+             f"torch {m['torch']}, commit {str(m.get('git_commit'))[:10]})", "",
+             f"`{rp['command']}`: model `{rp['model']}`, the same weights on the same cells; reference = every cell "
+             "padded to max_genes, file order, fp32, eager attention, no KV cache.", "",
+             "| max_genes | measure | naive | scmmgpt | ratio |", "|---|---|---|---|---|"]
+    for r in rp["results"]:
+        for key in ("embed_cells_per_s", "stage1_cells_per_s", "stage2_cells_per_s", "describe_tokens_per_s",
+                    "generate_cells_per_s"):
+            if key in r:
+                v = r[key]
+                naive = f"{v['naive']:.1f}" if "naive" in v else "–"
+                ratio = f"{v['ratio']:.2f}x" if "ratio" in v else "–"
+                lines.append(f"| {r['max_genes']} | {key} | {naive} | {v['ours']:.1f} | {ratio} |")
+    lines += ["", "Model FLOPs of the timed training steps (counted by `FlopCounterMode`; MFU against the GPU's "
+              "dense bf16 peak, none on CPU):", "", "| max_genes | stage | TFLOP/s | MFU |", "|---|---|---|---|"]
+    for r in rp["results"]:
+        for stage in ("stage1", "stage2"):
+            f = r[f"{stage}_flops"]
+            mfu = f"{100 * f['mfu']:.1f}%" if f.get("mfu") else "–"
+            lines.append(f"| {r['max_genes']} | {stage} | {f['flops_per_s'] / 1e12:.3f} | {mfu} |")
+    if rs is not None:
+        lines += ["", f"`{rs['command']}`: embedding from shards (tiny model), peak anonymous memory.", "",
+                  "| cells | cells/s | peak RssAnon (MiB) | counts in memory (MiB) |", "|---|---|---|---|"]
+    for r in (rs or {}).get("results", []):
+        lines.append(f"| {r['cells']} | {r['cells_per_s']:.0f} | {r['rss_anon_peak'] / 2**20:.0f} | "
+                     f"{r['csr_bytes'] / 2**20:.0f} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "perf.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

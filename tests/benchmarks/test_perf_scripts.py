@@ -1,0 +1,71 @@
+"""The performance scripts run and measure what they claim: the naive reference and ours compute
+the same embeddings, FLOPs are counted, the paper-sized model builds from configs. No timing is
+asserted (figures live in benchmarks/results/)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import data_path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def perf():
+    sys.path.insert(0, str(BENCH))
+    import perf
+
+    yield perf
+    sys.path.remove(str(BENCH))
+
+
+def _small(tmp_path, *extra) -> list[str]:
+    return ["--data", str(data_path("pbmc3k_clustifyr.h5ad")), "--out", str(tmp_path / "perf.json"),
+            "--max-genes", "48", "--cells", "24", "--steps", "1", "--batch-size", "4", "--describe-cells", "2",
+            "--new-tokens", "3", *extra]
+
+
+def test_naive_reference_matches_ours_and_flops_are_counted(perf, tmp_path):
+    rec = perf.main(_small(tmp_path))
+    assert json.loads((tmp_path / "perf.json").read_text()) == json.loads(json.dumps(rec))
+    (row,) = rec["results"]
+    # padding every cell to max_genes and file order change the speed, not the result
+    assert row["embed_max_abs_diff"] < 1e-4
+    for key in ("embed_cells_per_s", "stage1_cells_per_s", "stage2_cells_per_s", "describe_tokens_per_s"):
+        v = row[key]
+        assert v["naive"] > 0 and v["ours"] > 0 and v["ratio"] == pytest.approx(v["ours"] / v["naive"])
+    assert row["generate_cells_per_s"]["ours"] > 0
+    # stage 2 runs the LM over the description as well: more FLOPs per cell than stage 1
+    f1, f2 = row["stage1_flops"], row["stage2_flops"]
+    assert f2["model_flops"] > f1["model_flops"] > 1e9
+    assert f1["mfu"] is None                        # no peak on CPU
+    assert rec["machine"]["git_commit"] and rec["device"] == "cpu"
+
+
+def test_pad_to_pads_with_masked_positions(perf):
+    import torch
+
+    from scmmgpt.data.dataset import CellBatch
+
+    b = CellBatch(gene_ids=torch.tensor([[1, 5, 6]]), values=torch.tensor([[0.0, 1.0, 2.0]]),
+                  padding_mask=torch.tensor([[False, False, False]]), index=torch.tensor([0]))
+    p = perf.pad_to(b, 6, pad_id=0, pad_value=-2.0)
+    assert p.gene_ids.tolist() == [[1, 5, 6, 0, 0, 0]] and p.values[0, 3:].tolist() == [-2.0] * 3
+    assert p.padding_mask.tolist() == [[False] * 3 + [True] * 3]
+
+
+@pytest.mark.slow  # builds a 12 x 512 encoder, a BERT-base layer and a 2048-wide Llama layer (~1 min)
+def test_paper_sized_model_builds_from_configs(perf, tmp_path):
+    rec = perf.main(_small(tmp_path, "--model", "paper", "--assets-dir", str(tmp_path / "assets"),
+                           "--lm-layers", "1", "--bert-layers", "1"))
+    sizes = rec["parameters"]
+    n_genes = rec["results"][0]["vocab_size"]
+    # 12 layers of 1.58M parameters at width 512 (+ the 0.27M value encoder), one 512-wide embedding per gene
+    assert sizes["cell_encoder"] - 512 * n_genes == pytest.approx(12 * 1_577_984, rel=0.02)
+    assert sizes["lm"] > 200e6                        # one 2048-wide layer + 49k x 2048 embeddings and head
+    assert rec["results"][0]["embed_max_abs_diff"] < 1e-3
