@@ -96,22 +96,32 @@ def zero_shot_scores(cell: CellFeatures | torch.Tensor, text_features: torch.Ten
     return similarity(feats.float(), text_features.float()).numpy()
 
 
-def embed_to_disk(model, ds: CellTextDataset, out, *, batch_size: int = 64, num_workers: int = 0,
-                  chunk: int = 16384) -> np.memmap:
-    """Embed every cell of ``ds`` into an ``(N, embed_dim)`` float32 ``.npy`` file at ``out``,
-    streaming: cells come from the dataset (e.g. memory-mapped shards) ``chunk`` at a time, sorted
-    by length within each chunk, and embeddings go straight to a memory-mapped file, so memory does
-    not grow with the number of cells. Returns the (read-only) memory map."""
+def embed_to_disk(model, ds: CellTextDataset, out, *, cell_out=None, batch_size: int = 64, num_workers: int = 0,
+                  chunk: int = 16384):
+    """Embed every cell of ``ds`` into ``.npy`` files, streaming: cells come from the dataset (e.g.
+    memory-mapped shards) ``chunk`` at a time, sorted by length within each chunk, and results go
+    straight to memory-mapped files, so memory does not grow with the number of cells.
+
+    ``out`` receives the ``(N, embed_dim)`` float32 aligned features (the mean of the Q-Former query
+    features, unit norm: ``.obsm["X_scmmgpt_aligned"]`` of :func:`scmmgpt.tl.embed`); ``cell_out``,
+    if given, the ``(N, d_cell)`` ``<cls>`` embeddings (``.obsm["X_scmmgpt"]``). Either may be
+    ``None``. Each file is written under a temporary name and renamed when complete. Returns the
+    read-only memory map of ``out`` (else of ``cell_out``)."""
     import os
     from pathlib import Path
 
     from torch.utils.data import DataLoader
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    n, dim = len(ds), model.config.qformer.embed_dim
-    dest = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+    targets = {k: Path(v) for k, v in (("aligned", out), ("cell", cell_out)) if v is not None}
+    if not targets:
+        raise ValueError("embed_to_disk needs out= or cell_out=.")
+    n = len(ds)
+    dims = {"aligned": model.config.qformer.embed_dim, "cell": model.config.cell.d_model}
+    tmps, dest = {}, {}
+    for k, path in targets.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmps[k] = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        dest[k] = np.lib.format.open_memmap(tmps[k], mode="w+", dtype=np.float32, shape=(n, dims[k]))
     device = next(model.parameters()).device
     lengths = ds.lengths()
     collate = model.collator()
@@ -124,13 +134,19 @@ def embed_to_disk(model, ds: CellTextDataset, out, *, batch_size: int = 64, num_
                                     pin_memory=device.type == "cuda")
                 for batch in loader:
                     batch = batch.to(device)
-                    f = model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask).features
-                    dest[batch.index.cpu().numpy()] = torch.nn.functional.normalize(
-                        f.float().mean(1), dim=-1).cpu().numpy()
-        dest.flush()
-        del dest
-        os.replace(tmp, out)
+                    enc = model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
+                    rows = batch.index.cpu().numpy()
+                    if "aligned" in dest:
+                        dest["aligned"][rows] = torch.nn.functional.normalize(
+                            enc.features.float().mean(1), dim=-1).cpu().numpy()
+                    if "cell" in dest:
+                        dest["cell"][rows] = enc.cell_embedding.float().cpu().numpy()
+        for k in list(dest):
+            dest[k].flush()
+            del dest[k]
+            os.replace(tmps[k], targets[k])
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    return np.load(out, mmap_mode="r")
+        for tmp in tmps.values():
+            if tmp.exists():
+                tmp.unlink()
+    return np.load(targets.get("aligned", targets.get("cell")), mmap_mode="r")

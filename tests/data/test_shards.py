@@ -184,11 +184,46 @@ def test_embed_to_disk_streams_in_order(shards, tmp_path):
     model = ScMMGPT.build(cfg, vocab, with_lm=False)
     cells = ShardedCells(out).subset(np.arange(0, 2638, 7))          # 377 cells across all shards
     ds = CellTextDataset(cells, cls_id=vocab.cls_id, max_genes=32)
-    emb = embed_to_disk(model, ds, tmp_path / "emb.npy", batch_size=16, chunk=100)
-    ref = encode_dataset(model, ds, batch_size=64).embedding()        # length-sorted too, then restored
+    emb = embed_to_disk(model, ds, tmp_path / "emb.npy", cell_out=tmp_path / "cls.npy", batch_size=16, chunk=100)
+    feats = encode_dataset(model, ds, batch_size=64)                  # length-sorted too, then restored
+    ref = feats.embedding()
     assert emb.shape == ref.shape == (377, cfg.qformer.embed_dim)
     assert np.abs(np.asarray(emb) - ref).max() < 1e-4
+    cls = np.load(tmp_path / "cls.npy")
+    assert cls.shape == (377, cfg.cell.d_model) and np.abs(cls - feats.cell_embedding.numpy()).max() < 1e-4
     # against plain file order, one cell at a time (no padding at all)
     one = np.concatenate([encode_dataset(model, ds, batch_size=1, indices=[i]).embedding() for i in (0, 200, 376)])
     assert np.abs(np.asarray(emb)[[0, 200, 376]] - one).max() < 1e-4
-    assert not list(tmp_path.glob(".emb.npy*"))
+    assert not list(tmp_path.glob(".*.npy*"))
+
+
+def test_cli_embeds_a_shard_folder(shards, tmp_path, capsys):
+    import torch
+
+    from scmmgpt import tl
+    from scmmgpt.cli.main import main
+    from scmmgpt.models.config import ModelConfig
+    from scmmgpt.models.scmmgpt import ScMMGPT
+
+    src, out, vocab = shards
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", max_genes=32)
+    cfg.qformer.n_layers, cfg.qformer.n_query = 1, 4
+    model = ScMMGPT.build(cfg, vocab, with_lm=False)
+    model.save_pretrained(tmp_path / "model")
+    dest = tmp_path / "emb" / "cells.npy"
+    assert main(["embed", str(out), "--model", str(tmp_path / "model"), "-o", str(dest), "--batch-size", "128"]) == 0
+    assert "2638 cells" in capsys.readouterr().out
+    cls, aligned = np.load(dest), np.load(tmp_path / "emb" / "cells_aligned.npy")
+    # the same vectors as tl.embed of the .h5ad, cell for cell
+    adata = ad.read_h5ad(src)
+    tl.embed(adata, model, batch_size=128)
+    assert np.abs(cls - adata.obsm["X_scmmgpt"]).max() < 1e-4
+    assert np.abs(aligned - adata.obsm["X_scmmgpt_aligned"]).max() < 1e-4
+    # shards of another vocabulary, and .h5ad-only options, are refused with exit code 2
+    other = ScMMGPT.build(cfg, GeneVocab.from_genes(list(vocab.tokens[10:400])), with_lm=False)
+    other.save_pretrained(tmp_path / "other")
+    assert main(["embed", str(out), "--model", str(tmp_path / "other"), "-o", str(dest)]) == 2
+    assert "another gene vocabulary" in capsys.readouterr().err
+    assert main(["embed", str(out), "--model", str(tmp_path / "model"), "--inplace"]) == 2
+    assert main(["embed", str(out), "--model", str(tmp_path / "model"), "-o", str(tmp_path / "x.h5ad")]) == 2

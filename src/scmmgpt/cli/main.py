@@ -198,7 +198,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--batch-size", type=int, default=None, help="cells per batch")
     if data:
-        p.add_argument("data", help="input .h5ad")
+        p.add_argument("data", help="input .h5ad (embed: or a shard folder from `scmmgpt shard`)")
         p.add_argument("-o", "--output", default=None,
                        help="output .h5ad (default: INPUT_scmmgpt.h5ad next to the input)")
         p.add_argument("--inplace", action="store_true", help="write the results into the input file")
@@ -341,7 +341,10 @@ def _embed():
 
     def run(args: argparse.Namespace) -> int:
         from .. import tl
+        from ..data.shards import is_shard_dir
 
+        if is_shard_dir(args.data):
+            return _embed_shards(args)
         out = _output_path(args)
         adata = _read(args)
         tl.embed(adata, _load_model(args, with_lm=False), aligned=not args.no_aligned, key_added=args.key_added,
@@ -350,6 +353,33 @@ def _embed():
         return 0
 
     return add, run
+
+
+def _embed_shards(args) -> int:
+    """``scmmgpt embed SHARDS/ -o emb.npy``: stream a shard folder into memory-mapped ``.npy`` files
+    (``<cls>`` embeddings, and ``*_aligned.npy`` features), row i = the i-th cell of the shards."""
+    from ..data import CellTextDataset
+    from ..data.shards import ShardedCells
+    from ..data.vocab import GeneVocab
+    from ..inference import embed_to_disk
+
+    shards = Path(args.data)
+    out = Path(args.output) if args.output else shards / "scmmgpt_embedding.npy"
+    if out.suffix != ".npy":
+        raise ConfigError(f"Embeddings of a shard folder are written as .npy; got --output {out}.")
+    if args.inplace or args.layer or args.use_raw or args.gene_symbol_key:
+        raise ConfigError("--inplace, --layer, --use-raw and --gene-symbol-key apply to .h5ad input; a shard folder "
+                          "was prepared by `scmmgpt shard` (pass them there).")
+    model = _load_model(args, with_lm=False)
+    if GeneVocab.from_json(shards / "vocab.json").tokens != model.vocab.tokens:
+        raise InputDataError(f"{shards} was written with another gene vocabulary than the model's; re-run "
+                             f"`scmmgpt shard ... --model {args.model or 'MODEL'} --out NEW_FOLDER`.")
+    ds = CellTextDataset(ShardedCells(shards), cls_id=model.vocab.cls_id, max_genes=model.config.max_genes)
+    aligned = None if args.no_aligned else out.with_name(out.stem + "_aligned.npy")
+    embed_to_disk(model, ds, aligned, cell_out=out, batch_size=args.batch_size or 64)
+    print(f"wrote {out}" + (f" and {aligned}" if aligned else "") + f" ({len(ds)} cells; row i is the i-th cell "
+          "of scmmgpt.data.shards.load_shard_descriptions)")
+    return 0
 
 
 @command("annotate")
@@ -461,7 +491,7 @@ def _search():
     """The cells best matching a text query (printed; --csv writes them)."""
 
     def add(p: argparse.ArgumentParser) -> None:
-        p.add_argument("data", help="input .h5ad")
+        p.add_argument("data", help="input .h5ad (embed: or a shard folder from `scmmgpt shard`)")
         p.add_argument("query", nargs="+", help="query texts")
         p.add_argument("--top-k", type=int, default=10)
         p.add_argument("--csv", default=None, help="write the hits to this CSV file")
