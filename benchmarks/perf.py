@@ -71,6 +71,23 @@ def peak_flops(device) -> float | None:
     return next((v for k, v in PEAK_BF16 if k in name), None)
 
 
+def _count_cpu_attention() -> None:
+    """``FlopCounterMode`` knows the CUDA SDPA kernels but not the CPU flash kernel, whose FLOPs it
+    would count as 0; register it with torch's own SDPA formulas."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is None or bwd is None or fwd in fc.flop_registry or fwd.default in fc.flop_registry:
+        return
+    fc.register_flop_formula(fwd)(lambda q, k, v, *a, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v))
+    fc.register_flop_formula(bwd)(lambda g, q, k, v, *a, out_shape=None, **kw: fc.sdpa_backward_flop_count(g, q, k, v))
+
+
+_count_cpu_attention()
+
+
 def _mode(device, naive: bool):
     """Ours: fused SDPA, bf16 autocast on CUDA. Naive: fp32 and SDPA's math (eager) kernel."""
     from contextlib import ExitStack

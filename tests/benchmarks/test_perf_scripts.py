@@ -69,3 +69,15 @@ def test_paper_sized_model_builds_from_configs(perf, tmp_path):
     assert sizes["cell_encoder"] - 512 * n_genes == pytest.approx(12 * 1_577_984, rel=0.02)
     assert sizes["lm"] > 200e6                        # one 2048-wide layer + 49k x 2048 embeddings and head
     assert rec["results"][0]["embed_max_abs_diff"] < 1e-3
+
+
+def test_cpu_attention_flops_are_counted(perf):
+    """torch's counter has no formula for the CPU flash kernel; perf registers torch's SDPA one."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q = torch.randn(2, 4, 128, 32)
+    with FlopCounterMode(display=False) as counter:
+        F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(2, 1, 1, 128, dtype=torch.bool))
+    assert counter.get_total_flops() == 2 * (2 * 2 * 4 * 128 * 128 * 32)      # QK^T and AV

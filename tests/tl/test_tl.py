@@ -65,6 +65,24 @@ def test_embed_copy_semantics_and_quality(trained, test_cells):
     assert _loo_knn(al, a.obs["cell_type"].astype(str)) > 0.6
 
 
+def test_embed_and_annotate_are_deterministic_and_batch_free(trained, test_cells):
+    """Same call, same bits (CPU); another batch size pads and sorts cells differently but gives the
+    same values, in the input's order."""
+    a = test_cells[:50].copy()
+    labels = sorted(set(a.obs["cell_type"].astype(str)))
+    e = [tl.embed(a, trained.model, batch_size=b, copy=True) for b in (16, 16, 7)]
+    n = [tl.annotate(a, trained.model, labels=labels, batch_size=b, store_scores=True, copy=True) for b in (16, 16, 7)]
+    for key in ("X_scmmgpt", "X_scmmgpt_aligned"):
+        np.testing.assert_array_equal(e[0].obsm[key], e[1].obsm[key])
+        np.testing.assert_allclose(e[0].obsm[key], e[2].obsm[key], atol=1e-5)
+    np.testing.assert_array_equal(n[0].obsm["scmmgpt_label_scores"], n[1].obsm["scmmgpt_label_scores"])
+    np.testing.assert_allclose(n[0].obsm["scmmgpt_label_scores"], n[2].obsm["scmmgpt_label_scores"], atol=1e-5)
+    assert n[0].obs["scmmgpt_label"].tolist() == n[2].obs["scmmgpt_label"].tolist()
+    # each row is that cell's own result: embedding a cell alone gives its row
+    one = tl.embed(a[[37]].copy(), trained.model, copy=True)
+    np.testing.assert_allclose(one.obsm["X_scmmgpt"][0], e[0].obsm["X_scmmgpt"][37], atol=1e-5)
+
+
 def test_gene_mismatch_is_reported(trained, test_cells):
     a = test_cells
     # the most expressed genes renamed to ids the model does not know: coverage falls, a warning
