@@ -491,7 +491,7 @@ def _search():
     """The cells best matching a text query (printed; --csv writes them)."""
 
     def add(p: argparse.ArgumentParser) -> None:
-        p.add_argument("data", help="input .h5ad (embed: or a shard folder from `scmmgpt shard`)")
+        p.add_argument("data", help="input .h5ad")
         p.add_argument("query", nargs="+", help="query texts")
         p.add_argument("--top-k", type=int, default=10)
         p.add_argument("--csv", default=None, help="write the hits to this CSV file")

@@ -95,8 +95,9 @@ def _open(uri: str):
         raise InputDataError(f"Could not open the SOMA experiment {uri!r}: {type(exc).__name__}: {exc}") from None
 
 
-def soma_joinids(src: SomaSource) -> np.ndarray:
-    """``soma_joinid`` of every cell that passes the filter (sorted)."""
+def soma_joinids(src: SomaSource, *, allow_empty: bool = True) -> np.ndarray:
+    """``soma_joinid`` of every cell that passes the filter (sorted); with ``allow_empty=False`` an
+    empty selection is an :class:`InputDataError`."""
     soma = _soma()
     with _open(src.uri) as exp:
         cols = set(exp.obs.schema.names)
@@ -112,6 +113,8 @@ def soma_joinids(src: SomaSource) -> np.ndarray:
                                  "(e.g. CensusFilter(tenx_only=False, primary_only=False)).")
         with exp.axis_query(src.measurement, obs_query=soma.AxisQuery(value_filter=flt)) as q:
             ids = q.obs_joinids().to_numpy()
+    if len(ids) == 0 and not allow_empty:
+        raise InputDataError(f"No cell of {src.uri} passes the filter {flt!r}.")
     return np.sort(ids)
 
 
@@ -143,8 +146,6 @@ def read_soma_block(src: SomaSource, joinids: np.ndarray):
 
 def soma_blocks(src: SomaSource, block_size: int = 50_000) -> Iterator:
     """Stream the filtered cells as AnnData blocks of at most ``block_size`` cells."""
-    ids = soma_joinids(src)
-    if len(ids) == 0:
-        raise InputDataError(f"No cell of {src.uri} passes the filter {src.filter.value_filter()!r}.")
+    ids = soma_joinids(src, allow_empty=False)
     for s in range(0, len(ids), block_size):
         yield read_soma_block(src, ids[s:s + block_size])

@@ -84,9 +84,7 @@ def _plan(sources: Sequence, cells_per_shard: int, layer, use_raw, out: Path) ->
     tasks = []
     for k, src in enumerate(sources):
         if isinstance(src, SomaSource):
-            ids = soma_joinids(src)
-            if len(ids) == 0:
-                raise InputDataError(f"No cell of {src.uri} passes the filter {src.filter.value_filter()!r}.")
+            ids = soma_joinids(src, allow_empty=False)
             ids_path = out / f"soma-{k}-joinids.npy"
             if not ids_path.is_file():
                 np.save(ids_path, ids)
@@ -218,7 +216,7 @@ def write_shards(sources: str | os.PathLike | Sequence[str | os.PathLike], out: 
     vocab_path = out / "vocab.json"
     if vocab is None and not vocab_path.is_file():
         if isinstance(sources[0], SomaSource):
-            vocab = vocab_from_adata(read_soma_block(sources[0], soma_joinids(sources[0])[:1]))
+            vocab = vocab_from_adata(read_soma_block(sources[0], soma_joinids(sources[0], allow_empty=False)[:1]))
         else:
             vocab = vocab_from_adata(read_h5ad(sources[0], backed=True), layer=layer, use_raw=use_raw)
     if vocab is not None:

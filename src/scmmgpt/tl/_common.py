@@ -103,9 +103,9 @@ def model_cells(adata, model, *, layer: str | None = None, use_raw: bool = False
 def batches(model, ds: CellTextDataset, batch_size: int, *, progress: bool = False, desc: str = "") -> Iterator[CellBatch]:
     """Batches of ``ds`` on the model's device, with an optional progress bar.
 
-    Cells are taken in order of length, so each batch pads to a similar length (2-3x faster than file
-    order on real data; ``benchmarks/perf.py``). ``batch.index`` holds each cell's position: callers
-    put results back in order with :func:`in_order`."""
+    Cells are taken in order of length, so a batch holds cells of similar length and pads little.
+    ``batch.index`` holds each cell's position: callers put results back in order with
+    :func:`in_order`."""
     from tqdm.auto import tqdm
 
     from ..inference import iter_batches
