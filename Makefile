@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/scmmgpt demo
+	$(VENV)/bin/scmmgpt demo --set-default
 
 test: install
 	$(PY) -m pytest -q tests

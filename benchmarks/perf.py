@@ -115,15 +115,15 @@ def embed(model, ds, batch_size: int, *, naive: bool) -> tuple[float, np.ndarray
     ``max_genes`` and keeps file order."""
     from scmmgpt.inference import encode_dataset
 
-    dev = next(model.parameters()).device
+    dev = model.device
     _sync(dev)
     t = time.perf_counter()
     if naive:
         feats = []
-        with evaluation_mode(model), _mode(dev, naive=True):
+        with evaluation_mode(model.net), _mode(dev, naive=True):
             for batch in iter_batches(model, ds, batch_size):
                 batch = pad_to(batch, model.config.max_genes + 1, model.vocab.pad_id, model.config.cell.pad_value)
-                feats.append(model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask).features.float().cpu())
+                feats.append(model.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask).features.float().cpu())
         out = torch.cat(feats)
     else:
         with _mode(dev, naive=False):
@@ -138,13 +138,14 @@ def train_steps(model, ds, batch_size: int, steps: int, stage: str, *, naive: bo
     the model FLOPs of the timed steps (replayed under ``FlopCounterMode`` after timing)."""
     from scmmgpt.data.dataset import LengthBucketSampler
 
-    dev = next(model.parameters()).device
-    model.set_trainable(stage)
-    model.train()
+    dev = model.device
+    net = model.net
+    spec = net.set_trainable(stage)
+    net.train()
     cuda = str(dev).startswith("cuda")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5,
                             fused=(cuda and not naive) or None)
-    bucket = (not naive) and stage != "stage1"
+    bucket = (not naive) and not spec.random_batches
     sampler = LengthBucketSampler(ds.lengths(), batch_size, seed=0, drop_last=True, pool_batches=50 if bucket else 1)
     collate = model.collator()
     gen = torch.Generator().manual_seed(0)
@@ -164,7 +165,7 @@ def train_steps(model, ds, batch_size: int, steps: int, stage: str, *, naive: bo
             _sync(dev)
             t = time.perf_counter()
         with _mode(dev, naive):
-            loss, _ = model(batch, stage, measured, gen)
+            loss = net(batch, spec, measured, gen).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -179,30 +180,31 @@ def train_steps(model, ds, batch_size: int, steps: int, stage: str, *, naive: bo
         with counter:
             for idx in batches[1:]:
                 with _mode(dev, naive):
-                    loss, _ = model(batch_of(idx), stage, measured, gen)
+                    loss = net(batch_of(idx), spec, measured, gen).loss
                 loss.backward()
                 opt.zero_grad(set_to_none=True)
         flops = counter.get_total_flops()
         out.update(model_flops=flops, flops_per_s=flops / dt)
         if peak_flops(dev):
             out["mfu"] = flops / dt / peak_flops(dev)
-    model.eval()
+    net.eval()
     return out
 
 
 def describe(model, ds, n: int, batch_size: int, max_new_tokens: int, *, naive: bool) -> float:
     """Generated LM tokens/s (greedy, batched), with (ours) or without (naive) the KV cache."""
-    dev = next(model.parameters()).device
+    dev = model.device
+    net = model.net
     produced = 0
     _sync(dev)
     t = time.perf_counter()
-    with evaluation_mode(model), _mode(dev, naive):
+    with evaluation_mode(net), _mode(dev, naive):
         for batch in iter_batches(model, ds, batch_size, indices=np.arange(n)):
-            cell = model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
-            prefix = model.cell_prefix(cell)
+            cell = net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
+            prefix = net.cell_prefix(cell)
             mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=dev)
             tok = model.lm_tokenizer
-            out = model.lm.generate(inputs_embeds=prefix, attention_mask=mask, do_sample=False,
+            out = net.lm.generate(inputs_embeds=prefix, attention_mask=mask, do_sample=False,
                                     max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                     pad_token_id=tok.pad_token_id or tok.eos_token_id, use_cache=not naive)
             produced += out.shape[0] * out.shape[1]
@@ -213,7 +215,8 @@ def describe(model, ds, n: int, batch_size: int, max_new_tokens: int, *, naive: 
 def main(argv=None) -> dict:
     from scmmgpt.models.scmmgpt import ScMMGPT
     from scmmgpt.tasks.benchmark import machine_info
-    from scmmgpt.train.run import DataConfig, load_labelled, load_run_config
+    from scmmgpt.data.labelled import DataConfig, load_labelled
+    from scmmgpt.train.run import load_run_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "pbmc3k_clustifyr.h5ad"))
@@ -246,9 +249,10 @@ def main(argv=None) -> dict:
     for max_genes in args.max_genes:
         rc.model.max_genes = max_genes
         torch.manual_seed(0)
-        model = ScMMGPT.build(rc.model, lab.vocab, with_lm=True).to(args.device).eval()
+        model = ScMMGPT.build(rc.model, lab.vocab, with_lm=True).to(args.device)
+        model.net.eval()
         if args.model == "paper":
-            sizes = {"cell_encoder": n_parameters(model.cell_encoder), "qformer": n_parameters(model.qformer),
+            sizes = {"cell_encoder": n_parameters(model.net.cell_encoder), "qformer": n_parameters(model.net.qformer),
                      "lm": n_parameters(model.lm)}
         ds = lab.dataset("train", max_genes=max_genes, with_targets=True)
         n = min(args.cells, len(ds))

@@ -1,8 +1,9 @@
-"""Batched inference primitives over a model and a :class:`~scmmgpt.data.dataset.CellTextDataset`:
-cell and text features, cell-text similarities and zero-shot label scores.
+"""Batched inference loops over an :class:`~scmmgpt.models.scmmgpt.ScMMGPT` and a
+:class:`~scmmgpt.data.dataset.CellTextDataset`: cell features, text features, streaming to disk.
 
-These are the building blocks of validation during training, of the demo and of the ``tl`` API.
-All run under ``torch.inference_mode`` in eval mode and restore the model's mode afterwards.
+The model's verbs (``encode``, ``encode_texts``, ``score_labels``) run on these; every caller
+goes through the verbs. All run under ``torch.inference_mode`` in eval mode and restore the
+network's mode afterwards.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import torch
 
 from .data.dataset import CellBatch, CellTextDataset
 from .eval.annotation import topk_accuracy  # re-exported: validation and the demo use it
-from .modules.losses import similarity
 
-__all__ = ["CellFeatures", "iter_batches", "encode_dataset", "embed_to_disk", "encode_texts", "zero_shot_scores", "topk_accuracy",
+__all__ = ["CellFeatures", "iter_batches", "encode_dataset", "embed_to_disk", "encode_texts", "topk_accuracy",
            "evaluation_mode"]
 
 
@@ -54,7 +54,7 @@ def iter_batches(model, ds: CellTextDataset, batch_size: int = 64, *, with_text:
                  indices: Sequence[int] | None = None) -> Iterator[CellBatch]:
     """Batches of ``ds`` (optionally only ``indices``), in order, on the model's device."""
     collate = model.collator(with_text=with_text)
-    device = next(model.parameters()).device
+    device = model.device
     idx = np.arange(len(ds)) if indices is None else np.asarray(indices)
     for start in range(0, len(idx), batch_size):
         yield collate([ds[int(i)] for i in idx[start:start + batch_size]]).to(device)
@@ -68,9 +68,9 @@ def encode_dataset(model, ds: CellTextDataset, batch_size: int = 64, *, indices:
     idx = np.arange(len(ds)) if indices is None else np.asarray(indices)
     by_length = np.argsort(ds.lengths()[idx], kind="stable")
     feats, cls, query = [], [], []
-    with evaluation_mode(model):
+    with evaluation_mode(model.net):
         for batch in iter_batches(model, ds, batch_size, indices=idx[by_length]):
-            out = model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
+            out = model.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
             feats.append(out.features.float().cpu())
             cls.append(out.cell_embedding.float().cpu())
             query.append(out.query.float().mean(1).cpu())
@@ -80,20 +80,13 @@ def encode_dataset(model, ds: CellTextDataset, batch_size: int = 64, *, indices:
 
 def encode_texts(model, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
     """Text features ``(T, embed_dim)``, L2-normalised, on the CPU."""
-    device = next(model.parameters()).device
+    device = model.device
     out = []
-    with evaluation_mode(model):
+    with evaluation_mode(model.net):
         for start in range(0, len(texts), batch_size):
-            enc = model.bert_tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                                       max_length=model.config.qformer.max_text_len, return_tensors="pt")
-            out.append(model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu())
+            ids, mask = model.tokenize_texts(texts[start:start + batch_size])
+            out.append(model.net.encode_text(ids.to(device), mask.to(device)).float().cpu())
     return torch.cat(out)
-
-
-def zero_shot_scores(cell: CellFeatures | torch.Tensor, text_features: torch.Tensor) -> np.ndarray:
-    """(N, T) cosine similarities of each cell to each label text (max over queries, as in CTC)."""
-    feats = cell.features if isinstance(cell, CellFeatures) else cell
-    return similarity(feats.float(), text_features.float()).numpy()
 
 
 def embed_to_disk(model, ds: CellTextDataset, out, *, cell_out=None, batch_size: int = 64, num_workers: int = 0,
@@ -122,11 +115,11 @@ def embed_to_disk(model, ds: CellTextDataset, out, *, cell_out=None, batch_size:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmps[k] = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         dest[k] = np.lib.format.open_memmap(tmps[k], mode="w+", dtype=np.float32, shape=(n, dims[k]))
-    device = next(model.parameters()).device
+    device = model.device
     lengths = ds.lengths()
     collate = model.collator()
     try:
-        with evaluation_mode(model):
+        with evaluation_mode(model.net):
             for start in range(0, n, chunk):
                 idx = start + np.argsort(lengths[start:start + chunk], kind="stable")
                 batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
@@ -134,7 +127,7 @@ def embed_to_disk(model, ds: CellTextDataset, out, *, cell_out=None, batch_size:
                                     pin_memory=device.type == "cuda")
                 for batch in loader:
                     batch = batch.to(device)
-                    enc = model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
+                    enc = model.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
                     rows = batch.index.cpu().numpy()
                     if "aligned" in dest:
                         dest["aligned"][rows] = torch.nn.functional.normalize(

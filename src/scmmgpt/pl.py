@@ -13,10 +13,18 @@ from .errors import InputDataError
 __all__ = ["embedding", "confusion_matrix", "real_vs_generated", "score_heatmap"]
 
 
-def _plt():
-    import matplotlib.pyplot as plt  # falls back to the Agg backend on machines without a display
+def _figure(figsize: tuple[float, float]):
+    """A :class:`matplotlib.figure.Figure` outside pyplot: no global backend or figure registry is
+    touched, nothing stays in memory once the caller drops it, and ``savefig`` works anywhere."""
+    from matplotlib.figure import Figure
 
-    return plt
+    return Figure(figsize=figsize)
+
+
+def _cmap(name: str = "tab20"):
+    import matplotlib
+
+    return matplotlib.colormaps[name]
 
 
 def umap_coords(x: np.ndarray, *, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
@@ -32,10 +40,9 @@ def umap_coords(x: np.ndarray, *, seed: int = 0, n_neighbors: int = 15) -> np.nd
 
 
 def _scatter(ax, xy, values, title: str, categories: Sequence[str] | None = None, size: float = 8):
-    plt = _plt()
     values = pd.Series(np.asarray(values, dtype=object)).astype(str)
     cats = list(categories) if categories is not None else sorted(values.unique())
-    cmap = plt.get_cmap("tab20")
+    cmap = _cmap()
     for i, c in enumerate(cats):
         m = (values == c).to_numpy()
         if m.any():
@@ -53,7 +60,6 @@ def embedding(adata, *, basis: str = "X_scmmgpt_aligned", color: str | Sequence[
     changed). Cells with NaN embeddings (no expression in the model's genes) are left out.
     Returns the matplotlib Figure.
     """
-    plt = _plt()
     if basis not in adata.obsm:
         raise InputDataError(f".obsm has no {basis!r}; run scmmgpt.tl.embed first (keys: {list(adata.obsm)}).")
     colors = [color] if isinstance(color, str) else list(color)
@@ -69,7 +75,8 @@ def embedding(adata, *, basis: str = "X_scmmgpt_aligned", color: str | Sequence[
         xy[ok] = umap_coords(x[ok], seed=seed)
         adata.obsm[key] = xy
     xy = np.asarray(adata.obsm[key])[ok]
-    fig, axes = plt.subplots(1, len(colors), figsize=(6 * len(colors), 5), squeeze=False)
+    fig = _figure((6 * len(colors), 5))
+    axes = fig.subplots(1, len(colors), squeeze=False)
     for ax, c in zip(axes[0], colors):
         _scatter(ax, xy, adata.obs[c].to_numpy()[ok], c)
         if legend:
@@ -81,14 +88,14 @@ def embedding(adata, *, basis: str = "X_scmmgpt_aligned", color: str | Sequence[
 def confusion_matrix(adata, *, truth: str, pred: str = "scmmgpt_label", normalize: bool = True):
     """Confusion matrix of ``.obs[truth]`` (rows) vs ``.obs[pred]`` (columns), row-normalised
     colours with counts written in the cells. Returns the Figure."""
-    plt = _plt()
     for c in (truth, pred):
         if c not in adata.obs.columns:
             raise InputDataError(f"obs has no column {c!r}; columns: {list(adata.obs.columns)}.")
     table = pd.crosstab(adata.obs[truth].astype(str), adata.obs[pred].astype(str))
     counts = table.to_numpy()
     norm = counts / np.maximum(counts.sum(1, keepdims=True), 1) if normalize else counts
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * table.shape[1], 1 + 0.45 * table.shape[0]))
+    fig = _figure((1 + 0.5 * table.shape[1], 1 + 0.45 * table.shape[0]))
+    ax = fig.subplots()
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1 if normalize else None, aspect="auto")
     ax.set_xticks(range(table.shape[1]), table.columns, rotation=90, fontsize=7)
     ax.set_yticks(range(table.shape[0]), table.index, fontsize=7)
@@ -111,7 +118,6 @@ def real_vs_generated(real, generated, *, label_key: str, prompt_key: str = "pro
     Returns the Figure."""
     from .eval.cells import expression_pca
 
-    plt = _plt()
     shared = real.var_names.intersection(generated.var_names)
     if len(shared) < 2:
         raise InputDataError("Real and generated cells share fewer than 2 genes; compare them in one gene space.")
@@ -125,8 +131,9 @@ def real_vs_generated(real, generated, *, label_key: str, prompt_key: str = "pro
         raise InputDataError("labels must give one real label per generated cell.")
     real_labels = real.obs[label_key].astype(str).to_numpy()
     cats = sorted(set(real_labels) | set(prompt_labels))
-    fig, ax = plt.subplots(figsize=(7, 5))
-    cmap = plt.get_cmap("tab20")
+    fig = _figure((7, 5))
+    ax = fig.subplots()
+    cmap = _cmap()
     for i, c in enumerate(cats):
         m = real_labels == c
         if m.any():
@@ -146,7 +153,6 @@ def real_vs_generated(real, generated, *, label_key: str, prompt_key: str = "pro
 def score_heatmap(adata, *, key: str = "scmmgpt_label", groupby: str):
     """Mean annotation score of each candidate label (columns) per group of ``.obs[groupby]``
     (rows), from ``.obsm[key + "_scores"]`` written by :func:`scmmgpt.tl.annotate`. Returns the Figure."""
-    plt = _plt()
     if key + "_scores" not in adata.obsm or key not in adata.uns:
         raise InputDataError(f"No {key + '_scores'!r} in .obsm; run scmmgpt.tl.annotate(..., key_added={key!r}) "
                              "with the score matrix stored.")
@@ -155,7 +161,8 @@ def score_heatmap(adata, *, key: str = "scmmgpt_label", groupby: str):
     scores = pd.DataFrame(np.asarray(adata.obsm[key + "_scores"]), columns=list(adata.uns[key]["labels"]),
                           index=adata.obs_names)
     mean = scores.groupby(adata.obs[groupby].astype(str).to_numpy()).mean()
-    fig, ax = plt.subplots(figsize=(1 + 0.45 * mean.shape[1], 1 + 0.45 * mean.shape[0]))
+    fig = _figure((1 + 0.45 * mean.shape[1], 1 + 0.45 * mean.shape[0]))
+    ax = fig.subplots()
     im = ax.imshow(mean.to_numpy(), cmap="viridis", aspect="auto")
     ax.set_xticks(range(mean.shape[1]), mean.columns, rotation=90, fontsize=7)
     ax.set_yticks(range(mean.shape[0]), mean.index, fontsize=7)

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from scmmgpt.data import GeneVocab, prepare_cells
 from scmmgpt.data.shards import ShardedCells, is_shard_dir, write_shards
 from scmmgpt.errors import InputDataError
-from scmmgpt.train.run import DataConfig, load_labelled
+from scmmgpt.data.labelled import DataConfig, load_labelled
 from tests.conftest import data_path
 
 ROOT = Path(__file__).resolve().parents[2]

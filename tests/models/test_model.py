@@ -1,44 +1,53 @@
-"""The default model (SmolLM2 + MiniLM, small cell encoder) on real cells: every objective runs,
-one optimiser step lowers each loss on a fixed batch, generation works, save/load round-trips."""
+"""The default model (SmolLM2 + MiniLM, tiny cell encoder) on the bundled PBMCs: every objective
+runs, one optimiser step lowers each loss on a fixed batch, the stage table sets what trains,
+generation works, save/load round-trips, and a scGPT-format checkpoint is a first-class start."""
+
+import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
 
-from scmmgpt.data import CellTextDataset, DescriptionBuilder, GeneVocab, prepare_cells, stratified_split
-from scmmgpt.errors import CheckpointError
+from scmmgpt.data.labelled import DataConfig, load_labelled
+from scmmgpt.errors import CheckpointError, ConfigError
 from scmmgpt.models.config import ModelConfig
+from scmmgpt.models.network import AlignOutput, GenOutput
 from scmmgpt.models.scmmgpt import ScMMGPT
+from scmmgpt.models.stages import STAGES, stage_spec
 
 
 @pytest.fixture(scope="module")
-def setup(pbmc3k):
-    torch.manual_seed(0)
-    a = pbmc3k
-    split = stratified_split(a.obs["cell_type"].astype(str).to_numpy(), (0.96, 0.02, 0.02), seed=0)
-    sub = a[np.concatenate([split["val"], split["test"]])]
-    vocab = GeneVocab.from_genes(a.var_names)
+def lab():
+    return load_labelled(DataConfig(path=None, split=(0.9, 0.05, 0.05), seed=0))
+
+
+@pytest.fixture(scope="module")
+def setup(lab):
     cfg = ModelConfig.from_preset("tiny", max_genes=64)
-    cfg.qformer.n_layers = 2
-    cfg.qformer.n_query = 8
-    cfg.text_to_cell.gene_chunk = 4096
-    model = ScMMGPT.build(cfg, vocab)
-    cells = prepare_cells(sub, vocab, target_sum=cfg.target_sum)
-    desc = DescriptionBuilder().build(sub.obs.iloc[cells.cell_index])
-    ds = CellTextDataset(cells, list(desc["description"]), cls_id=vocab.cls_id, max_genes=64, with_targets=True)
+    cfg = dataclasses.replace(cfg, qformer=dataclasses.replace(cfg.qformer, n_layers=2, n_query=8),
+                              text_to_cell=dataclasses.replace(cfg.text_to_cell, gene_chunk=4096))
+    torch.manual_seed(0)
+    model = ScMMGPT.build(cfg, lab.vocab)
+    ds = lab.dataset("val", max_genes=64, with_targets=True)
     batch = model.collator()([ds[i] for i in range(0, len(ds), max(1, len(ds) // 8))][:8])
-    return model, batch, torch.from_numpy(cells.measured)
+    return model, batch, torch.from_numpy(lab.cells.measured)
 
 
-def _step_lowers(model, fn, stage, lr):
-    model.set_trainable(stage)
-    model.train()
-    for mod in model.modules():  # deterministic comparison: no dropout (modules and attention/F.dropout rates)
+def _no_dropout(net):
+    for mod in net.modules():  # deterministic comparison: no dropout (modules and attention/F.dropout rates)
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
         elif isinstance(getattr(mod, "dropout", None), float):
             mod.dropout = 0.0
-    params = [p for p in model.parameters() if p.requires_grad]
+
+
+def _step_lowers(model, fn, stage, lr):
+    net = model.net
+    net.set_trainable(stage)
+    net.train()
+    _no_dropout(net)
+    params = [p for p in net.parameters() if p.requires_grad]
     assert params
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     before = fn().detach()
@@ -52,50 +61,142 @@ def _step_lowers(model, fn, stage, lr):
 
 def test_each_loss_decreases(setup):
     model, batch, measured = setup
-    _step_lowers(model, lambda: model.forward_align(batch, torch.Generator().manual_seed(0)).loss_ctc, "stage1", 1e-3)
-    _step_lowers(model, lambda: model.forward_align(batch, torch.Generator().manual_seed(0)).loss_ctm, "stage1", 1e-4)
-    _step_lowers(model, lambda: model.forward_cdgen(batch), "describe", 1e-3)
-    _step_lowers(model, lambda: model.forward_pcgen(batch, measured)[0], "generate", 1e-3)
+    net = model.net
+    _step_lowers(model, lambda: net.forward_align(batch, torch.Generator().manual_seed(0)).loss_ctc, "stage1", 3e-4)
+    _step_lowers(model, lambda: net.forward_align(batch, torch.Generator().manual_seed(0)).loss_ctm, "stage1", 1e-4)
+    _step_lowers(model, lambda: net.forward_cdgen(batch), "describe", 1e-3)
+    _step_lowers(model, lambda: net.forward_pcgen(batch, measured)[0], "generate", 1e-3)
 
 
-def test_trainable_policy(setup):
-    model, _, _ = setup
-    model.set_trainable("stage2")
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert any("lora_" in n for n in names) and any(n.startswith("text_to_cell") for n in names)
-    assert not any(n.startswith(("cell_encoder", "qformer")) for n in names)
-    assert not any(n.startswith("lm.") and "lora_" not in n for n in names)
-    model.set_trainable("stage1")
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert any(n.startswith("cell_encoder") for n in names) and not any(n.startswith("lm.") for n in names)
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_table_decides_what_trains_and_which_losses_run(setup, stage):
+    """set_trainable unfreezes exactly the stage's groups; forward returns exactly its losses."""
+    model, batch, measured = setup
+    net = model.net
+    spec = net.set_trainable(stage)
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    for group in ("cell_encoder", "qformer", "lm_proj", "text_to_cell", "cell_decoder"):
+        names = {n for n, _ in getattr(net, group).named_parameters(prefix=group)}
+        assert (names <= trainable) == (group in spec.trains) and (names & trainable) == (
+            names if group in spec.trains else set()), group
+    assert not any(n.startswith("lm.") and "lora_" not in n for n in trainable)      # the base LM never trains
+    assert any("lora_" in n for n in trainable) == ("lora" in spec.trains)
+    assert ("log_temp" in trainable) == ("align_heads" in spec.trains)
+    net.eval()
+    with torch.no_grad():
+        out = net(batch, stage, measured, torch.Generator().manual_seed(0))
+    assert isinstance(out, AlignOutput if spec.align else GenOutput)
+    assert set(out.parts()) == set(spec.losses)
+    torch.testing.assert_close(out.loss, sum(out.parts().values()))
+    assert spec.needs_lm == (not spec.align) and spec.random_batches == spec.align
+
+
+def test_unknown_stage_and_missing_lm(lab):
+    with pytest.raises(ConfigError, match="Unknown stage 'stage3'"):
+        stage_spec("stage3")
+    torch.manual_seed(0)
+    aligned = ScMMGPT.build(ModelConfig.from_preset("tiny", max_genes=16), lab.vocab, with_lm=False)
+    with pytest.raises(ConfigError, match="needs the text LM"):
+        aligned.net.set_trainable("stage2")
+
+
+def test_build_derives_its_config_and_leaves_the_callers(lab):
+    cfg = ModelConfig.from_preset("tiny", max_genes=16)
+    before = cfg.to_dict()
+    model = ScMMGPT.build(cfg, lab.vocab, with_lm=False)
+    assert cfg.to_dict() == before                                  # not mutated
+    assert model.config.cell.vocab_size == len(lab.vocab) and model.config.cell.pad_id == lab.vocab.pad_id
+    assert model.config.cell is model.net.cell_encoder.config       # the encoder it holds
 
 
 def test_generation_paths(setup):
     model, batch, _ = setup
-    model.eval()
-    texts = model.generate_text(batch, max_new_tokens=6)
+    model.net.eval()
+    texts = model.describe(batch, max_new_tokens=6)
     assert len(texts) == len(batch) and all(isinstance(t, str) for t in texts)
-    cells = model.generate_cells(batch.lm_input_ids, batch.lm_attention_mask)
+    cells = model.generate_cells(batch.texts)
     assert cells.shape == (len(batch), len(model.vocab)) and (cells >= 0).all()
 
 
 def test_save_load_roundtrip_and_tamper(setup, tmp_path):
     model, batch, measured = setup
-    model.eval()
+    model.net.eval()
     model.save_pretrained(tmp_path / "m")
-    assert not any("lm.base_model" in k and "lora" not in k for k in
-                   __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(tmp_path / "m/model.safetensors")))
-    full = model.trained_state_dict(full=True)
+    from safetensors.torch import load_file
+
+    assert not any("lm.base_model" in k and "lora" not in k for k in load_file(str(tmp_path / "m/model.safetensors")))
+    full = model.net.trained_state_dict(full=True)
     assert any(k.startswith("lm.") and "lora_" not in k for k in full)  # the option that stores everything
     loaded = ScMMGPT.from_pretrained(tmp_path / "m")
     with torch.no_grad():
-        a = model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask).features
-        b = loaded.encode_cells(batch.gene_ids, batch.values, batch.padding_mask).features
+        a = model.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask).features
+        b = loaded.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask).features
         torch.testing.assert_close(a, b)
-        torch.testing.assert_close(model.generate_cells(batch.lm_input_ids, batch.lm_attention_mask),
-                                   loaded.generate_cells(batch.lm_input_ids, batch.lm_attention_mask))
+    np.testing.assert_allclose(model.generate_cells(batch.texts), loaded.generate_cells(batch.texts), atol=1e-5)
     with open(tmp_path / "m/model.safetensors", "r+b") as fh:
         fh.seek(-10, 2)
         fh.write(b"0123456789")
     with pytest.raises(CheckpointError, match="sha256"):
         ScMMGPT.from_pretrained(tmp_path / "m")
+
+
+# ------------------------------------------------------------------------------- scGPT start
+def _scgpt_checkpoint(path, genes, *, d=32, layers=2, input_style="binned", emb_style="continuous"):
+    """A scGPT-format checkpoint directory (args.json, vocab.json, best_model.pt in the flash
+    layout, with a decoder head to ignore) over ``genes``."""
+    from tests.modules.test_cell_encoder import ReferenceScGPT
+
+    path.mkdir()
+    vocab = {"<pad>": 0, "<cls>": 1, "<eoc>": 2, **{g: i + 3 for i, g in enumerate(genes)}}
+    torch.manual_seed(3)
+    ref = ReferenceScGPT(len(vocab), d, 4, 2 * d, layers).eval()
+    state = ref.scgpt_state_dict(flash=True)
+    if emb_style == "category":
+        state = {k: v for k, v in state.items() if not k.startswith("value_encoder.")}
+        state["value_encoder.embedding.weight"] = torch.randn(52, d)
+        state["value_encoder.enc_norm.weight"] = torch.ones(d)
+        state["value_encoder.enc_norm.bias"] = torch.zeros(d)
+    state["decoder.fc.0.weight"] = torch.randn(4, d)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "args.json").write_text(json.dumps({"embsize": d, "nheads": 4, "d_hid": 2 * d, "nlayers": layers,
+                                                "pad_token": "<pad>", "pad_value": -2, "n_bins": 51,
+                                                "input_style": input_style, "input_emb_style": emb_style,
+                                                "dropout": 0.0}))
+    torch.save(state, path / "best_model.pt")
+    return path
+
+
+@pytest.mark.parametrize("emb_style", ["continuous", "category"])
+def test_scgpt_checkpoint_start_round_trips(lab, tmp_path, emb_style):
+    """Build from a scGPT checkpoint (config.cell_checkpoint), save, reload: same embeddings; the
+    pad value (-2), binning (51 bins) and gene vocabulary come from the checkpoint."""
+    genes = [t for t in lab.vocab.tokens if not t.startswith("<")]
+    ckpt = _scgpt_checkpoint(tmp_path / "scgpt", genes, emb_style=emb_style)
+    cfg = dataclasses.replace(ModelConfig.from_preset("tiny", max_genes=32), cell_checkpoint=str(ckpt))
+    cfg = dataclasses.replace(cfg, qformer=dataclasses.replace(cfg.qformer, n_layers=1, n_query=4))
+    with pytest.warns(UserWarning, match="Ignored non-encoder"):
+        model = ScMMGPT.build(cfg, None, with_lm=False)
+    c = model.config.cell
+    assert (c.d_model, c.n_layers, c.pad_value, c.n_bins) == (32, 2, -2.0, 51)
+    assert c.input_style == emb_style and model.value_bins == 51
+    assert model.vocab.tokens[3:] == genes
+    assert not any(n.startswith("cell_encoder.") for n in model.fresh_parameters)   # pretrained, lr not lr_new
+    cells = lab.cells.subset(np.arange(40))
+    ds = model.dataset(cells)
+    item = ds[0]
+    assert item["values"][1:].max() <= 50 and np.allclose(item["values"][1:], np.round(item["values"][1:]))  # bins
+    batch = model.collator(with_text=False)([ds[i] for i in range(0, 40, 9)])
+    assert (batch.values[batch.padding_mask] == -2).all()                          # the checkpoint's pad value
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["cell"]["n_layers"] == 2 and saved["cell_checkpoint"] == str(ckpt)
+    loaded = ScMMGPT.from_pretrained(tmp_path / "saved")
+    np.testing.assert_array_equal(model.encode(ds).features.numpy(), loaded.encode(ds).features.numpy())
+    assert loaded.config.cell == model.config.cell
+
+
+def test_scgpt_checkpoint_refuses_another_vocabulary(lab, tmp_path):
+    ckpt = _scgpt_checkpoint(tmp_path / "scgpt", ["GENE_A", "GENE_B"])
+    cfg = dataclasses.replace(ModelConfig.from_preset("tiny"), cell_checkpoint=str(ckpt))
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match="brings its own gene vocabulary"):
+        ScMMGPT.build(cfg, lab.vocab, with_lm=False)

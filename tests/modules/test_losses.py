@@ -1,4 +1,5 @@
 import torch
+import torch.nn.functional as F
 
 from scmmgpt.modules.losses import cdgen_loss, ctc_loss, ctm_loss, pcgen_loss, sample_hard_negatives, similarity
 
@@ -11,10 +12,16 @@ def test_ctc_symmetric_and_minimised_by_alignment():
     good = ctc_loss(similarity(aligned, t), 0.07)
     bad = ctc_loss(similarity(shuffled, t), 0.07)
     assert good < 0.1 < bad
-    # symmetric: swapping the roles of cells and texts gives the same loss for a symmetric sim
+    # eq. 2 written out: the mean of the cell->text and text->cell cross-entropies, so swapping the
+    # roles of cells and texts (transposing an asymmetric sim) leaves it unchanged
     sim = torch.randn(5, 5)
-    sim = sim + sim.t()
-    assert torch.isclose(ctc_loss(sim, 0.1), ctc_loss(sim.t(), 0.1))
+    assert not torch.allclose(sim, sim.t())
+    target = torch.arange(5)
+    by_hand = 0.5 * (F.cross_entropy(sim / 0.1, target) + F.cross_entropy(sim.t() / 0.1, target))
+    torch.testing.assert_close(ctc_loss(sim, 0.1), by_hand)
+    torch.testing.assert_close(ctc_loss(sim.t(), 0.1), by_hand)
+    one_way = F.cross_entropy(sim / 0.1, target)
+    assert not torch.isclose(ctc_loss(sim, 0.1), one_way)                # both directions count
 
 
 def test_ctc_same_description_not_negative():

@@ -78,7 +78,7 @@ def test_paper_suite_fast(tmp_path, capsys):
 def test_baselines_with_a_single_training_type():
     """10% of 9 types = 1 type: the supervised references call every cell that type."""
     from scmmgpt.tasks.benchmark import _baselines
-    from scmmgpt.train.run import DataConfig, load_labelled
+    from scmmgpt.data.labelled import DataConfig, load_labelled
 
     lab = load_labelled(DataConfig(path=str(data_path("pbmc3k_clustifyr.h5ad")), split=(0.7, 0.1, 0.2),
                                    types_fraction=0.1))

@@ -15,7 +15,8 @@ def trained(tmp_path_factory):
 
     from scmmgpt.models.scmmgpt import ScMMGPT
     from scmmgpt.train.loop import fit
-    from scmmgpt.train.run import DataConfig, load_labelled, load_run_config
+    from scmmgpt.data.labelled import DataConfig, load_labelled
+    from scmmgpt.train.run import load_run_config
 
     path = data_path("pbmc3k_clustifyr.h5ad")
     rc = load_run_config("cpu-small", ["model.max_genes=128"])

@@ -157,7 +157,7 @@ class CellSentenceLM:
         """Fine-tune LoRA on both directions for ``config.steps`` steps; returns the loss per step."""
         from tqdm.auto import tqdm
 
-        from ..train.loop import linear_schedule
+        from ..train.schedule import linear_schedule
 
         c = self.config
         if len(sentences) != len(descriptions) or not sentences:

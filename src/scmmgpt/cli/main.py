@@ -106,12 +106,14 @@ def _demo():
         p.add_argument("--out", default="demo_report", help="output folder")
         p.add_argument("--fast", action="store_true", help="tiny schedules (about a minute; for CI)")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--set-default", action="store_true",
+                       help="make the trained model the default --model of embed/annotate/describe/generate/search")
 
     def run(args: argparse.Namespace) -> int:
         from ..tasks.demo import run_demo
 
         m = run_demo(data=args.data, label_key=args.label_key, layer=args.layer, use_raw=args.use_raw,
-                     out=args.out, fast=args.fast, seed=args.seed)
+                     out=args.out, fast=args.fast, seed=args.seed, set_default=args.set_default)
         a, d, g = m["annotation"], m["description"], m["generation"]
         print(f"scMMGPT demo on {m['data']}: {m['split']['test']} held-out test cells, {a['n_labels']} cell types "
               f"(chance Acc@1 {m['chance_acc1']:.3f})")
@@ -120,7 +122,7 @@ def _demo():
               f"right type named {d['type_named']:.3f}")
         print(f"  text -> cell          k-NN accuracy {g['knn_accuracy']:.3f} ({g['n_generated']} pseudo-cells)")
         print(f"  {m['seconds']['total']:.0f} s; report: {m['report']}  model: {m['model']}")
-        if not args.fast:
+        if args.set_default:
             print("  this model is now the default of scmmgpt embed/annotate/describe/generate/search")
         return 0
 
@@ -167,9 +169,16 @@ def _pretrain():
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("--stage", type=int, choices=(1, 2), required=True)
         p.add_argument("--model", default=None, help="model folder to start from (required for stage 2)")
+        p.add_argument("--cell-checkpoint", default=None,
+                       help="stage 1: a scGPT checkpoint directory (args.json, vocab.json, best_model.pt) to start "
+                            "the cell encoder from; its gene vocabulary, sizes, pad value and binning are used")
         _add_training_args(p)
 
     def run(args: argparse.Namespace) -> int:
+        if args.cell_checkpoint is not None:
+            if args.model is not None:
+                raise ConfigError("--cell-checkpoint starts a new model; it cannot be combined with --model.")
+            args.overrides.append(f"model.cell_checkpoint={json.dumps(args.cell_checkpoint)}")
         return _run_training(args, f"stage{args.stage}", args.model)
 
     return add, run
@@ -194,7 +203,8 @@ def _finetune():
 # ---------------------------------------------------------------------------------- inference
 def _add_model_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     p.add_argument("--model", default=None,
-                   help="model folder (default: $SCMMGPT_MODEL, else the model of the last full `scmmgpt demo`)")
+                   help="model folder (default: $SCMMGPT_MODEL, else the model of the last "
+                        "`scmmgpt demo --set-default`)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--batch-size", type=int, default=None, help="cells per batch")
     if data:

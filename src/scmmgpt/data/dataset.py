@@ -19,7 +19,7 @@ from ..errors import InputDataError
 from .prepare import CellData
 from .values import quantile_bin
 
-__all__ = ["tokenize_cell", "tokenize_for_lm", "CellTextDataset", "CellBatch", "CellTextCollator", "LengthBucketSampler",
+__all__ = ["tokenize_cell", "tokenize_for_bert", "tokenize_for_lm", "CellTextDataset", "CellBatch", "CellTextCollator", "LengthBucketSampler",
            "stratified_split"]
 
 
@@ -169,10 +169,8 @@ class CellTextCollator:
         if "text" in items[0]:
             batch.texts = [it["text"] for it in items]
             if self.tokenizer is not None:
-                enc = self.tokenizer(batch.texts, padding=True, truncation=True, max_length=self.max_text_len,
-                                     return_tensors="pt")
-                batch.text_input_ids = enc["input_ids"]
-                batch.text_attention_mask = enc["attention_mask"]
+                batch.text_input_ids, batch.text_attention_mask = tokenize_for_bert(
+                    self.tokenizer, batch.texts, self.max_text_len)
             if self.lm_tokenizer is not None:
                 batch.lm_input_ids, batch.lm_attention_mask = tokenize_for_lm(
                     self.lm_tokenizer, batch.texts, self.lm_max_text_len)
@@ -186,6 +184,13 @@ class CellTextCollator:
                 target[b, torch.from_numpy(it["target_genes"])] = torch.from_numpy(it["target_values"])
             batch.target = target
         return batch
+
+
+def tokenize_for_bert(tokenizer, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise texts for the Q-Former's BERT: ``[CLS] ... [SEP]``, truncated to ``max_len``,
+    padded to the longest. Returns ``(input_ids, attention_mask)`` of shape (B, T)."""
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
 
 
 def tokenize_for_lm(tokenizer, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:

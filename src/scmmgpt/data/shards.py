@@ -261,8 +261,9 @@ def _finalize(out: Path, tasks: list[ShardTask], opt: _Options) -> dict:
 
 
 class ShardedCells:
-    """Cells of a shard folder, read from memory-mapped arrays (a drop-in for :class:`CellData`
-    in datasets and training). ``rows`` selects a subset (positions over all shards)."""
+    """Cells of a shard folder, read from memory-mapped arrays: a
+    :class:`~scmmgpt.data.source.CellSource`, like :class:`CellData`, for datasets and training.
+    ``rows`` selects a subset (positions over all shards)."""
 
     def __init__(self, path: str | os.PathLike, rows: np.ndarray | None = None, *, _shared=None) -> None:
         self.path = Path(path)
@@ -288,7 +289,7 @@ class ShardedCells:
         self.gene_match = GeneMatch(**gm) if gm else None
         self.n_dropped_empty = sum(s["dropped_empty"] for s in _shared["manifest"]["shards"])
 
-    # -- the CellData interface -----------------------------------------------------------
+    # -- the CellSource interface -----------------------------------------------------------
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -332,6 +333,13 @@ class ShardedCells:
     @property
     def manifest(self) -> dict:
         return self._shared["manifest"]
+
+    @property
+    def obs_names(self) -> np.ndarray:
+        """Name of each cell of this subset (read from the shards' tables once, then shared)."""
+        if "obs_names" not in self._shared:
+            self._shared["obs_names"] = load_shard_descriptions(self.path, ("obs_name",))["obs_name"].to_numpy()
+        return np.asarray(self._shared["obs_names"][self.rows], dtype=object)
 
 
 def load_shard_descriptions(path: str | os.PathLike, columns: Sequence[str] = ("cell_type", "cell_type_id",

@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-__all__ = ["tokenize_words", "bleu2", "rouge2", "text_metrics", "description_metrics"]
+import numpy as np
+
+__all__ = ["tokenize_words", "bleu2", "rouge2", "text_metrics", "description_metrics", "type_named", "cut_to_tokens"]
 
 _WORD = re.compile(r"[a-z0-9]+(?:[+\-][a-z0-9]*)*")
 
@@ -67,3 +69,16 @@ def description_metrics(predictions: Sequence[str], references: Sequence[str], g
     if len(predictions) >= 3 and (groups is None or len(set(map(str, groups))) > 1):
         out.update(closeness_tests(g, r, groups, seed=seed))
     return out
+
+
+def type_named(generated: Sequence[str], type_names: Sequence[str]) -> float:
+    """Fraction of generated descriptions that open with the true cell type's name (training
+    descriptions start ``"<type name>: <definition>"``)."""
+    _check(generated, type_names)
+    return float(np.mean([g.strip().lower().startswith(t.strip().lower()) for g, t in zip(generated, type_names)]))
+
+
+def cut_to_tokens(tokenizer, text: str, n_tokens: int) -> str:
+    """``text`` cut to its first ``n_tokens`` tokens of ``tokenizer`` (references are compared with
+    generated texts of at most that many tokens)."""
+    return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]).strip()

@@ -9,44 +9,10 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import ConfigError, check_config_keys
+from ..modules.cell_encoder import CellEncoderConfig
 
-__all__ = ["CellEncoderConfig", "QFormerConfig", "LMConfig", "TextToCellConfig", "ModelConfig", "CELL_ENCODER_PRESETS"]
-
-
-@dataclass
-class CellEncoderConfig:
-    """scGPT-architecture cell encoder (Cui et al. 2024)."""
-
-    vocab_size: int = 0
-    """Number of gene tokens (set from the gene vocabulary)."""
-    d_model: int = 256
-    """Width of gene/value embeddings and of the transformer."""
-    n_layers: int = 4
-    """Transformer encoder layers."""
-    n_heads: int = 4
-    """Attention heads."""
-    d_ff: int = 512
-    """Feed-forward width."""
-    dropout: float = 0.1
-    """Dropout in embeddings and layers."""
-    pad_id: int = 0
-    """Index of ``<pad>`` in the vocabulary."""
-    input_style: Literal["continuous", "category"] = "continuous"
-    """``continuous``: value encoder ``LN(W2 ReLU(W1 x))``; ``category``: embedding of value bins."""
-    n_bins: int | None = None
-    """Per-cell quantile bins (scGPT: 51); required for ``category``, optional for ``continuous``."""
-    pad_value: float = 0.0
-    """Value at padded positions (scGPT checkpoints use -2)."""
-    max_value: float = 512.0
-    """Values are clamped to this before the value encoder (as scGPT)."""
-
-    def __post_init__(self) -> None:
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}.")
-        if self.input_style == "category" and not self.n_bins:
-            raise ConfigError("input_style='category' needs n_bins (scGPT uses 51).")
-        if min(self.d_model, self.n_layers, self.n_heads, self.d_ff) < 1:
-            raise ConfigError("d_model, n_layers, n_heads and d_ff must be positive.")
+__all__ = ["CellEncoderConfig", "QFormerConfig", "LMConfig", "TextToCellConfig", "ModelConfig", "CELL_ENCODER_PRESETS",
+           "RUNTIME_KEYS"]
 
 
 #: Named cell encoder sizes. ``scgpt-whole-human`` is the paper's (12 x 512, 8 heads, ~51M params).
@@ -142,6 +108,11 @@ class TextToCellConfig:
             raise ConfigError("text_to_cell.pooled_dim must be >= 0 (0 turns the pooled read-out off).")
 
 
+#: Config keys (``section.name``) that do not change the shape or meaning of stored weights: a saved
+#: model may be loaded with other values (``ScMMGPT.from_pretrained(overrides=)``, ``init`` runs).
+RUNTIME_KEYS = frozenset({"lm.dtype", "text_to_cell.gene_chunk"})
+
+
 @dataclass
 class ModelConfig:
     """The whole scMMGPT model."""
@@ -155,6 +126,10 @@ class ModelConfig:
     target_sum: float = 1e4
     """Library size in eq. 1: ``log(1 + target_sum * x / sum x)``. 1.0 is eq. 1 verbatim; 1e4
     (log-CP10k) keeps values O(1) so the value encoder and the PCGen loss are well scaled."""
+    cell_checkpoint: str | None = None
+    """A scGPT checkpoint directory (``args.json``, ``vocab.json``, ``best_model.pt``) to start the
+    cell encoder from: its sizes, pad value, value binning and gene vocabulary replace ``cell`` and
+    the data's own genes. Kept in saved models as a record; loading a saved model never reads it."""
 
     def __post_init__(self) -> None:
         for name, typ in (("cell", CellEncoderConfig), ("qformer", QFormerConfig), ("lm", LMConfig),

@@ -1,4 +1,5 @@
-"""Saving and loading :class:`~scmmgpt.models.scmmgpt.ScMMGPT`: safetensors + JSON only.
+"""Model folders on disk: safetensors + JSON only. The files, not the model: building the model
+from what is read is :meth:`~scmmgpt.models.scmmgpt.ScMMGPT.from_pretrained`'s job.
 
 A model folder holds ``config.json`` (:class:`ModelConfig`), ``vocab.json`` (``{gene: index}``),
 ``model.safetensors`` (trained weights; the base LM is referenced by name unless ``full=True``)
@@ -13,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from ..data.vocab import GeneVocab
@@ -20,9 +22,11 @@ from ..errors import CheckpointError
 from ..utils.io import atomic_path, atomic_write_text
 from .config import ModelConfig
 
-__all__ = ["save_model", "load_model", "sha256", "verify_manifest"]
+__all__ = ["write_model_folder", "read_model_folder", "sha256", "verify_manifest", "LM_SIDE"]
 
 FILES = ("config.json", "vocab.json", "model.safetensors")
+#: Weight name prefixes of the LM side (absent from a stage-1 model).
+LM_SIDE = ("lm.", "lm_proj.", "text_to_cell.", "cell_decoder.")
 
 
 def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -33,15 +37,17 @@ def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def save_model(model, path: str | os.PathLike, *, full: bool = False) -> None:
+def write_model_folder(path: str | os.PathLike, config: ModelConfig, vocab: GeneVocab,
+                       state: dict[str, torch.Tensor], *, full: bool = False) -> None:
+    """Write ``config.json``, ``vocab.json``, ``model.safetensors`` and, last, ``manifest.json``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     manifest = path / "manifest.json"
     if manifest.exists():
         manifest.unlink()  # the folder is invalid until the new manifest lands
-    model.config.save(path / "config.json")
-    model.vocab.save(path / "vocab.json")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.trained_state_dict(full=full).items()}
+    config.save(path / "config.json")
+    vocab.save(path / "vocab.json")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     # tied weights share storage; safetensors needs distinct tensors
     seen: dict[int, str] = {}
     for k, v in list(state.items()):
@@ -70,31 +76,11 @@ def verify_manifest(path: Path) -> dict:
     return info
 
 
-def load_model(path: str | os.PathLike, *, with_lm: bool | None = None, device="cpu"):
-    from .scmmgpt import ScMMGPT
-
+def read_model_folder(path: str | os.PathLike) -> tuple[ModelConfig, GeneVocab, dict[str, torch.Tensor], dict]:
+    """``(config, vocab, state, manifest)`` of a model folder, checksums verified."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"Model folder {path} does not exist.")
     info = verify_manifest(path)
-    config = ModelConfig.load(path / "config.json")
-    vocab = GeneVocab.from_json(path / "vocab.json")
-    state = load_file(str(path / "model.safetensors"))
-    has_lm = any(k.startswith(("lm_proj.", "text_to_cell.")) for k in state)
-    with_lm = has_lm if with_lm is None else with_lm
-    model = ScMMGPT.build(config, vocab, with_lm=with_lm)
-    lm_side = ("lm.", "lm_proj.", "text_to_cell.", "cell_decoder.")
-    if not with_lm:
-        state = {k: v for k, v in state.items() if not k.startswith(lm_side)}
-    expected = model.trained_state_dict(full=info.get("full", False))
-    if with_lm and not has_lm:
-        # an aligned (stage-1) model gains a fresh LM side: stage 2 trains it
-        expected = {k: v for k, v in expected.items() if not k.startswith(lm_side)}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(model.state_dict()))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}/model.safetensors does not fit the model: missing {missing[:6]}, "
-                              f"unexpected {unexpected[:6]}.")
-    model.load_state_dict(state, strict=False)
-    model.fresh_parameters = {n for n in model.fresh_parameters if n not in state}
-    return model.to(device).eval()
+    return (ModelConfig.load(path / "config.json"), GeneVocab.from_json(path / "vocab.json"),
+            load_file(str(path / "model.safetensors")), info)

@@ -41,7 +41,10 @@ def scgpt_config_from_args(args: dict, vocab: GeneVocab) -> CellEncoderConfig:
             dropout=float(args.get("dropout", 0.2)),
             pad_id=vocab[args.get("pad_token", "<pad>")],
             input_style="category" if style == "category" else "continuous",
-            n_bins=int(args.get("n_bins", 51)),
+            # scGPT's "binned" input (its pre-training default) feeds per-cell quantile bins to either
+            # value encoder; "normed_raw" / "log1p" feed the values themselves
+            n_bins=int(args.get("n_bins", 51)) if args.get("input_style", "binned") == "binned" or
+            style == "category" else None,
             pad_value=float(args.get("pad_value", -2)),
         )
     except KeyError as exc:

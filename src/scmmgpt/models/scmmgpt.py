@@ -1,193 +1,208 @@
-"""The scMMGPT model: cell encoder + Q-Former + text LM (LoRA) + text-to-cell projector + decoder.
+"""The user-facing scMMGPT model: the network plus everything that is not a tensor.
 
-Composition and the trainable/frozen policy live here (:meth:`ScMMGPT.set_trainable`); the
-modules are in :mod:`scmmgpt.modules`. Loading weights is an explicit step
-(:meth:`ScMMGPT.build`, :meth:`ScMMGPT.from_pretrained`); ``__init__`` and ``forward`` methods never
-download, tokenise or touch the file system.
+:class:`ScMMGPT` holds the :class:`~scmmgpt.models.network.ScMMGPTNetwork` (``.net``), the gene
+vocabulary, the BERT and LM tokenizers, the collator, gene matching and persistence
+(:meth:`ScMMGPT.save_pretrained` / :meth:`ScMMGPT.from_pretrained`), and the few verbs every caller
+uses — the ``tl`` API, the demo, the benchmarks and validation during training alike:
+
+* :meth:`ScMMGPT.encode` — cell features of a dataset;
+* :meth:`ScMMGPT.score_labels` — zero-shot scores of cells against candidate labels;
+* :meth:`ScMMGPT.describe` — text for cells;
+* :meth:`ScMMGPT.generate_cells` — pseudo-cells from texts.
+
+Building loads weights (BERT, the LM, optionally a scGPT checkpoint) as an explicit step
+(:meth:`ScMMGPT.build`); the network's ``__init__`` and ``forward`` never download, tokenise or
+touch the file system.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Iterator, Sequence
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import assets
-from ..data.dataset import CellBatch, CellTextCollator
+from ..data.dataset import CellBatch, CellTextCollator, CellTextDataset, tokenize_for_bert, tokenize_for_lm
+from ..data.label_texts import Candidates, candidate_labels
+from ..data.prepare import CellData, prepare_cells
 from ..data.vocab import GeneVocab
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..modules.cell_encoder import CellEncoder
-from ..modules.losses import cdgen_loss, ctc_loss, ctm_loss, pcgen_loss, sample_hard_negatives, similarity
+from ..modules.losses import similarity
 from ..modules.qformer import QFormer
-from ..modules.text_to_cell import CellDecoder, TextToCellProjector
-from .config import ModelConfig
+from .config import RUNTIME_KEYS, ModelConfig
+from .network import AlignOutput, CellOutput, GenOutput, ScMMGPTNetwork
 
-__all__ = ["ScMMGPT", "CellOutput", "AlignOutput", "GenOutput", "Stage"]
-
-Stage = Literal["stage1", "stage2", "annotate", "describe", "generate", "none"]
+__all__ = ["ScMMGPT", "LabelScores", "CellOutput", "AlignOutput", "GenOutput", "load_lm"]
 
 
 @dataclass
-class CellOutput:
-    """Cell-side outputs. B cells, L genes, Q queries."""
+class LabelScores:
+    """Zero-shot scores of N cells against T candidate labels."""
 
-    states: torch.Tensor
-    """(B, L, d_cell) gene states from the cell encoder."""
-    padding: torch.Tensor
-    """(B, L) bool padding mask."""
-    cell_embedding: torch.Tensor
-    """(B, d_cell) output at ``<cls>``."""
-    query: torch.Tensor
-    """(B, Q, d_qformer) Q-Former query outputs."""
-    features: torch.Tensor
-    """(B, Q, embed_dim) L2-normalised contrastive features."""
+    scores: np.ndarray
+    """(N, T) scores: CTC similarity, or its blend with P(match) when re-ranked."""
+    candidates: Candidates
+    """The labels scored: names, CL ids and the texts the model read."""
 
+    @property
+    def names(self) -> list[str]:
+        return self.candidates.names
 
-@dataclass
-class AlignOutput:
-    loss: torch.Tensor
-    loss_ctc: torch.Tensor
-    loss_ctm: torch.Tensor
-    sim: torch.Tensor
-    """(B, B) cell x text similarities."""
+    def predict(self) -> np.ndarray:
+        """(N,) the best label's name per cell."""
+        return np.asarray(self.names, dtype=object)[self.scores.argmax(1)]
 
 
-@dataclass
-class GenOutput:
-    loss: torch.Tensor
-    loss_cdgen: torch.Tensor | None = None
-    loss_pcgen: torch.Tensor | None = None
-    pred: torch.Tensor | None = None
-    """(B, V) generated eq.-1 values (PCGen)."""
-
-
-class ScMMGPT(nn.Module):
-    """scMMGPT (Shi et al. 2025).
+class ScMMGPT:
+    """scMMGPT (Shi et al. 2025): network, vocabulary, tokenizers and the verbs users call.
 
     Parameters
     ----------
-    config
-        The :class:`ModelConfig`.
+    net
+        The tensor network.
     vocab
-        Gene vocabulary (``config.cell.vocab_size == len(vocab)``).
-    cell_encoder, qformer
-        Built modules (see :meth:`build`).
+        Gene vocabulary (``net.config.cell.vocab_size == len(vocab)``).
     bert_tokenizer
         Tokenizer of the Q-Former's BERT.
-    lm, lm_tokenizer
-        The causal LM (with LoRA adapters when configured) and its tokenizer; ``None`` for a model
-        used only for embedding/annotation.
+    lm_tokenizer
+        Tokenizer of the LM (``None`` when the network has no LM).
+    fresh_parameters
+        Names of network parameters still at random initialisation (see :meth:`param_groups`).
     """
 
-    def __init__(self, config: ModelConfig, vocab: GeneVocab, cell_encoder: CellEncoder, qformer: QFormer,
-                 bert_tokenizer, lm: nn.Module | None = None, lm_tokenizer=None) -> None:
-        super().__init__()
-        self.config = config
+    def __init__(self, net: ScMMGPTNetwork, vocab: GeneVocab, bert_tokenizer, lm_tokenizer=None,
+                 fresh_parameters: set[str] | None = None) -> None:
+        if net.config.cell.vocab_size != len(vocab):
+            raise ConfigError(f"The cell encoder has {net.config.cell.vocab_size} gene tokens but the vocabulary "
+                              f"{len(vocab)}.")
+        if (net.lm is None) != (lm_tokenizer is None):
+            raise ConfigError("Give lm_tokenizer exactly when the network has an LM.")
+        self.net = net
         self.vocab = vocab
-        self.cell_encoder = cell_encoder
-        self.qformer = qformer
         self.bert_tokenizer = bert_tokenizer
-        d_q, d_cell, D = qformer.d, cell_encoder.d_model, config.qformer.embed_dim
-        self.cell_proj = nn.Linear(d_q, D)
-        self.text_proj = nn.Linear(d_q, D)
-        self.ctm_head = nn.Linear(d_q, 2)
-        self.log_temp = nn.Parameter(torch.tensor(float(config.qformer.init_temperature)).log())
-        self.lm = lm
         self.lm_tokenizer = lm_tokenizer
-        if lm is not None:
-            d_lm = lm.get_input_embeddings().weight.shape[1]
-            t = config.text_to_cell
-            self.lm_proj = nn.Linear(d_q, d_lm)
-            self.text_to_cell = TextToCellProjector(d_lm, d_cell, n_dummy=t.n_dummy_tokens,
-                                                    n_cell_queries=t.n_cell_queries, n_layers=t.n_layers,
-                                                    n_heads=t.n_heads)
-            self.cell_decoder = CellDecoder(d_cell, len(vocab), dim=t.decoder_dim, gene_chunk=t.gene_chunk,
-                                            n_cell_queries=t.n_cell_queries, pooled_dim=t.pooled_dim)
-            self._prompt_ids = torch.tensor(lm_tokenizer(config.lm.prompt, add_special_tokens=False)["input_ids"])
-            self._answer_ids = torch.tensor(lm_tokenizer(config.lm.answer_prompt, add_special_tokens=False)["input_ids"])
-        self.stage: Stage = "none"
-        self.fresh_parameters: set[str] = set()
-        """Names of randomly initialised parameters (set by :meth:`build`; empty once trained and
-        reloaded). :meth:`param_groups` can give them a larger learning rate."""
+        self.fresh_parameters: set[str] = set(fresh_parameters or ())
+        """Names of randomly initialised parameters (empty once trained and reloaded);
+        :meth:`param_groups` can give them a larger learning rate."""
+
+    # ------------------------------------------------------------------------------- basics
+    @property
+    def config(self) -> ModelConfig:
+        """The configuration of the network held (derived from its modules)."""
+        return self.net.config
+
+    @property
+    def lm(self) -> nn.Module | None:
+        return self.net.lm
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to(self, device: str | torch.device) -> "ScMMGPT":
+        """Move the network (in place) and return ``self``."""
+        self.net.to(device)
+        return self
+
+    @property
+    def value_bins(self) -> int | None:
+        """Per-cell quantile bins applied to values before the encoder (``None``: raw eq.-1 values).
+        A scGPT checkpoint brings its own (51)."""
+        return self.config.cell.n_bins
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"ScMMGPT(cell={c.cell.n_layers}x{c.cell.d_model}, genes={len(self.vocab)}, "
+                f"qformer={c.qformer.bert!r}, lm={c.lm.name if self.lm is not None else None!r})")
 
     # ------------------------------------------------------------------------------- building
     @classmethod
-    def build(cls, config: ModelConfig, vocab: GeneVocab, *, with_lm: bool = True, cell_encoder: CellEncoder | None = None,
-              device: str | torch.device = "cpu") -> "ScMMGPT":
-        """Build a model: BERT weights into the Q-Former, the LM (+LoRA) loaded by name/path.
+    def build(cls, config: ModelConfig, vocab: GeneVocab | None = None, *, with_lm: bool = True,
+              cell_encoder: CellEncoder | None = None, device: str | torch.device = "cpu") -> "ScMMGPT":
+        """Build a model: BERT weights into the Q-Former, the LM (+LoRA) loaded by name/path, and the
+        cell encoder new, from ``cell_encoder`` (e.g. :func:`~scmmgpt.models.scgpt.load_scgpt`'s) or
+        from ``config.cell_checkpoint`` (a scGPT checkpoint directory, which also gives the vocabulary).
 
-        ``cell_encoder`` may be a pretrained one (e.g. from :func:`~scmmgpt.models.scgpt.load_scgpt`).
+        ``config`` is not modified: the model's :attr:`config` is a new one derived from the modules.
+        Random initialisation draws from torch's global RNG (seed it for a reproducible model).
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        config.cell.vocab_size = len(vocab)
-        config.cell.pad_id = vocab.pad_id
+        if config.cell_checkpoint is not None:
+            if cell_encoder is not None:
+                raise ConfigError("Give either config.cell_checkpoint or cell_encoder=, not both.")
+            from .scgpt import load_scgpt
+
+            cell_encoder, ckpt_vocab = load_scgpt(config.cell_checkpoint)
+            if vocab is not None and vocab.tokens != ckpt_vocab.tokens:
+                raise ConfigError(f"The scGPT checkpoint {config.cell_checkpoint} brings its own gene vocabulary; "
+                                  "map the data into it (vocab=None) instead of passing another one.")
+            vocab = ckpt_vocab
+        if vocab is None:
+            raise ConfigError("ScMMGPT.build needs a gene vocabulary (vocab=) or config.cell_checkpoint.")
         pretrained_encoder = cell_encoder is not None
         if cell_encoder is None:
-            cell_encoder = CellEncoder(config.cell)
+            cell_encoder = CellEncoder(dataclasses.replace(config.cell, vocab_size=len(vocab), pad_id=vocab.pad_id))
+        elif cell_encoder.config.vocab_size != len(vocab):
+            raise ConfigError(f"The cell encoder has {cell_encoder.config.vocab_size} gene tokens, the vocabulary "
+                              f"{len(vocab)}: give the vocabulary the encoder was trained with.")
         bert_path = assets.resolve_bert(config.qformer.bert)
         bert_cfg = AutoConfig.from_pretrained(bert_path)
         qformer = QFormer(bert_cfg, cell_encoder.d_model, n_query=config.qformer.n_query,
                           cross_attention_freq=config.qformer.cross_attention_freq, n_layers=config.qformer.n_layers,
                           dropout=config.qformer.dropout)
         qformer.load_bert(AutoModel.from_pretrained(bert_path).state_dict())
-
         bert_tok = AutoTokenizer.from_pretrained(bert_path)
-        lm = lm_tok = None
+        lm = lm_tok = prompt = answer = None
         if with_lm:
             lm, lm_tok = load_lm(config)
-        model = cls(config, vocab, cell_encoder, qformer, bert_tok, lm, lm_tok).to(device)
+            prompt = lm_tok(config.lm.prompt, add_special_tokens=False)["input_ids"]
+            answer = lm_tok(config.lm.answer_prompt, add_special_tokens=False)["input_ids"]
+        net = ScMMGPTNetwork(config, cell_encoder, qformer, lm, prompt, answer).to(device)
         # everything not copied from a pretrained checkpoint starts from random initialisation
-        model.fresh_parameters = {
-            n for n, _ in model.named_parameters()
+        fresh = {
+            n for n, _ in net.named_parameters()
             if not (n.startswith("lm.") and "lora_" not in n)
             and not (n.startswith("cell_encoder.") and pretrained_encoder)
             and not (n.startswith("qformer.") and "crossattention" not in n and "query_tokens" not in n)
         }
-        return model
+        return cls(net, vocab, bert_tok, lm_tok, fresh)
 
+    # ------------------------------------------------------------------------------- data
     def collator(self, *, with_text: bool = True) -> CellTextCollator:
-        """A collator that pads cells and tokenises texts for this model's BERT and LM."""
+        """A collator that pads cells (with the encoder's pad value) and tokenises texts for this
+        model's BERT and LM."""
         return CellTextCollator(pad_id=self.vocab.pad_id, pad_value=self.config.cell.pad_value,
                                 tokenizer=self.bert_tokenizer if with_text else None,
                                 max_text_len=self.config.qformer.max_text_len, vocab_size=len(self.vocab),
                                 lm_tokenizer=self.lm_tokenizer if (with_text and self.lm is not None) else None,
                                 lm_max_text_len=self.config.lm.max_text_len)
 
-    # ------------------------------------------------------------------------------- policy
-    def set_trainable(self, stage: Stage) -> None:
-        """The one place that decides what trains (paper §3.4).
+    def match_cells(self, adata, *, layer: str | None = None, use_raw: bool = False,
+                    gene_symbol_key: str | None = None, min_coverage: float = 0.5) -> CellData:
+        """Map an AnnData into this model's gene vocabulary and value scale (eq. 1 with the model's
+        ``target_sum``); the result's ``gene_match`` is the coverage report."""
+        return prepare_cells(adata, self.vocab, layer=layer, use_raw=use_raw, target_sum=self.config.target_sum,
+                             gene_symbol_key=gene_symbol_key, min_coverage=min_coverage)
 
-        * ``stage1`` / ``annotate``: cell encoder, Q-Former and the CTC/CTM heads.
-        * ``stage2``: cell encoder and Q-Former frozen; the query -> LM projection, text-to-cell
-          projector, cell decoder and the LM's LoRA adapters train.
-        * ``describe``: query -> LM projection + LoRA. ``generate``: text-to-cell, decoder + LoRA.
-        """
-        self.requires_grad_(False)
-        align = [self.cell_encoder, self.qformer, self.cell_proj, self.text_proj, self.ctm_head]
-        lora = [p for n, p in self.lm.named_parameters() if "lora_" in n] if self.lm is not None else []
-        if stage in ("stage1", "annotate"):
-            for m in align:
-                m.requires_grad_(True)
-            self.log_temp.requires_grad_(True)
-        elif stage in ("stage2", "describe", "generate"):
-            if self.lm is None:
-                raise CheckpointError(f"Stage {stage!r} needs the text LM; build the model with with_lm=True.")
-            if stage in ("stage2", "describe"):
-                self.lm_proj.requires_grad_(True)
-            if stage in ("stage2", "generate"):
-                self.text_to_cell.requires_grad_(True)
-                self.cell_decoder.requires_grad_(True)
-            for p in lora:
-                p.requires_grad_(True)
-        elif stage != "none":
-            raise ValueError(f"Unknown stage {stage!r}.")
-        self.stage = stage
+    def dataset(self, cells, texts: Sequence[str] | None = None, *, with_targets: bool = False) -> CellTextDataset:
+        """Cells (a :class:`~scmmgpt.data.CellSource`) as this model reads them: its ``max_genes``
+        and value binning."""
+        return CellTextDataset(cells, texts, cls_id=self.vocab.cls_id, max_genes=self.config.max_genes,
+                               n_bins=self.value_bins, with_targets=with_targets)
 
+    def tokenize_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """BERT token ids and attention mask of ``texts`` (truncated to ``qformer.max_text_len``)."""
+        return tokenize_for_bert(self.bert_tokenizer, texts, self.config.qformer.max_text_len)
+
+    # ------------------------------------------------------------------------------- training policy
     def param_groups(self, lr: float, lr_new: float | None = None) -> list[dict]:
         """Optimiser groups of the trainable parameters: pretrained ones (BERT layers, a loaded scGPT
         encoder, the LM) at ``lr``; randomly initialised ones (:attr:`fresh_parameters`) at
@@ -195,195 +210,159 @@ class ScMMGPT(nn.Module):
         orders of magnitude too slowly at the paper's 1e-5, which assumes a pretrained scGPT."""
         lr_new = lr if lr_new is None else lr_new
         old, new = [], []
-        for n, p in self.named_parameters():
+        for n, p in self.net.named_parameters():
             if p.requires_grad:
                 (new if n in self.fresh_parameters else old).append(p)
         return [g for g in ({"params": old, "lr": lr}, {"params": new, "lr": lr_new}) if g["params"]]
 
-    # ------------------------------------------------------------------------------- encoders
-    @property
-    def temperature(self) -> torch.Tensor:
-        return self.log_temp.exp().clamp(0.001, 0.5)
+    # ------------------------------------------------------------------------------- verbs
+    def encode(self, ds: CellTextDataset, *, batch_size: int = 64, indices: Sequence[int] | None = None):
+        """:class:`~scmmgpt.inference.CellFeatures` of every cell of ``ds`` (or of ``indices``), in order."""
+        from ..inference import encode_dataset
 
-    def encode_cells(self, gene_ids: torch.Tensor, values: torch.Tensor, padding: torch.Tensor) -> CellOutput:
-        # step 1: cell encoder -> (B, L, d_cell)
-        states = self.cell_encoder(gene_ids, values, padding)
-        # step 2: queries cross-attend to gene states -> (B, Q, d_qformer)
-        query = self.qformer.forward_query(states, padding)
-        # step 3: contrastive features -> (B, Q, embed_dim), unit norm
-        feats = F.normalize(self.cell_proj(query), dim=-1)
-        return CellOutput(states, padding, states[:, 0], query, feats)
+        return encode_dataset(self, ds, batch_size, indices=indices)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Text features ``(B, embed_dim)``, unit norm, from the ``[CLS]`` output."""
-        h = self.qformer.forward_text(input_ids, attention_mask)
-        return F.normalize(self.text_proj(h[:, 0]), dim=-1)
+    def encode_texts(self, texts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
+        """Text features ``(T, embed_dim)``, unit norm, on the CPU."""
+        from ..inference import encode_texts
 
-    def match_logits(self, states: torch.Tensor, padding: torch.Tensor, input_ids, attention_mask) -> torch.Tensor:
-        """CTM logits ``(B, 2)`` for aligned (cell_i, text_i) pairs; index 1 = matched."""
-        q = self.qformer.forward_match(states, padding, input_ids, attention_mask)
-        return self.ctm_head(q).mean(1)
+        return encode_texts(self, texts, batch_size)
 
-    # ------------------------------------------------------------------------------- stage 1
-    @staticmethod
-    def same_text(texts: list[str], device) -> torch.Tensor:
-        """(B, B) bool: True where two cells share a description."""
-        codes = {t: i for i, t in enumerate(dict.fromkeys(texts))}
-        c = torch.tensor([codes[t] for t in texts], device=device)
-        return c[:, None] == c[None, :]
+    def iter_label_scores(self, batches: Iterator[CellBatch], candidates: Candidates, *, alpha: float = 0.0,
+                          rerank_top: int = 10, chunk: int = 2048) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per batch: ``(batch.index, scores (B, T))``. Scores are the CTC similarity (cosine of cell
+        and text features, max over the Q-Former queries; paper eq. 2), computed over label chunks
+        to bound the (B, Q, T) intermediate. With ``alpha > 0`` each cell's ``rerank_top`` best
+        labels get ``(1 - alpha) * sim + alpha * P(match)`` from the CTM head and the others
+        ``(1 - alpha) * sim``, which keeps them below every re-ranked label (BLIP-2's re-ranking,
+        Li et al. 2023)."""
+        from ..inference import evaluation_mode
 
-    def forward_align(self, batch: CellBatch, generator: torch.Generator | None = None) -> AlignOutput:
-        """CTC + CTM (paper eq. 2-4)."""
-        cell = self.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
-        text = self.encode_text(batch.text_input_ids, batch.text_attention_mask)
-        # step 4: similarities (B, B) and symmetric InfoNCE with same-description positives
-        sim = similarity(cell.features, text)
-        same = self.same_text(batch.texts, sim.device)
-        l_ctc = ctc_loss(sim, self.temperature, same)
-        # step 5: hard negatives; positives + cell->neg text + text->neg cell through the matching path
-        neg_t, neg_c = sample_hard_negatives(sim, same, generator)
-        B = sim.shape[0]
-        idx = torch.arange(B, device=sim.device)
-        ok_t, ok_c = neg_t >= 0, neg_c >= 0
-        cell_rows = torch.cat([idx, idx[ok_t], neg_c[ok_c]])
-        text_rows = torch.cat([idx, neg_t[ok_t], idx[ok_c]])
-        labels = torch.cat([torch.ones(B), torch.zeros(int(ok_t.sum()) + int(ok_c.sum()))]).long().to(sim.device)
-        logits = self.match_logits(cell.states[cell_rows], cell.padding[cell_rows],
-                                   batch.text_input_ids[text_rows], batch.text_attention_mask[text_rows])
-        l_ctm = ctm_loss(logits, labels)
-        return AlignOutput(loss=l_ctc + l_ctm, loss_ctc=l_ctc, loss_ctm=l_ctm, sim=sim.detach())
+        text = self.encode_texts(candidates.texts)
+        with evaluation_mode(self.net):
+            for batch in batches:
+                out = self.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
+                feats = out.features.float().cpu()
+                sim = torch.cat([similarity(feats, text[i:i + chunk]) for i in range(0, len(text), chunk)], dim=1)
+                if alpha > 0:
+                    sim = self._rerank(out, sim, candidates.texts, alpha, rerank_top)
+                yield batch.index, sim
 
-    # ------------------------------------------------------------------------------- LM helpers
-    def _embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_input_embeddings()(ids)
+    def _rerank(self, out: CellOutput, sim: torch.Tensor, texts: list[str], alpha: float, top: int) -> torch.Tensor:
+        B, T = sim.shape
+        top = min(top, T)
+        cand = sim.topk(top, dim=1).indices                                    # (B, top)
+        device = out.states.device
+        ids, mask = self.tokenize_texts([texts[int(j)] for j in cand.flatten()])
+        states = out.states.repeat_interleave(top, dim=0)
+        padding = out.padding.repeat_interleave(top, dim=0)
+        logits = self.net.match_logits(states, padding, ids.to(device), mask.to(device))
+        p = logits.float().softmax(-1)[:, 1].cpu().view(B, top)
+        final = (1 - alpha) * sim
+        final.scatter_add_(1, cand, alpha * p)
+        return final
 
-    def cell_prefix(self, cell: CellOutput) -> torch.Tensor:
-        """LM input embeddings ``[prompt][cell tokens][answer prompt]`` -> (B, P+Q+A, d_lm)."""
-        B = cell.query.shape[0]
-        dev = cell.query.device
-        emb_dtype = self.lm.get_input_embeddings().weight.dtype
-        prompt = self._embed_tokens(self._prompt_ids.to(dev))[None].expand(B, -1, -1)
-        answer = self._embed_tokens(self._answer_ids.to(dev))[None].expand(B, -1, -1)
-        cell_tokens = self.lm_proj(cell.query).to(emb_dtype)
-        return torch.cat([prompt, cell_tokens, answer], dim=1)
+    def score_labels(self, ds: CellTextDataset, labels: Sequence[str] | Candidates, *, alpha: float = 0.0,
+                     rerank_top: int = 10, context: str | None = None, batch_size: int = 64,
+                     indices: Sequence[int] | None = None) -> LabelScores:
+        """Zero-shot scores of the cells of ``ds`` (or of ``indices``) against candidate ``labels``.
 
-    def forward_cdgen(self, batch: CellBatch, cell: CellOutput | None = None) -> torch.Tensor:
-        """CDGen (eq. 5): LM loss on the description given the projected cell tokens."""
-        if cell is None:
-            with torch.set_grad_enabled(self.cell_encoder.training and torch.is_grad_enabled()):
-                cell = self.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
-        prefix = self.cell_prefix(cell)                                  # (B, P, d_lm)
-        desc = self._embed_tokens(batch.lm_input_ids)                    # (B, T, d_lm)
-        embeds = torch.cat([prefix, desc], dim=1)
-        B, P = prefix.shape[:2]
-        mask = torch.cat([torch.ones(B, P, dtype=batch.lm_attention_mask.dtype, device=embeds.device),
-                          batch.lm_attention_mask], dim=1)
-        labels = torch.cat([torch.full((B, P), -100, device=embeds.device, dtype=torch.long),
-                            batch.lm_input_ids.masked_fill(batch.lm_attention_mask == 0, -100)], dim=1)
-        logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits
-        return cdgen_loss(logits, labels)
-
-    def text_to_cell_states(self, lm_input_ids: torch.Tensor, lm_attention_mask: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Description + dummy cell tokens through the LM -> the states the projector reads and
-        their key padding mask (True at padding; ``None`` for the dummy-only read-out)."""
-        B = lm_input_ids.shape[0]
-        n = self.text_to_cell.n_dummy
-        emb = self._embed_tokens(lm_input_ids)
-        dummy = self.text_to_cell.dummy_embeds.to(emb.dtype)[None].expand(B, -1, -1)
-        embeds = torch.cat([emb, dummy], dim=1)                           # (B, T + n, d_lm)
-        mask = torch.cat([lm_attention_mask, torch.ones(B, n, dtype=lm_attention_mask.dtype,
-                                                        device=emb.device)], dim=1)
-        # right padding sits between text and dummies: positions continue from the last real token
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
-        states = out.hidden_states[-1]
-        if self.config.text_to_cell.read_text:
-            return states, mask == 0
-        return states[:, -n:], None
-
-    def text_to_cell_features(self, lm_input_ids: torch.Tensor, lm_attention_mask: torch.Tensor) -> torch.Tensor:
-        """Description + dummy cell tokens through the LM -> cell features (B, n_cell_queries, d_cell)."""
-        states, padding = self.text_to_cell_states(lm_input_ids, lm_attention_mask)
-        return self.text_to_cell(states, key_padding_mask=padding)
-
-    def decode_cells(self, cell_feats: torch.Tensor) -> torch.Tensor:
-        """Cell features -> eq.-1 values of every vocabulary gene (B, V)."""
-        gene_emb = self.cell_encoder.gene_embeddings().detach()
-        return self.cell_decoder(cell_feats, gene_emb)
-
-    def forward_pcgen(self, batch: CellBatch, measured: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """PCGen (eq. 6): ``(loss, pred)``."""
-        pred = self.decode_cells(self.text_to_cell_features(batch.lm_input_ids, batch.lm_attention_mask))
-        return pcgen_loss(pred, batch.target, measured), pred
-
-    def forward_gen(self, batch: CellBatch, measured: torch.Tensor | None = None, *, cdgen: bool = True,
-                    pcgen: bool = True) -> GenOutput:
-        """Stage 2: CDGen + PCGen (eq. 7), both directions on every batch (1:1)."""
-        l_cd = self.forward_cdgen(batch) if cdgen else None
-        l_pc, pred = self.forward_pcgen(batch, measured) if pcgen else (None, None)
-        loss = sum(l for l in (l_cd, l_pc) if l is not None)
-        return GenOutput(loss=loss, loss_cdgen=l_cd, loss_pcgen=l_pc, pred=pred)
-
-    def forward(self, batch: CellBatch, objective: Stage, measured: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training loss of a stage or task and its parts: ``(loss, {"ctc": ..., ...})``.
-
-        Training calls the model through ``forward`` so that a DDP/FSDP wrapper sees every step.
+        ``labels`` are names or CL ids, each read as :func:`~scmmgpt.data.label_texts.candidate_labels`
+        describes it (Cell Ontology definition and synonyms, plus ``context``) — the texts
+        :func:`scmmgpt.tl.annotate` uses — or ready :class:`Candidates`.
         """
-        if objective in ("stage1", "annotate"):
-            out = self.forward_align(batch, generator)
-            return out.loss, {"ctc": out.loss_ctc, "ctm": out.loss_ctm}
-        if objective not in ("stage2", "describe", "generate"):
-            raise ValueError(f"Unknown objective {objective!r}.")
-        gen = self.forward_gen(batch, measured, cdgen=objective in ("stage2", "describe"),
-                               pcgen=objective in ("stage2", "generate"))
-        parts = {k: v for k, v in (("cdgen", gen.loss_cdgen), ("pcgen", gen.loss_pcgen)) if v is not None}
-        return gen.loss, parts
+        from ..inference import iter_batches
 
-    # ------------------------------------------------------------------------------- inference
-    @torch.no_grad()
-    def generate_text(self, batch: CellBatch, *, max_new_tokens: int = 64, do_sample: bool = False,
-                      temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
-        """Describe cells: greedy or nucleus sampling, with the LM's KV cache. All prefixes have the
-        same length, so no padding is needed."""
-        cell = self.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
-        prefix = self.cell_prefix(cell)
-        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        cands = labels if isinstance(labels, Candidates) else candidate_labels(labels=list(labels), context=context)
+        idx = np.arange(len(ds)) if indices is None else np.asarray(indices)
+        by_length = np.argsort(ds.lengths()[idx], kind="stable")
+        chunks = []
+        for _, sim in self.iter_label_scores(iter_batches(self, ds, batch_size, indices=idx[by_length]), cands,
+                                             alpha=alpha, rerank_top=rerank_top):
+            chunks.append(sim)
+        scores = torch.cat(chunks)[torch.from_numpy(np.argsort(by_length, kind="stable"))]
+        return LabelScores(scores.numpy(), cands)
+
+    def describe(self, batch: CellBatch, *, max_new_tokens: int = 64, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
+        """Descriptions of the cells of ``batch`` (greedy, or nucleus sampling from torch's RNG)."""
+        if self.lm is None:
+            raise ConfigError("describe needs the text LM: load the model with with_lm=True (a stage-2 model).")
         tok = self.lm_tokenizer
-        kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p)
-        out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, **kwargs)
-        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = self.net.generate_ids(batch, eos_token_id=tok.eos_token_id, pad_token_id=pad,
+                                    max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                    top_p=top_p)
+        return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
 
-    @torch.no_grad()
-    def generate_cells(self, lm_input_ids: torch.Tensor, lm_attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pseudo-cells from tokenised descriptions: (B, V) eq.-1 values (clipped at 0)."""
-        return self.decode_cells(self.text_to_cell_features(lm_input_ids, lm_attention_mask)).clamp(min=0)
+    def generate_cells(self, texts: Sequence[str], *, batch_size: int = 16) -> np.ndarray:
+        """Pseudo-cells from descriptions (used as written): ``(len(texts), V)`` eq.-1 values of
+        every vocabulary token, clipped at 0."""
+        from ..inference import evaluation_mode
+
+        if self.lm is None:
+            raise ConfigError("generate needs the text LM: load the model with with_lm=True (a stage-2 model).")
+        ids, mask = tokenize_for_lm(self.lm_tokenizer, list(texts), self.config.lm.max_text_len)
+        dev = self.device
+        out = []
+        with evaluation_mode(self.net):
+            for s in range(0, len(texts), batch_size):
+                out.append(self.net.generate_cells(ids[s:s + batch_size].to(dev),
+                                                   mask[s:s + batch_size].to(dev)).float().cpu())
+        return torch.cat(out).numpy()
+
+    def cut_text(self, text: str, n_tokens: int) -> str:
+        """``text`` cut to its first ``n_tokens`` LM tokens (references are compared with generated
+        texts of at most that many tokens)."""
+        from ..eval.text import cut_to_tokens
+
+        return cut_to_tokens(self.lm_tokenizer, text, n_tokens)
 
     # ------------------------------------------------------------------------------- persistence
-    def trained_state_dict(self, *, full: bool = False) -> dict[str, torch.Tensor]:
-        """Weights to store: everything except the frozen base LM (its LoRA adapters are kept)."""
-        state = self.state_dict()
-        if full:
-            return state
-        return {k: v for k, v in state.items() if not k.startswith("lm.") or "lora_" in k}
-
     def save_pretrained(self, path: str | os.PathLike, *, full: bool = False) -> None:
-        """Write ``config.json``, ``vocab.json``, ``model.safetensors`` and ``manifest.json``."""
-        from .persistence import save_model
+        """Write ``config.json``, ``vocab.json``, ``model.safetensors`` and ``manifest.json``
+        (the base LM is referenced by name unless ``full=True``)."""
+        from .persistence import write_model_folder
 
-        save_model(self, path, full=full)
+        write_model_folder(path, self.config, self.vocab, self.net.trained_state_dict(full=full), full=full)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, with_lm: bool | None = None,
-                        device: str | torch.device = "cpu") -> "ScMMGPT":
-        """Load a model written by :meth:`save_pretrained` (checksums verified)."""
-        from .persistence import load_model
+                        device: str | torch.device = "cpu", overrides: dict | None = None) -> "ScMMGPT":
+        """Load a model written by :meth:`save_pretrained` (checksums verified). ``with_lm=None``
+        loads the LM side when the folder has one; ``True`` on a stage-1 model adds a fresh one.
+        ``overrides``: dotted config keys that do not touch stored weights (``{"lm.dtype": "bfloat16"}``;
+        :data:`~scmmgpt.models.config.RUNTIME_KEYS`)."""
+        from .persistence import LM_SIDE, read_model_folder
 
-        return load_model(path, with_lm=with_lm, device=device)
+        path = Path(path)
+        config, vocab, state, info = read_model_folder(path)
+        for key, value in (overrides or {}).items():
+            section, _, name = key.partition(".")
+            if key not in RUNTIME_KEYS:
+                raise ConfigError(f"{key!r} cannot change on a saved model (its weights depend on it).")
+            config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section),
+                                                                                   **{name: value})})
+        has_lm = any(k.startswith(("lm_proj.", "text_to_cell.")) for k in state)
+        with_lm = has_lm if with_lm is None else with_lm
+        # the stored weights replace the encoder's: never reload a scGPT checkpoint here
+        model = cls.build(dataclasses.replace(config, cell_checkpoint=None), vocab, with_lm=with_lm)
+        model.net.config = dataclasses.replace(model.net.config, cell_checkpoint=config.cell_checkpoint)
+        if not with_lm:
+            state = {k: v for k, v in state.items() if not k.startswith(LM_SIDE)}
+        expected = model.net.trained_state_dict(full=info.get("full", False))
+        if with_lm and not has_lm:
+            # an aligned (stage-1) model gains a fresh LM side: stage 2 trains it
+            expected = {k: v for k, v in expected.items() if not k.startswith(LM_SIDE)}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(model.net.state_dict()))
+        if missing or unexpected:
+            raise CheckpointError(f"{path}/model.safetensors does not fit the model: missing {missing[:6]}, "
+                                  f"unexpected {unexpected[:6]}.")
+        model.net.load_state_dict(state, strict=False)
+        model.fresh_parameters = {n for n in model.fresh_parameters if n not in state}
+        model.net.to(device).eval()
+        return model
 
 
 def load_lm(config: ModelConfig):

@@ -13,14 +13,54 @@ weights one to one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.config import CellEncoderConfig
+from ..errors import ConfigError
 
-__all__ = ["GeneEncoder", "ContinuousValueEncoder", "CategoryValueEncoder", "SelfAttention", "EncoderLayer",
+__all__ = ["CellEncoderConfig", "GeneEncoder", "ContinuousValueEncoder", "CategoryValueEncoder", "SelfAttention", "EncoderLayer",
            "CellEncoder"]
+
+
+@dataclass
+class CellEncoderConfig:
+    """scGPT-architecture cell encoder (Cui et al. 2024)."""
+
+    vocab_size: int = 0
+    """Number of gene tokens (set from the gene vocabulary)."""
+    d_model: int = 256
+    """Width of gene/value embeddings and of the transformer."""
+    n_layers: int = 4
+    """Transformer encoder layers."""
+    n_heads: int = 4
+    """Attention heads."""
+    d_ff: int = 512
+    """Feed-forward width."""
+    dropout: float = 0.1
+    """Dropout in embeddings and layers."""
+    pad_id: int = 0
+    """Index of ``<pad>`` in the vocabulary."""
+    input_style: Literal["continuous", "category"] = "continuous"
+    """``continuous``: value encoder ``LN(W2 ReLU(W1 x))``; ``category``: embedding of value bins."""
+    n_bins: int | None = None
+    """Per-cell quantile bins (scGPT: 51); required for ``category``, optional for ``continuous``."""
+    pad_value: float = 0.0
+    """Value at padded positions (scGPT checkpoints use -2)."""
+    max_value: float = 512.0
+    """Values are clamped to this before the value encoder (as scGPT)."""
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}.")
+        if self.input_style == "category" and not self.n_bins:
+            raise ConfigError("input_style='category' needs n_bins (scGPT uses 51).")
+        if min(self.d_model, self.n_layers, self.n_heads, self.d_ff) < 1:
+            raise ConfigError("d_model, n_layers, n_heads and d_ff must be positive.")
+
 
 
 class GeneEncoder(nn.Module):

@@ -26,15 +26,17 @@ def train_two_stages(model, lab, rc, *, stage1_steps: int, stage2_steps: int, st
     cfg1.stage, cfg1.max_steps, cfg1.progress, cfg1.val_every = "stage1", stage1_steps, progress, None
     cfg1.warmup_steps = min(cfg1.warmup_steps, max(1, stage1_steps // 10))
     cfg1.out_dir = None if out_dir is None else str(Path(out_dir) / "train-stage1")
-    val1 = lab.dataset("val", max_genes=mc.max_genes) if validate and len(lab.split["val"]) else None
+    nb = model.value_bins
+    val1 = lab.dataset("val", max_genes=mc.max_genes, n_bins=nb) if validate and len(lab.split["val"]) else None
     t0 = time.perf_counter()
-    r1 = fit(model, lab.dataset("train", max_genes=mc.max_genes), cfg1, val=val1, measured=lab.cells.measured)
+    r1 = fit(model, lab.dataset("train", max_genes=mc.max_genes, n_bins=nb), cfg1, val=val1,
+             val_labels=lab.types("val") if val1 is not None else None, measured=lab.cells.measured)
     r1["seconds"] = time.perf_counter() - t0
     cfg2 = type(cfg1).from_dict({**cfg1.to_dict(), "stage": "stage2", "max_steps": stage2_steps,
                                  "batch_size": stage2_batch, "lr_new": 2e-3, "t2c_warmup_steps": t2c_warmup_steps,
                                  "warmup_steps": max(1, stage2_steps // 10), "log_every": 5,
                                  "out_dir": None if out_dir is None else str(Path(out_dir) / "train-stage2")})
-    r2 = fit(model, lab.dataset("train", max_genes=mc.max_genes, with_targets=True), cfg2,
+    r2 = fit(model, lab.dataset("train", max_genes=mc.max_genes, with_targets=True, n_bins=nb), cfg2,
              measured=lab.cells.measured)
     r2["seconds"] = time.perf_counter() - t0 - r1["seconds"]
     return r1, r2

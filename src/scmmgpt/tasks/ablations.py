@@ -73,7 +73,7 @@ def run_representation_ablation(b: RepresentationAblation, out: str | Path, *, c
     from sklearn.neural_network import MLPClassifier
 
     from ..data import stratified_split
-    from ..train.run import DataConfig, load_labelled
+    from ..data.labelled import DataConfig, load_labelled
     from .benchmark import machine_info
 
     t0 = time.perf_counter()
@@ -139,12 +139,11 @@ def _umap_png(xys: dict[str, np.ndarray], types, batches, title: str) -> bytes:
     import io
 
     import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(xys), 2, figsize=(11, 4.5 * len(xys)), squeeze=False)
-    cmap = plt.get_cmap("tab10")
+    fig = Figure(figsize=(11, 4.5 * len(xys)))
+    axes = fig.subplots(len(xys), 2, squeeze=False)
+    cmap = matplotlib.colormaps["tab10"]
     for row, (name, xy) in enumerate(xys.items()):
         for col, (lab, what) in enumerate(((types, "cell type"), (batches, "batch"))):
             ax = axes[row, col]
@@ -158,21 +157,20 @@ def _umap_png(xys: dict[str, np.ndarray], types, batches, title: str) -> bytes:
     fig.suptitle(title)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()
 
 
 def run_batch_view(b: BatchView, out: str | Path, *, progress: bool = False, command: str | None = None) -> dict:
-    import torch
     import umap
     from sklearn.decomposition import PCA
 
     from ..data.io import read_h5ad
     from ..eval.batch import silhouette_scores
-    from ..inference import encode_dataset
     from ..models.scmmgpt import ScMMGPT
     from ..train.loop import fit
-    from ..train.run import DataConfig, load_labelled, load_run_config
+    from ..data.labelled import DataConfig, load_labelled
+    from ..train.run import load_run_config
+    from ..utils.seed import seeded
     from .benchmark import machine_info
 
     t0 = time.perf_counter()
@@ -187,16 +185,17 @@ def run_batch_view(b: BatchView, out: str | Path, *, progress: bool = False, com
         cfg.warmup_steps, cfg.deterministic = min(cfg.warmup_steps, max(1, b.steps // 10)), True
         lab = load_labelled(DataConfig(path=path, label_key=b.label_key, split=b.split, seed=b.seed),
                             target_sum=rc.model.target_sum)
-        torch.manual_seed(b.seed)
-        model = ScMMGPT.build(rc.model, lab.vocab, with_lm=False)
-        fit(model, lab.dataset("train", max_genes=model.config.max_genes), cfg)
+        with seeded(b.seed):
+            model = ScMMGPT.build(rc.model, lab.vocab, with_lm=False)
+        fit(model, lab.dataset("train", max_genes=model.config.max_genes, n_bins=model.value_bins), cfg)
         test = lab.split["test"]
         obs = read_h5ad(path, backed=True).obs.iloc[lab.cells.cell_index[test]]
         if b.batch_key not in obs:
             raise ValueError(f"{path} has no obs column {b.batch_key!r} (batch labels).")
         types = lab.descriptions["cell_type"].astype(str).to_numpy()[test]
         batches = obs[b.batch_key].astype(str).to_numpy()
-        emb = {"scMMGPT": encode_dataset(model, lab.dataset("test", max_genes=model.config.max_genes)).embedding(),
+        emb = {"scMMGPT": model.encode(lab.dataset("test", max_genes=model.config.max_genes,
+                                                   n_bins=model.value_bins)).embedding(),
                "PCA of log-normalised expression": PCA(50, random_state=b.seed).fit_transform(
                    lab.cells.expr[test][:, lab.cells.measured].toarray())}
         scores = {k: silhouette_scores(v, types, batches, seed=b.seed) for k, v in emb.items()}

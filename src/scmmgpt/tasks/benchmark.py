@@ -92,11 +92,11 @@ def provenance_lines(record: dict, detail: str = "") -> list[str]:
 
 
 def _scores(model, lab, labels: list[str]) -> np.ndarray:
-    """(n_test, n_labels) CTC similarities of the test cells to each type's training-style text."""
-    from ..inference import encode_dataset, encode_texts, zero_shot_scores
-
-    ds = lab.dataset("test", max_genes=model.config.max_genes)
-    return zero_shot_scores(encode_dataset(model, ds), encode_texts(model, lab.label_texts(labels)))
+    """(n_test, n_labels) zero-shot scores of the test cells: ``score_labels`` over ``labels``,
+    each named as in the data with its CL term (what ``tl.annotate(labels={name: id})`` reads)."""
+    ds = lab.dataset("test", max_genes=model.config.max_genes, n_bins=model.value_bins)
+    label_set = lab.label_set()
+    return model.score_labels(ds, {name: label_set.get(name, name) for name in labels}).scores
 
 
 def _split_metrics(scores, labels, truth, ids, truth_ids, ks, seen: set[str] | None) -> dict:
@@ -138,11 +138,11 @@ def _baselines(lab, labels, truth, ids, truth_ids, ks, seed, train_idx, seen) ->
 def run_annotation_benchmark(b: AnnotationBenchmark, out: str | Path, *, progress: bool = False,
                              command: str | None = None) -> dict:
     """Run the annotation protocol; write ``{out}/results.json`` and ``{out}/results.md``."""
-    import torch
-
+    from ..data.labelled import DataConfig, load_labelled
     from ..models.scmmgpt import ScMMGPT
     from ..train.loop import fit
-    from ..train.run import DataConfig, load_labelled, load_run_config
+    from ..train.run import load_run_config
+    from ..utils.seed import seeded
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -154,11 +154,11 @@ def run_annotation_benchmark(b: AnnotationBenchmark, out: str | Path, *, progres
     # 1. pre-train stage 1 on the other dataset
     pre = load_labelled(DataConfig(path=b.pretrain_data, label_key=b.label_key, split=b.split, seed=b.seed),
                         target_sum=rc.model.target_sum)
-    torch.manual_seed(b.seed)
-    model = ScMMGPT.build(rc.model, pre.vocab, with_lm=False)
+    with seeded(b.seed):
+        model = ScMMGPT.build(rc.model, pre.vocab, with_lm=False)
     cfg.stage, cfg.max_steps = "stage1", b.pretrain_steps
     cfg.warmup_steps = min(cfg.warmup_steps, max(1, b.pretrain_steps // 10))
-    fit(model, pre.dataset("train", max_genes=model.config.max_genes), cfg)
+    fit(model, pre.dataset("train", max_genes=model.config.max_genes, n_bins=model.value_bins), cfg)
     model.save_pretrained(out / "pretrained")
     t_pre = time.perf_counter() - t0
 
@@ -187,7 +187,7 @@ def run_annotation_benchmark(b: AnnotationBenchmark, out: str | Path, *, progres
         ft = ScMMGPT.from_pretrained(out / "pretrained", with_lm=False)
         fcfg = type(cfg).from_dict({**cfg.to_dict(), "stage": "annotate", "max_steps": b.finetune_steps,
                                     "warmup_steps": max(1, b.finetune_steps // 10)})
-        fit(ft, sub.dataset("train", max_genes=ft.config.max_genes), fcfg)
+        fit(ft, sub.dataset("train", max_genes=ft.config.max_genes, n_bins=ft.value_bins), fcfg)
         seen = set(sub.train_types)
         results["fine_tuned"][f"{f:g}"] = {
             "train_types": sub.train_types,

@@ -24,14 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..data.dataset import tokenize_for_lm
+from ..data.labelled import DataConfig, load_labelled
+from ..eval.annotation import topk_accuracy
 from ..eval.cells import expression_pca, knn_accuracy
-from ..eval.text import text_metrics
-from ..inference import encode_dataset, encode_texts, evaluation_mode, iter_batches, topk_accuracy, zero_shot_scores
-from ..train.run import DataConfig, load_labelled, load_run_config
+from ..eval.text import text_metrics, type_named
+from ..inference import evaluation_mode, iter_batches
+from ..train.run import load_run_config
 from ..utils.io import atomic_write_text
+from ..utils.seed import seeded
 from ._train import train_two_stages
 
 __all__ = ["DemoSettings", "run_demo"]
@@ -56,78 +57,9 @@ class DemoSettings:
 
 
 def _fig_to_data_uri(fig) -> str:
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _umap(x: np.ndarray, seed: int) -> np.ndarray:
-    import umap
-
-    n = len(x)
-    return umap.UMAP(n_neighbors=min(15, max(2, n - 1)), random_state=seed, n_jobs=1,
-                     init="random" if n < 20 else "spectral"
-                     ).fit_transform(x)
-
-
-def _scatter(ax, xy, labels, title, categories):
-    import matplotlib.pyplot as plt
-
-    cmap = plt.get_cmap("tab20")
-    for i, c in enumerate(categories):
-        m = np.asarray(labels) == c
-        if m.any():
-            ax.scatter(xy[m, 0], xy[m, 1], s=10, color=cmap(i % 20), label=c)
-    ax.set_title(title)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def _report_figures(emb_xy, truth, pred, labels, cm, real_gen_xy, real_gen_kind, real_gen_labels) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figs = {}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    _scatter(axes[0], emb_xy, truth, "true cell type", labels)
-    _scatter(axes[1], emb_xy, pred, "zero-shot prediction", labels)
-    axes[1].legend(loc="center left", bbox_to_anchor=(1, 0.5), fontsize=7, markerscale=2)
-    figs["umap"] = _fig_to_data_uri(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 6))
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    for i in range(len(labels)):
-        for j in range(len(labels)):
-            if cm[i, j]:
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
-                        color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    figs["confusion"] = _fig_to_data_uri(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    cmap = plt.get_cmap("tab20")
-    for i, c in enumerate(labels):
-        for kind, marker, size in (("real", "o", 8), ("generated", "*", 160)):
-            m = (np.asarray(real_gen_labels) == c) & (np.asarray(real_gen_kind) == kind)
-            if m.any():
-                ax.scatter(real_gen_xy[m, 0], real_gen_xy[m, 1], s=size, marker=marker, color=cmap(i % 20),
-                           edgecolors="black" if kind == "generated" else "none", linewidths=0.6,
-                           label=c if kind == "real" else None)
-    ax.set_title("real test cells (dots) and generated pseudo-cells (stars)")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.legend(loc="center left", bbox_to_anchor=(1, 0.5), fontsize=7, markerscale=1.5)
-    figs["generated"] = _fig_to_data_uri(fig)
-    return figs
 
 
 def _html(metrics: dict, figs: dict[str, str], examples: list[dict]) -> str:
@@ -159,96 +91,54 @@ never used in training. Chance level for annotation: {metrics['chance_acc1']:.3f
 
 def run_demo(*, data: str | None = None, label_key: str = "cell_type", layer: str | None = None,
              use_raw: bool = False, out: str = "demo_report", fast: bool = False, seed: int = 0,
-             settings: DemoSettings | None = None, progress: bool = True) -> dict:
+             settings: DemoSettings | None = None, progress: bool = True, set_default: bool = False) -> dict:
     """Train on ``data`` (default: bundled pbmc68k_reduced) and report on held-out cells.
+
+    Every figure is measured through the verbs users call: zero-shot annotation through
+    :meth:`ScMMGPT.score_labels` over the dataset's cell types (each named as in the data, with its
+    Cell Ontology term, as ``tl.annotate(labels={name: CL id})`` reads them), descriptions through
+    :meth:`ScMMGPT.describe`, pseudo-cells through :meth:`ScMMGPT.generate_cells` on the same
+    label texts. With ``set_default`` the trained model becomes the CLI's default model.
 
     Returns the metrics (also written to ``{out}/metrics.json``) with ``report`` and ``model`` paths.
     """
-    from sklearn.metrics import confusion_matrix, f1_score
-
     from ..models.scmmgpt import ScMMGPT
 
     t0 = time.perf_counter()
     s = settings or (DemoSettings.fast() if fast else DemoSettings())
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
     rc = load_run_config("cpu-small", [f"train.seed={seed}"])
     lab = load_labelled(DataConfig(path=data, label_key=label_key, layer=layer, use_raw=use_raw,
                                    split=(0.7, 0.1, 0.2), seed=seed), target_sum=rc.model.target_sum)
-    model = ScMMGPT.build(rc.model, lab.vocab, with_lm=True)
-    mc = model.config
+    with seeded(seed):
+        model = ScMMGPT.build(rc.model, lab.vocab, with_lm=True)
     t_setup = time.perf_counter() - t0
 
     # ---- training: stage 1 then stage 2 on the same model object
     r1, r2 = train_two_stages(model, lab, rc, stage1_steps=s.stage1_steps, stage2_steps=s.stage2_steps,
                               stage2_batch=s.stage2_batch, t2c_warmup_steps=s.t2c_warmup_steps, progress=progress,
                               out_dir=out_dir)
-    t_s1, t_s2 = r1["seconds"], r2["seconds"]
     model.save_pretrained(out_dir / "model")
-    if not fast and settings is None:
-        # the full demo's model becomes the default of `scmmgpt generate/annotate/...` without --model
+    if set_default:
         from ..assets import set_default_model
 
         set_default_model(out_dir / "model")
-    atomic_write_text(out_dir / "split.json", json.dumps({k: lab.cells.obs_names[v].tolist()
+    atomic_write_text(out_dir / "split.json", json.dumps({k: np.asarray(lab.cells.obs_names[v]).astype(str).tolist()
                                                           for k, v in lab.split.items()}))
+    t_train = time.perf_counter()
+    test_ds = lab.dataset("test", max_genes=model.config.max_genes, n_bins=model.value_bins)
+    ls = model.score_labels(test_ds, lab.label_set())
+    annotation = _annotation(ls, lab.types("test"))
+    description, examples = _descriptions(model, test_ds, lab.types("test"), list(lab.descriptions["description"]
+                                          .iloc[lab.split["test"]]), s, seed)
+    real, pseudo, generation = _generation(model, lab, ls)
+    t_eval = time.perf_counter() - t_train
 
-    # ---- zero-shot annotation over the dataset's label names, on test cells
-    desc = lab.descriptions
-    test = lab.split["test"]
-    test_ds = lab.dataset("test", max_genes=mc.max_genes, with_targets=True)
-    usable = ~desc["ambiguous"].to_numpy()
-    labels = sorted({str(t) for t in desc["cell_type"][usable]})
-    label_text = dict(zip(labels, lab.label_texts(labels)))
-    truth_names = desc["cell_type"].astype(str).to_numpy()[test]
-    truth = np.array([labels.index(t) for t in truth_names])
-    cell_feats = encode_dataset(model, test_ds)
-    scores = zero_shot_scores(cell_feats, encode_texts(model, [label_text[lab_] for lab_ in labels]))
-    pred = scores.argmax(1)
-    pred_names = np.array(labels)[pred]
-    annotation = {"acc1": topk_accuracy(scores, truth, 1), "acc3": topk_accuracy(scores, truth, 3),
-                  "macro_f1": float(f1_score(truth, pred, average="macro", labels=np.unique(truth))),
-                  "n_labels": len(labels)}
-    cm = confusion_matrix(truth, pred, labels=range(len(labels)))
-
-    # ---- descriptions for a sample of test cells
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(len(test), size=min(s.n_describe, len(test)), replace=False))
-    generated: list[str] = []
-    with evaluation_mode(model):
-        for batch in iter_batches(model, test_ds, 8, indices=sample):
-            generated += model.generate_text(batch, max_new_tokens=s.max_new_tokens)
-    refs = [str(desc["description"].iloc[test[i]]) for i in sample]
-    # references are cut to the same number of LM tokens the model may generate
-    tok = model.lm_tokenizer
-    refs_cut = [tok.decode(tok(r, add_special_tokens=False)["input_ids"][: s.max_new_tokens]) for r in refs]
-    description = text_metrics(generated, refs_cut)
-    description["type_named"] = float(np.mean([g.lower().startswith(truth_names[i].lower())
-                                               for g, i in zip(generated, sample)]))
-    description["n"] = len(sample)
-    examples = [{"cell_type": str(truth_names[i]), "generated": g, "reference": r}
-                for g, i, r in zip(generated, sample, refs_cut)]
-
-    # ---- pseudo-cells from each label's description vs the real test cells
-    ids, mask = tokenize_for_lm(model.lm_tokenizer, [label_text[lab_] for lab_ in labels], mc.lm.max_text_len)
-    with evaluation_mode(model):
-        pseudo = model.generate_cells(ids, mask).numpy()
-    meas = lab.cells.measured
-    real = lab.cells.expr[test].toarray()
-    pca = expression_pca(real[:, meas], 50)
-    knn = knn_accuracy(real[:, meas], truth_names, pseudo[:, meas], labels, k=5, transform=pca)
-    generation = {"knn_accuracy": knn, "n_generated": len(labels), "k": 5}
-    t_eval = time.perf_counter() - t0 - t_setup - t_s1 - t_s2
-
-    # ---- report
-    both = pca(np.concatenate([real[:, meas], pseudo[:, meas]]))
-    figs = _report_figures(_umap(cell_feats.embedding(), seed), truth_names, pred_names, labels, cm,
-                           _umap(both, seed), ["real"] * len(real) + ["generated"] * len(pseudo),
-                           list(truth_names) + labels)
+    figs = _report_figures(model, test_ds, lab.types("test"), ls, real, pseudo, seed)
     metrics = {
-        "data": lab.source, "cells": int(len(desc)), "split": {k: int(len(v)) for k, v in lab.split.items()},
-        "chance_acc1": 1.0 / len(labels), "annotation": annotation, "description": description,
+        "data": lab.source, "cells": int(len(lab.descriptions)), "split": {k: int(len(v)) for k, v in lab.split.items()},
+        "chance_acc1": 1.0 / len(ls.names), "annotation": annotation, "description": description,
         "generation": generation,
         "training": {
             "stage1": {"steps": r1["steps"], "cells_per_s": round(r1["cells_per_s"], 2),
@@ -258,9 +148,69 @@ def run_demo(*, data: str | None = None, label_key: str = "cell_type", layer: st
                        **{k: round(v, 4) for k, v in r2["history"][-1].items() if k in ("cdgen", "pcgen")}},
         },
         "settings": {"fast": fast, **s.__dict__},
-        "seconds": {"setup": round(t_setup, 1), "stage1": round(t_s1, 1), "stage2": round(t_s2, 1),
+        "seconds": {"setup": round(t_setup, 1), "stage1": round(r1["seconds"], 1), "stage2": round(r2["seconds"], 1),
                     "evaluation": round(t_eval, 1), "total": round(time.perf_counter() - t0, 1)},
     }
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     atomic_write_text(out_dir / "report.html", _html(metrics, figs, examples))
     return {**metrics, "report": str(out_dir / "report.html"), "model": str(out_dir / "model")}
+
+
+def _annotation(ls, truth_names: np.ndarray) -> dict:
+    """Acc@1, Acc@3 and macro F1 of the zero-shot scores against the true types."""
+    from sklearn.metrics import f1_score
+
+    truth = np.array([ls.names.index(t) for t in truth_names])
+    pred = ls.scores.argmax(1)
+    return {"acc1": topk_accuracy(ls.scores, truth, 1), "acc3": topk_accuracy(ls.scores, truth, 3),
+            "macro_f1": float(f1_score(truth, pred, average="macro", labels=np.unique(truth))),
+            "n_labels": len(ls.names)}
+
+
+def _descriptions(model, test_ds, truth_names, references: list[str], s: DemoSettings, seed: int
+                  ) -> tuple[dict, list[dict]]:
+    """Descriptions of a seeded sample of test cells against their references, cut to the same
+    number of LM tokens the model may generate."""
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(len(test_ds), size=min(s.n_describe, len(test_ds)), replace=False))
+    generated: list[str] = []
+    with evaluation_mode(model.net):
+        for batch in iter_batches(model, test_ds, 8, indices=sample):
+            generated += model.describe(batch, max_new_tokens=s.max_new_tokens)
+    refs = [model.cut_text(references[i], s.max_new_tokens) for i in sample]
+    names = [str(truth_names[i]) for i in sample]
+    metrics = {**text_metrics(generated, refs), "type_named": type_named(generated, names), "n": len(sample)}
+    return metrics, [{"cell_type": n, "generated": g, "reference": r} for n, g, r in zip(names, generated, refs)]
+
+
+def _generation(model, lab, ls) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One pseudo-cell from each label's text; k-NN (k=5) accuracy against the real test cells in
+    a PCA of their measured genes."""
+    pseudo = model.generate_cells(ls.candidates.texts)
+    meas = lab.cells.measured
+    real = lab.cells.rows_csr(lab.split["test"]).toarray()
+    knn = knn_accuracy(real[:, meas], lab.types("test"), pseudo[:, meas], ls.names, k=5,
+                       transform=expression_pca(real[:, meas], 50))
+    return real[:, meas], pseudo[:, meas], {"knn_accuracy": knn, "n_generated": len(ls.names), "k": 5}
+
+
+def _report_figures(model, test_ds, truth_names, ls, real, pseudo, seed: int) -> dict[str, str]:
+    """The report's figures, drawn by :mod:`scmmgpt.pl` on AnnData views of the results."""
+    import anndata as ad
+    import pandas as pd
+
+    from .. import pl
+
+    cells = ad.AnnData(obs=pd.DataFrame({"true cell type": truth_names, "zero-shot prediction": ls.predict()},
+                                        index=[f"cell{i}" for i in range(len(truth_names))]))
+    cells.obsm["X_scmmgpt_aligned"] = model.encode(test_ds).embedding()
+    genes = [f"g{i}" for i in range(real.shape[1])]
+    real_ad = ad.AnnData(real.astype(np.float32), obs=pd.DataFrame({"cell type": truth_names}, index=cells.obs_names),
+                         var=pd.DataFrame(index=genes))
+    gen_ad = ad.AnnData(pseudo.astype(np.float32), obs=pd.DataFrame({"prompt": ls.names},
+                        index=[f"gen{i}" for i in range(len(ls.names))]), var=pd.DataFrame(index=genes))
+    return {"umap": _fig_to_data_uri(pl.embedding(cells, color=["true cell type", "zero-shot prediction"],
+                                                  seed=seed)),
+            "confusion": _fig_to_data_uri(pl.confusion_matrix(cells, truth="true cell type",
+                                                              pred="zero-shot prediction")),
+            "generated": _fig_to_data_uri(pl.real_vs_generated(real_ad, gen_ad, label_key="cell type", seed=seed))}

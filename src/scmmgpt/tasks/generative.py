@@ -84,20 +84,15 @@ class GenerativeBenchmark:
                             "c2s_genes": 6, **kw})
 
 
-def _cut(tok, texts: list[str], n: int) -> list[str]:
-    """Each text cut to its first ``n`` LM tokens (so every method is scored on equal length)."""
-    return [tok.decode(tok(t, add_special_tokens=False)["input_ids"][:n]).strip() for t in texts]
-
-
 def _describe(model, lab, idx: np.ndarray, max_genes: int, max_new_tokens: int) -> list[str]:
     from ..data.dataset import CellTextDataset
     from ..inference import evaluation_mode, iter_batches
 
-    ds = CellTextDataset(lab.cells.subset(idx), cls_id=lab.vocab.cls_id, max_genes=max_genes)
+    ds = CellTextDataset(lab.cells.subset(idx), cls_id=lab.vocab.cls_id, max_genes=max_genes, n_bins=model.value_bins)
     out: list[str] = []
-    with evaluation_mode(model):
+    with evaluation_mode(model.net):
         for batch in iter_batches(model, ds, 8):
-            out += model.generate_text(batch, max_new_tokens=max_new_tokens)
+            out += model.describe(batch, max_new_tokens=max_new_tokens)
     return out
 
 
@@ -116,139 +111,53 @@ def _logreg(lab, train: np.ndarray, test: np.ndarray, seed: int) -> np.ndarray:
     return LogisticRegression(max_iter=2000, random_state=seed).fit(x[train], y[train]).predict(x[test])
 
 
+@dataclass
+class _Trained:
+    """What every protocol part reads: the trained model, the data and the shared samples."""
+
+    b: GenerativeBenchmark
+    model: object
+    lab: object
+    c2s: object
+    labels: list[str]
+    label_text: dict[str, str]
+    """Each type's text, as ``tl.annotate`` / ``tl.generate`` read the type (name + CL definition)."""
+    types: np.ndarray
+    sample: np.ndarray
+    """Test cells described."""
+    refs: list[str]
+
+    def score(self, texts: list[str]) -> dict:
+        from ..eval.text import cut_to_tokens, description_metrics, type_named
+
+        b, tok = self.b, self.model.lm_tokenizer
+        truth = list(self.types[self.sample])
+        m = description_metrics([cut_to_tokens(tok, t, b.max_new_tokens) for t in texts], self.refs, truth,
+                                seed=b.seed)
+        m["type_named"] = type_named(texts, truth)
+        return m
+
+
 def run_generative_benchmark(b: GenerativeBenchmark, out: str | Path, *, progress: bool = False,
                              command: str | None = None) -> dict:
     """Train, run the parts in ``b.parts`` and write ``{out}/results.json`` and ``results.md``."""
-    import torch
-
-    from ..baselines.cell_sentence import CellSentenceConfig, CellSentenceLM, RankToExpression, cell_sentences
-    from ..data.dataset import CellTextDataset, tokenize_for_lm
-    from ..eval.cells import expression_pca, knn_accuracy_table
-    from ..eval.text import description_metrics
-    from ..inference import encode_dataset, encode_texts, evaluation_mode, topk_accuracy, zero_shot_scores
-    from ..models.scmmgpt import ScMMGPT
-    from ..tl.generate import sample_cells
-    from ..train.run import DataConfig, load_labelled, load_run_config
-    from ._train import train_two_stages
-    from .benchmark import machine_info
-
     unknown = set(b.parts) - set(PARTS)
     if unknown:
         raise ValueError(f"Unknown parts {sorted(unknown)}; choose from {PARTS}.")
+    from .benchmark import machine_info
+
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rc = load_run_config(b.config, [f"train.seed={b.seed}", *b.overrides])
-    rc.train.deterministic = True
-    lab = load_labelled(DataConfig(path=b.data, label_key=b.label_key, split=b.split, seed=b.seed),
-                        target_sum=rc.model.target_sum)
-    torch.manual_seed(b.seed)
-    model = ScMMGPT.build(rc.model, lab.vocab, with_lm=True)
-    mc = model.config
-    r1, r2 = train_two_stages(model, lab, rc, stage1_steps=b.stage1_steps, stage2_steps=b.stage2_steps,
-                              stage2_batch=b.stage2_batch, t2c_warmup_steps=b.t2c_warmup_steps, progress=progress,
-                              validate=False)
-    model.save_pretrained(out / "model")
-    seconds = {"scmmgpt_stage1": round(r1["seconds"], 1), "scmmgpt_stage2": round(r2["seconds"], 1)}
-
-    # the cell-sentence LM baseline, same LM, LoRA rank, steps, batch and directions as stage 2
-    tr, test = lab.split["train"], lab.split["test"]
-    names = np.asarray(lab.vocab.tokens, dtype=object)
-    t = time.perf_counter()
-    c2s = CellSentenceLM(mc.lm, CellSentenceConfig(n_genes=b.c2s_genes, steps=b.stage2_steps,
-                                                   batch_size=b.stage2_batch, lr=2e-3,
-                                                   warmup_steps=max(1, b.stage2_steps // 10),
-                                                   max_text_len=mc.lm.max_text_len, seed=b.seed))
-    desc_all = lab.descriptions["description"].astype(str).to_numpy()
-    c2s_losses = c2s.fit(cell_sentences(lab.cells.expr[tr], names, b.c2s_genes), list(desc_all[tr]),
-                         progress=progress)
-    seconds["c2s_finetune"] = round(time.perf_counter() - t, 1)
-
-    types = lab.descriptions["cell_type"].astype(str).to_numpy()
-    usable = ~lab.descriptions["ambiguous"].to_numpy()
-    labels = sorted({str(x) for x in types[usable]})
-    label_text = dict(zip(labels, lab.label_texts(labels)))
-    rng = np.random.default_rng(b.seed)
-    sample = np.sort(rng.choice(test, size=min(b.n_describe, len(test)), replace=False))
-    truth_sample = types[sample]
-    refs = _cut(model.lm_tokenizer, list(desc_all[sample]), b.max_new_tokens)
-    tok = model.lm_tokenizer
+    ctx, r1, r2, c2s_losses, seconds = _train(b, out, progress)
     results: dict = {}
-
-    def score(texts: list[str]) -> dict:
-        m = description_metrics(_cut(tok, texts, b.max_new_tokens), refs, truth_sample, seed=b.seed)
-        m["type_named"] = float(np.mean([g.lower().startswith(x.lower()) for g, x in zip(texts, truth_sample)]))
-        return m
-
-    if "description" in b.parts:
-        t = time.perf_counter()
-        gen = {"scmmgpt": _describe(model, lab, sample, mc.max_genes, b.max_new_tokens),
-               "cell_sentence_lm": c2s.describe(cell_sentences(lab.cells.expr[sample], names, b.c2s_genes),
-                                                max_new_tokens=b.max_new_tokens),
-               "logreg_template": [label_text[p] for p in _logreg(lab, tr, sample, b.seed)],
-               "random": list(desc_all[rng.choice(tr, size=len(sample))])}
-        results["description"] = {"n_cells": int(len(sample)), "max_tokens": b.max_new_tokens,
-                                  "methods": {k: score(v) for k, v in gen.items()},
-                                  "examples": [{"cell_type": str(truth_sample[i]), "reference": refs[i],
-                                                **{k: v[i] for k, v in gen.items()}} for i in range(min(6, len(sample)))]}
-        seconds["description"] = round(time.perf_counter() - t, 1)
-
-    if "generation" in b.parts:
-        t = time.perf_counter()
-        meas = lab.cells.measured
-        real = lab.cells.expr[test].toarray()[:, meas]
-        pca = expression_pca(real, 50, seed=b.seed)
-        lib = int(np.median(_library_sizes(lab, test)))
-        gen_labels = np.repeat(labels, b.n_per_type)
-        prompts = [label_text[x] for x in gen_labels]
-        ids, mask = tokenize_for_lm(tok, [label_text[x] for x in labels], mc.lm.max_text_len)
-        with evaluation_mode(model):
-            expected = model.generate_cells(ids, mask).float().numpy()              # one profile per type
-        expected = np.repeat(expected, b.n_per_type, axis=0)
-        tr_expr = lab.cells.expr[tr]
-        type_mean = np.stack([np.log1p(np.expm1(tr_expr[types[tr] == x].toarray()).mean(0)) for x in labels])
-        type_mean = np.repeat(type_mean, b.n_per_type, axis=0)
-        r2e = RankToExpression.fit(tr_expr, b.c2s_genes)
-        runs: dict[str, list[np.ndarray]] = {"scmmgpt": [], "cell_sentence_lm": [], "type_mean": [], "random_cells": []}
-        c2s_valid = []
-
-        def as_cells(profile: np.ndarray, seed: int) -> np.ndarray:
-            return sample_cells(profile, mc.target_sum, lib, np.random.default_rng(seed))[1]
-
-        for s in b.generation_seeds:
-            runs["scmmgpt"].append(as_cells(expected, s)[:, meas])
-            sents = c2s.generate_sentences(prompts, seed=s, max_new_tokens=5 * b.c2s_genes + 8)
-            prof, valid = r2e.profiles(sents, names)
-            runs["cell_sentence_lm"].append(prof[:, meas])
-            c2s_valid.append(valid)
-            runs["type_mean"].append(as_cells(type_mean, s)[:, meas])
-            runs["random_cells"].append(tr_expr[np.random.default_rng(s).choice(len(tr), len(gen_labels))].toarray()[:, meas])
-        results["generation"] = {
-            "n_per_type": b.n_per_type, "seeds": list(b.generation_seeds), "library_size": lib,
-            "feature_space": "PCA (50) of eq.-1 values of the measured genes, fitted on the real test cells",
-            "c2s_valid_gene_fraction": float(np.mean(c2s_valid)),
-            "methods": {k: {str(kk): vv for kk, vv in knn_accuracy_table(real, types[test], v, gen_labels, ks=b.ks,
-                                                                           transform=pca).items()}
-                        for k, v in runs.items()}}
-        seconds["generation"] = round(time.perf_counter() - t, 1)
-
-    if "gene_sweep" in b.parts:
-        t = time.perf_counter()
-        text_feats = encode_texts(model, [label_text[x] for x in labels])
-        truth = np.array([labels.index(x) if x in labels else -1 for x in types[test]])
-        keep = truth >= 0
-        sweep = []
-        for k in b.gene_counts:
-            ds = CellTextDataset(lab.cells.subset(test), cls_id=lab.vocab.cls_id, max_genes=int(k))
-            scores = zero_shot_scores(encode_dataset(model, ds), text_feats)
-            row = {"genes": int(k), "acc1": topk_accuracy(scores[keep], truth[keep], 1)}
-            row.update({m: v for m, v in score(_describe(model, lab, sample, int(k), b.max_new_tokens)).items()
-                        if m in ("bleu2", "rouge2", "mmd", "emd", "type_named")})
-            sweep.append(row)
-        results["gene_sweep"] = {"trained_max_genes": mc.max_genes, "rows": sweep}
-        _sweep_plot(sweep, mc.max_genes, out / "gene_sweep.png")
-        seconds["gene_sweep"] = round(time.perf_counter() - t, 1)
-
+    parts = {"description": _part_description, "generation": _part_generation, "gene_sweep": _part_gene_sweep}
+    for name in PARTS:
+        if name in b.parts:
+            t = time.perf_counter()
+            results[name] = parts[name](ctx, out)
+            seconds[name] = round(time.perf_counter() - t, 1)
+    mc, lab, labels = ctx.model.config, ctx.lab, ctx.labels
     seconds["total"] = round(time.perf_counter() - t0, 1)
     record = {"protocol": "generative", "settings": {**asdict(b), "parts": list(b.parts)}, "command": command,
               "data": str(b.data), "n_types": len(labels), "labels": labels,
@@ -262,15 +171,13 @@ def run_generative_benchmark(b: GenerativeBenchmark, out: str | Path, *, progres
 
 
 def _sweep_plot(rows: list[dict], trained: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from ..utils.io import atomic_write_bytes
 
     x = [r["genes"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for key, style in (("acc1", "o-"), ("bleu2", "s-"), ("rouge2", "^-")):
         ax.plot(x, [r[key] for r in rows], style, label=key)
     ax2 = ax.twinx()
@@ -287,7 +194,6 @@ def _sweep_plot(rows: list[dict], trained: int, path: Path) -> None:
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -342,3 +248,133 @@ def generative_tables(record: dict) -> str:
     lines += provenance_lines(record, ", ".join(f"{k} {v:.0f} s" for k, v in record["seconds"].items()
                                                  if k != "total"))
     return "\n".join(lines) + "\n"
+
+
+def _train(b: GenerativeBenchmark, out: Path, progress: bool):
+    """scMMGPT (two stages) and the cell-sentence LM on the same budget; the shared samples."""
+    from ..baselines.cell_sentence import CellSentenceConfig, CellSentenceLM, cell_sentences
+    from ..data.label_texts import candidate_labels
+    from ..data.labelled import DataConfig, load_labelled
+    from ..eval.text import cut_to_tokens
+    from ..models.scmmgpt import ScMMGPT
+    from ..train.run import load_run_config
+    from ..utils.seed import seeded
+    from ._train import train_two_stages
+
+    rc = load_run_config(b.config, [f"train.seed={b.seed}", *b.overrides])
+    rc.train.deterministic = True
+    lab = load_labelled(DataConfig(path=b.data, label_key=b.label_key, split=b.split, seed=b.seed),
+                        target_sum=rc.model.target_sum)
+    with seeded(b.seed):
+        model = ScMMGPT.build(rc.model, lab.vocab, with_lm=True)
+    mc = model.config
+    r1, r2 = train_two_stages(model, lab, rc, stage1_steps=b.stage1_steps, stage2_steps=b.stage2_steps,
+                              stage2_batch=b.stage2_batch, t2c_warmup_steps=b.t2c_warmup_steps, progress=progress,
+                              validate=False)
+    model.save_pretrained(out / "model")
+    seconds = {"scmmgpt_stage1": round(r1["seconds"], 1), "scmmgpt_stage2": round(r2["seconds"], 1)}
+    # the cell-sentence LM baseline, same LM, LoRA rank, steps, batch and directions as stage 2
+    tr, test = lab.split["train"], lab.split["test"]
+    names = np.asarray(lab.vocab.tokens, dtype=object)
+    t = time.perf_counter()
+    c2s = CellSentenceLM(mc.lm, CellSentenceConfig(n_genes=b.c2s_genes, steps=b.stage2_steps,
+                                                   batch_size=b.stage2_batch, lr=2e-3,
+                                                   warmup_steps=max(1, b.stage2_steps // 10),
+                                                   max_text_len=mc.lm.max_text_len, seed=b.seed))
+    desc_all = lab.descriptions["description"].astype(str).to_numpy()
+    c2s_losses = c2s.fit(cell_sentences(lab.cells.rows_csr(tr), names, b.c2s_genes), list(desc_all[tr]),
+                         progress=progress)
+    seconds["c2s_finetune"] = round(time.perf_counter() - t, 1)
+    cands = candidate_labels(labels=lab.label_set())
+    rng = np.random.default_rng(b.seed)
+    sample = np.sort(rng.choice(test, size=min(b.n_describe, len(test)), replace=False))
+    refs = [cut_to_tokens(model.lm_tokenizer, t, b.max_new_tokens) for t in desc_all[sample]]
+    ctx = _Trained(b, model, lab, c2s, cands.names, dict(zip(cands.names, cands.texts)), lab.types(), sample, refs)
+    return ctx, r1, r2, c2s_losses, seconds
+
+
+def _part_description(ctx: _Trained, out: Path) -> dict:
+    """Tables 1 + 4: descriptions of test cells by scMMGPT, the cell-sentence LM, a logistic
+    regression that names the type's text, and random training descriptions."""
+    from ..baselines.cell_sentence import cell_sentences
+
+    b, lab, sample = ctx.b, ctx.lab, ctx.sample
+    tr = lab.split["train"]
+    names = np.asarray(lab.vocab.tokens, dtype=object)
+    desc_all = lab.descriptions["description"].astype(str).to_numpy()
+    rng = np.random.default_rng(b.seed + 1)
+    gen = {"scmmgpt": _describe(ctx.model, lab, sample, ctx.model.config.max_genes, b.max_new_tokens),
+           "cell_sentence_lm": ctx.c2s.describe(cell_sentences(lab.cells.rows_csr(sample), names, b.c2s_genes),
+                                                max_new_tokens=b.max_new_tokens),
+           "logreg_template": [ctx.label_text[p] for p in _logreg(lab, tr, sample, b.seed)],
+           "random": list(desc_all[rng.choice(tr, size=len(sample))])}
+    truth = ctx.types[sample]
+    return {"n_cells": int(len(sample)), "max_tokens": b.max_new_tokens,
+            "methods": {k: ctx.score(v) for k, v in gen.items()},
+            "examples": [{"cell_type": str(truth[i]), "reference": ctx.refs[i], **{k: v[i] for k, v in gen.items()}}
+                         for i in range(min(6, len(sample)))]}
+
+
+def _part_generation(ctx: _Trained, out: Path) -> dict:
+    """Table 2: pseudo-cells per type (scMMGPT, the cell-sentence LM, the type's mean profile,
+    random training cells), k-NN accuracy against the real test cells over seeds."""
+    from ..baselines.cell_sentence import RankToExpression
+    from ..eval.cells import expression_pca, knn_accuracy_table
+    from ..tl.generate import sample_cells
+
+    b, lab, model, labels, types = ctx.b, ctx.lab, ctx.model, ctx.labels, ctx.types
+    tr, test = lab.split["train"], lab.split["test"]
+    names = np.asarray(lab.vocab.tokens, dtype=object)
+    meas = lab.cells.measured
+    real = lab.cells.rows_csr(test).toarray()[:, meas]
+    pca = expression_pca(real, 50, seed=b.seed)
+    lib = int(np.median(_library_sizes(lab, test)))
+    gen_labels = np.repeat(labels, b.n_per_type)
+    prompts = [ctx.label_text[x] for x in gen_labels]
+    expected = model.generate_cells([ctx.label_text[x] for x in labels])          # one profile per type
+    expected = np.repeat(expected, b.n_per_type, axis=0)
+    tr_expr = lab.cells.rows_csr(tr)
+    type_mean = np.stack([np.log1p(np.expm1(tr_expr[types[tr] == x].toarray()).mean(0)) for x in labels])
+    type_mean = np.repeat(type_mean, b.n_per_type, axis=0)
+    r2e = RankToExpression.fit(tr_expr, b.c2s_genes)
+    runs: dict[str, list[np.ndarray]] = {"scmmgpt": [], "cell_sentence_lm": [], "type_mean": [], "random_cells": []}
+    c2s_valid = []
+
+    def as_cells(profile: np.ndarray, seed: int) -> np.ndarray:
+        return sample_cells(profile, model.config.target_sum, lib, np.random.default_rng(seed))[1]
+
+    for s in b.generation_seeds:
+        runs["scmmgpt"].append(as_cells(expected, s)[:, meas])
+        sents = ctx.c2s.generate_sentences(prompts, seed=s, max_new_tokens=5 * b.c2s_genes + 8)
+        prof, valid = r2e.profiles(sents, names)
+        runs["cell_sentence_lm"].append(prof[:, meas])
+        c2s_valid.append(valid)
+        runs["type_mean"].append(as_cells(type_mean, s)[:, meas])
+        runs["random_cells"].append(tr_expr[np.random.default_rng(s).choice(len(tr), len(gen_labels))].toarray()[:, meas])
+    return {"n_per_type": b.n_per_type, "seeds": list(b.generation_seeds), "library_size": lib,
+            "feature_space": "PCA (50) of eq.-1 values of the measured genes, fitted on the real test cells",
+            "c2s_valid_gene_fraction": float(np.mean(c2s_valid)),
+            "methods": {k: {str(kk): vv for kk, vv in knn_accuracy_table(real, types[test], v, gen_labels, ks=b.ks,
+                                                                       transform=pca).items()}
+                        for k, v in runs.items()}}
+
+
+def _part_gene_sweep(ctx: _Trained, out: Path) -> dict:
+    """Fig. 6: zero-shot Acc@1 and description metrics with 2^5..2^11 genes per cell."""
+    from ..data.dataset import CellTextDataset
+    from ..eval.annotation import topk_accuracy
+
+    b, lab, model, labels = ctx.b, ctx.lab, ctx.model, ctx.labels
+    test = lab.split["test"]
+    truth = np.array([labels.index(x) if x in labels else -1 for x in ctx.types[test]])
+    keep = truth >= 0
+    sweep = []
+    for k in b.gene_counts:
+        ds = CellTextDataset(lab.cells.subset(test), cls_id=lab.vocab.cls_id, max_genes=int(k), n_bins=model.value_bins)
+        scores = model.score_labels(ds, lab.label_set()).scores
+        row = {"genes": int(k), "acc1": topk_accuracy(scores[keep], truth[keep], 1)}
+        row.update({m: v for m, v in ctx.score(_describe(model, lab, ctx.sample, int(k), b.max_new_tokens)).items()
+                    if m in ("bleu2", "rouge2", "mmd", "emd", "type_named")})
+        sweep.append(row)
+    _sweep_plot(sweep, model.config.max_genes, out / "gene_sweep.png")
+    return {"trained_max_genes": model.config.max_genes, "rows": sweep}

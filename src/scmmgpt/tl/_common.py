@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..data.dataset import CellBatch, CellTextDataset
-from ..data.prepare import CellData, GeneMatch, prepare_cells
+from ..data.prepare import CellData, GeneMatch
 from ..errors import ConfigError, InputDataError
 
 logger = logging.getLogger("scmmgpt")
@@ -31,15 +31,20 @@ class UntrainedWarning(UserWarning):
 
 
 def resolve_model(model, *, device: str | torch.device | None = None, with_lm: bool | None = None):
-    """An :class:`~scmmgpt.models.scmmgpt.ScMMGPT`, given one or a folder written by ``save_pretrained``."""
+    """An :class:`~scmmgpt.models.scmmgpt.ScMMGPT`, given one or a folder written by ``save_pretrained``.
+
+    A folder is loaded onto ``device``. A model object is used where it is: the caller's model is
+    never moved behind its back, so a ``device`` other than the model's is an error."""
     from ..models.scmmgpt import ScMMGPT
 
     if isinstance(model, (str, os.PathLike)):
         return ScMMGPT.from_pretrained(model, with_lm=with_lm, device=device or "cpu")
     if not isinstance(model, ScMMGPT):
         raise ConfigError(f"model must be an ScMMGPT or the path of a saved model folder, not {type(model).__name__}.")
-    if device is not None:
-        model.to(device)
+    want, have = (torch.device(device), model.device) if device is not None else (None, None)
+    if want is not None and (want.type != have.type or want.index not in (None, have.index)):
+        raise ConfigError(f"The model is on {model.device}, not {device}: move it first (model.to({str(device)!r})) "
+                          "or pass the model's folder, which is loaded onto device=.")
     return model
 
 
@@ -54,7 +59,7 @@ def require_lm(model, what: str, parts: tuple[str, ...]) -> None:
 
 
 def device_of(model) -> torch.device:
-    return next(model.parameters()).device
+    return model.device
 
 
 @dataclass
@@ -82,8 +87,8 @@ def model_cells(adata, model, *, layer: str | None = None, use_raw: bool = False
                 min_coverage: float = 0.5, with_targets: bool = False) -> ModelCells:
     """Map ``adata`` into ``model``'s vocabulary; log and (when low) warn the gene coverage; warn
     about cells with no expression in vocabulary genes (they get no result)."""
-    cells = prepare_cells(adata, model.vocab, layer=layer, use_raw=use_raw, target_sum=model.config.target_sum,
-                          gene_symbol_key=gene_symbol_key, min_coverage=min_coverage)
+    cells = model.match_cells(adata, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key,
+                              min_coverage=min_coverage)
     m = cells.gene_match
     logger.info(m.summary())
     if m.coverage < COVERAGE_WARN:
@@ -94,9 +99,7 @@ def model_cells(adata, model, *, layer: str | None = None, use_raw: bool = False
     if len(rows) < adata.n_obs:
         warnings.warn(f"{adata.n_obs - len(rows)} of {adata.n_obs} cells have no expression in the model's genes; "
                       "their results are left empty (NaN / '').", GeneCoverageWarning, stacklevel=3)
-    ds = CellTextDataset(cells, cls_id=model.vocab.cls_id, max_genes=model.config.max_genes,
-                         n_bins=model.config.cell.n_bins if model.config.cell.input_style == "category" else None,
-                         with_targets=with_targets)
+    ds = model.dataset(cells, with_targets=with_targets)
     return ModelCells(cells, ds, rows, adata.n_obs)
 
 
@@ -114,7 +117,7 @@ def batches(model, ds: CellTextDataset, batch_size: int, *, progress: bool = Fal
         raise ConfigError("batch_size must be >= 1.")
     from ..utils.memory import check_batch_memory
 
-    check_batch_memory(model, min(batch_size, len(ds)), training=False, device=next(model.parameters()).device,
+    check_batch_memory(model, min(batch_size, len(ds)), training=False, device=model.device,
                        advice="Lower batch_size= (CLI: --batch-size).")
     n = (len(ds) + batch_size - 1) // batch_size
     order = np.argsort(ds.lengths(), kind="stable")

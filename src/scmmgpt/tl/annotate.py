@@ -10,39 +10,13 @@ import pandas as pd
 import torch
 
 from ..errors import InputDataError
-from ..inference import encode_texts, evaluation_mode
-from ..modules.losses import similarity
 from ._common import batches, full_rows, in_order, model_cells, resolve_model, start
-from .texts import MAX_LABELS, candidate_labels
+from ..data.label_texts import MAX_LABELS, candidate_labels
 
 __all__ = ["annotate"]
 
 MAX_SCORE_ENTRIES = 50_000_000
 """Above this many cell x label scores (200 MB) the full matrix is kept only with store_scores=True."""
-
-
-def _scores(feats: torch.Tensor, text: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """CTC similarities (B, T) computed over label chunks (bounds the (B, Q, T) intermediate)."""
-    return torch.cat([similarity(feats, text[i:i + chunk]) for i in range(0, len(text), chunk)], dim=1)
-
-
-def _rerank(model, out, sim: torch.Tensor, texts: list[str], alpha: float, top: int) -> torch.Tensor:
-    """BLIP-2-style re-ranking (Li et al., 2023): the ``top`` labels by CTC similarity get
-    ``(1 - alpha) * sim + alpha * P(match)`` from the CTM head; the others ``(1 - alpha) * sim``,
-    which keeps them below every re-ranked label."""
-    B, T = sim.shape
-    top = min(top, T)
-    cand = sim.topk(top, dim=1).indices                                    # (B, top)
-    device = out.states.device
-    enc = model.bert_tokenizer([texts[int(j)] for j in cand.flatten()], padding=True, truncation=True,
-                               max_length=model.config.qformer.max_text_len, return_tensors="pt")
-    states = out.states.repeat_interleave(top, dim=0)
-    padding = out.padding.repeat_interleave(top, dim=0)
-    logits = model.match_logits(states, padding, enc["input_ids"].to(device), enc["attention_mask"].to(device))
-    p = logits.float().softmax(-1)[:, 1].cpu().view(B, top)
-    final = (1 - alpha) * sim
-    final.scatter_add_(1, cand, alpha * p)
-    return final
 
 
 def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: str | None = None,
@@ -60,8 +34,10 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
     description (Cell Ontology definition and synonyms; ``context`` such as "Sampled from the blood."
     is appended); ambiguous labels ("unknown", "?") are dropped.
 
-    Scores are the CTC similarity (cosine of cell and text features, max over the Q-Former queries).
-    With ``alpha > 0`` the ``rerank_top`` best labels of each cell are re-scored with the CTM head:
+    Scores are those of :meth:`ScMMGPT.score_labels <scmmgpt.models.scmmgpt.ScMMGPT.score_labels>`
+    (the same path the demo, the benchmarks and training validation report): the CTC similarity
+    (cosine of cell and text features, max over the Q-Former queries). With ``alpha > 0`` the
+    ``rerank_top`` best labels of each cell are re-scored with the CTM head:
     ``(1 - alpha) * similarity + alpha * P(match)``.
     A cell whose best score is below ``min_score``, or beats the second best by less than
     ``min_margin``, is ``unassigned`` (open-set annotation).
@@ -113,21 +89,16 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
         warnings.warn(f"{len(mc.rows)} cells x {T} labels: the full score matrix is not stored (pass "
                       "store_scores=True to keep it); top-k labels and scores are.", stacklevel=2)
     k = min(top_k, T)
-    text = encode_texts(model, cands.texts)
     all_scores, top_idx, top_val, second, index = [], [], [], [], []
-    with evaluation_mode(model):
-        for batch in batches(model, mc.dataset, batch_size, progress=progress, desc="annotate"):
-            out = model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
-            sim = _scores(out.features.float().cpu(), text)
-            if alpha > 0:
-                sim = _rerank(model, out, sim, cands.texts, alpha, rerank_top)
-            best = sim.topk(min(max(k, 2), T), dim=1)
-            top_idx.append(best.indices[:, :k])
-            top_val.append(best.values[:, :k])
-            second.append(best.values[:, 1] if T > 1 else torch.full((len(sim),), -np.inf))
-            if keep_all:
-                all_scores.append(sim)
-            index.append(batch.index)
+    for idx, sim in model.iter_label_scores(batches(model, mc.dataset, batch_size, progress=progress,
+                                                    desc="annotate"), cands, alpha=alpha, rerank_top=rerank_top):
+        best = sim.topk(min(max(k, 2), T), dim=1)
+        top_idx.append(best.indices[:, :k])
+        top_val.append(best.values[:, :k])
+        second.append(best.values[:, 1] if T > 1 else torch.full((len(sim),), -np.inf))
+        if keep_all:
+            all_scores.append(sim)
+        index.append(idx)
     top_idx, top_val = in_order(top_idx, index).numpy(), in_order(top_val, index).numpy()
     second = in_order(second, index).numpy()
     names = np.asarray(cands.names, dtype=object)

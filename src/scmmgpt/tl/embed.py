@@ -9,10 +9,10 @@ import pandas as pd
 import torch
 
 from ..errors import InputDataError
-from ..inference import encode_texts, evaluation_mode
-from ..modules.losses import similarity
+from ..data.label_texts import Candidates
+from ..inference import evaluation_mode
 from ._common import batches, full_rows, in_order, model_cells, resolve_model, start
-from .texts import query_texts
+from ..data.label_texts import query_texts
 
 __all__ = ["embed", "search"]
 
@@ -20,9 +20,9 @@ __all__ = ["embed", "search"]
 def _cell_features(model, mc, batch_size: int, progress: bool, desc: str):
     """Per kept cell: ``<cls>`` embedding (N, d_cell), query features (N, Q, D) as float32 CPU tensors."""
     cls, feats, index = [], [], []
-    with evaluation_mode(model):
+    with evaluation_mode(model.net):
         for batch in batches(model, mc.dataset, batch_size, progress=progress, desc=desc):
-            out = model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
+            out = model.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
             cls.append(out.cell_embedding.float().cpu())
             feats.append(out.features.float().cpu())
             index.append(batch.index)
@@ -95,13 +95,11 @@ def search(adata, model, query: str | Sequence[str], *, top_k: int = 10, expand:
     model = resolve_model(model, device=device, with_lm=False)
     texts = query_texts(queries, expand=expand)
     mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key)
-    text_feats = encode_texts(model, texts)
     sims, index = [], []
-    with evaluation_mode(model):
-        for batch in batches(model, mc.dataset, batch_size, progress=progress, desc="search"):
-            f = model.encode_cells(batch.gene_ids, batch.values, batch.padding_mask).features.float().cpu()
-            sims.append(similarity(f, text_feats))
-            index.append(batch.index)
+    for idx, sim in model.iter_label_scores(batches(model, mc.dataset, batch_size, progress=progress, desc="search"),
+                                            Candidates(list(queries), [""] * len(queries), texts)):
+        sims.append(sim)
+        index.append(idx)
     sim = in_order(sims, index).numpy()                       # (kept cells, queries)
     frames = []
     k = min(top_k, len(mc.rows))

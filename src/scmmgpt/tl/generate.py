@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
-from ..data.dataset import tokenize_for_lm
 from ..errors import InputDataError
 from ..inference import evaluation_mode
-from ._common import batches, device_of, full_rows, in_order, model_cells, require_lm, resolve_model, start
-from .texts import query_texts
+from ..utils.seed import seeded
+from ._common import batches, full_rows, in_order, model_cells, require_lm, resolve_model, start
+from ..data.label_texts import query_texts
 
 __all__ = ["describe", "generate"]
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """A local RNG state: ``seed`` fixes sampling without touching the caller's global RNG."""
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 def describe(adata, model, *, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
@@ -58,9 +44,9 @@ def describe(adata, model, *, max_new_tokens: int = 64, do_sample: bool = False,
     require_lm(model, "describe", ("lm_proj.",))
     mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key)
     texts, index = [], []
-    with evaluation_mode(model), _seeded(seed, device_of(model)):
+    with evaluation_mode(model.net), seeded(seed):
         for batch in batches(model, mc.dataset, batch_size, progress=progress, desc="describe"):
-            texts.append(model.generate_text(batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            texts.append(model.describe(batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                              temperature=temperature, top_p=top_p))
             index.append(batch.index)
     texts = in_order(texts, index)
@@ -128,14 +114,8 @@ def generate(model, texts: str | Sequence[str], *, n_per_text: int = 1, library_
                f"The generated matrices ({n_cells} cells x {n_genes} genes, dense)",
                "Lower n_per_text (CLI: -n) or the number of texts, or generate in parts and join them with "
                "anndata.concat.")
-    dev = device_of(model)
-    ids, mask = tokenize_for_lm(model.lm_tokenizer, model_texts, model.config.lm.max_text_len)
-    out = []
-    with evaluation_mode(model):
-        for s in range(0, len(model_texts), batch_size):
-            out.append(model.generate_cells(ids[s:s + batch_size].to(dev), mask[s:s + batch_size].to(dev)).float().cpu())
     genes = model.vocab.gene_mask()
-    expected = torch.cat(out).numpy()[:, genes]
+    expected = model.generate_cells(model_texts, batch_size=batch_size)[:, genes]
     expected = np.repeat(expected, n_per_text, axis=0)
     obs = pd.DataFrame({"prompt": np.repeat(prompts, n_per_text), "model_text": np.repeat(model_texts, n_per_text),
                         "copy": np.tile(np.arange(n_per_text), len(prompts))},

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -24,27 +25,16 @@ from torch.utils.data import DataLoader
 
 from ..data.dataset import CellTextDataset, LengthBucketSampler
 from ..errors import CheckpointError, ConfigError, OutputError
-from ..inference import (encode_dataset, encode_texts, evaluation_mode, iter_batches, topk_accuracy,
-                         zero_shot_scores)
+from ..eval.annotation import topk_accuracy
+from ..inference import evaluation_mode, iter_batches
+from ..models.stages import StageSpec, stage_spec
 from ..utils.io import atomic_write_text
 from ..utils.memory import check_batch_memory
 from .config import TrainConfig
+from .schedule import linear_schedule
 from .warmup import warm_up_text_to_cell
 
 __all__ = ["fit", "linear_schedule", "latest_checkpoint", "validate"]
-
-ALIGN_STAGES = ("stage1", "annotate")
-
-
-def linear_schedule(optimizer, warmup: int, total: int):
-    """Linear warm-up to the peak LR, then linear decay to 0 (paper B.2)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
@@ -56,49 +46,45 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def validate(model, val: CellTextDataset, stage: str, *, batch_size: int, measured=None, max_cells: int = 512,
-             seed: int = 0) -> dict:
-    """Validation loss (mean over batches) and, for alignment stages, zero-shot Acc@1: each cell
-    against every distinct description of the validation cells."""
+def validate(model, val: CellTextDataset, stage: str | StageSpec, *, batch_size: int, measured=None,
+             max_cells: int = 512, seed: int = 0, labels: Sequence[str] | None = None) -> dict:
+    """Validation loss (mean over batches) and, for alignment stages with ``labels`` (the cell type
+    of each validation cell), zero-shot Acc@1 over their distinct types, scored by
+    :meth:`~scmmgpt.models.scmmgpt.ScMMGPT.score_labels` exactly as ``tl.annotate`` scores them."""
+    spec = stage_spec(stage)
     n = min(len(val), max_cells)
     idx = np.random.default_rng(seed).permutation(len(val))[:n]
     gen = torch.Generator().manual_seed(seed)
     totals: dict[str, float] = {}
     n_batches = 0
-    with evaluation_mode(model):
+    with evaluation_mode(model.net):
         for batch in iter_batches(model, val, batch_size, with_text=True, indices=idx):
             if len(batch) < 2:
                 continue
-            loss, parts = model(batch, stage, measured, gen)
-            for k, v in {"loss": loss, **parts}.items():
+            out = model.net(batch, spec, measured, gen)
+            for k, v in {"loss": out.loss, **out.parts()}.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             n_batches += 1
-    out = {f"val_{k}": v / max(n_batches, 1) for k, v in totals.items()}
-    if stage in ALIGN_STAGES and val.texts is not None:
-        texts = [val.texts[int(i)] for i in idx]
-        labels = list(dict.fromkeys(texts))
-        truth = np.array([labels.index(t) for t in texts])
-        scores = zero_shot_scores(encode_dataset(model, val, batch_size, indices=idx), encode_texts(model, labels))
-        out["val_acc1"] = topk_accuracy(scores, truth, 1)
-    return out
+    result = {f"val_{k}": v / max(n_batches, 1) for k, v in totals.items()}
+    if spec.align and labels is not None:
+        names = [str(labels[int(i)]) for i in idx]
+        types = sorted(set(names))
+        scores = model.score_labels(val, types, batch_size=batch_size, indices=idx)
+        result["val_acc1"] = topk_accuracy(scores.scores, np.array([types.index(t) for t in names]), 1)
+    return result
 
 
 def _rng_state(gen: torch.Generator) -> dict:
-    np_state = np.random.get_state()
+    # the loop draws from torch's RNG (dropout; forked, see fit) and from its own generator only
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "numpy_rest": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "python": random.getstate(), "negatives": gen.get_state()}
+            "negatives": gen.get_state()}
 
 
 def _set_rng_state(rng: dict, gen: torch.Generator) -> None:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    pos, has_gauss, cached = rng["numpy_rest"]
-    np.random.set_state(("MT19937", rng["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
-    random.setstate(rng["python"])
     gen.set_state(rng["negatives"])
 
 
@@ -205,16 +191,20 @@ class _Log:
 
 
 def fit(model, train: CellTextDataset, cfg: TrainConfig, *, val: CellTextDataset | None = None,
-        measured: np.ndarray | None = None, resume: bool = False, stop_after: int | None = None) -> dict:
+        val_labels: Sequence[str] | None = None, measured: np.ndarray | None = None, resume: bool = False,
+        stop_after: int | None = None) -> dict:
     """Train ``model`` on ``train`` for ``cfg.max_steps`` optimiser steps.
 
     Parameters
     ----------
     model
-        A :class:`~scmmgpt.models.scmmgpt.ScMMGPT`; its trainable set is taken from ``cfg.stage``.
+        A :class:`~scmmgpt.models.scmmgpt.ScMMGPT`; what trains and which losses run are read from
+        ``STAGES[cfg.stage]`` (:mod:`scmmgpt.models.stages`).
     train, val
         Cells with descriptions (and PCGen targets for stage 2 / generate); ``val`` is evaluated
         every ``cfg.val_every`` steps and at the end.
+    val_labels
+        Cell type of each ``val`` cell: alignment stages then report zero-shot Acc@1 over them.
     measured
         (V,) bool genes the training data measured (PCGen mask).
     resume
@@ -222,47 +212,80 @@ def fit(model, train: CellTextDataset, cfg: TrainConfig, *, val: CellTextDataset
     stop_after
         Stop (after checkpointing) once this many steps are done — to simulate an interruption.
 
+    Training draws random numbers from its own generators and from a fork of torch's global RNG
+    seeded with ``cfg.seed``: the caller's RNG state is the same after ``fit`` as before.
+
     Returns
     -------
-    dict with ``steps``, ``history`` (logged records), ``validation`` (last validation record)
-    and ``cells_per_s``.
+    dict with ``steps``, ``history`` (logged records), ``validation`` (last validation record),
+    ``t2c_warmup`` and ``cells_per_s``.
     """
     if train.texts is None:
         raise ConfigError("Training needs a description for every cell (CellTextDataset(texts=...)).")
+    if cfg.deterministic and torch.cuda.is_available() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        raise ConfigError("train.deterministic=true on CUDA needs CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment "
+                          "before the process starts (cuBLAS reads it once); export it, or train with "
+                          "train.deterministic=false.")
     previous = torch.are_deterministic_algorithms_enabled()
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        return _fit(model, train, cfg, val, measured, resume, stop_after)
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            run = _setup(model, train, cfg, measured, resume)
+            return _train(run, model, cfg, val, val_labels, stop_after)
+        finally:
+            torch.use_deterministic_algorithms(previous)
 
 
-def _fit(model, train, cfg, val, measured, resume, stop_after) -> dict:
+@dataclass
+class _Run:
+    """Everything ``_train`` steps through, made by ``_setup``."""
+
+    spec: StageSpec
+    accelerator: Any
+    net: torch.nn.Module
+    """The network as prepared by accelerate (DDP-wrapped on several processes)."""
+    core: torch.nn.Module
+    """The unwrapped network."""
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: LengthBucketSampler
+    loader: DataLoader
+    params: list
+    gen: torch.Generator
+    """Hard-negative sampling."""
+    measured: torch.Tensor | None
+    out_dir: Path | None
+    warmup: dict | None
+    step: int = 0
+    epoch: int = 0
+    skip: int = 0
+
+
+def _setup(model, train: CellTextDataset, cfg: TrainConfig, measured, resume: bool) -> _Run:
+    """Accelerator, trainable set, warm-up, optimiser, sampler, loader, and a resumed state."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())
-    set_seed(cfg.seed)
-    model.set_trainable(cfg.stage)
-    model.train()
+    net = model.net
+    spec = net.set_trainable(cfg.stage)
+    net.train()
     if cfg.gradient_checkpointing:
-        model.cell_encoder.gradient_checkpointing = True
-        lm = getattr(model, "lm", None)
-        if lm is not None and cfg.stage not in ALIGN_STAGES:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        net.cell_encoder.gradient_checkpointing = True
+        if net.lm is not None and spec.needs_lm:
+            net.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
-        model.cell_encoder.compile(dynamic=True)
-        model.qformer.compile(dynamic=True)
+        net.cell_encoder.compile(dynamic=True)
+        net.qformer.compile(dynamic=True)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     ckpt = latest_checkpoint(out_dir) if resume and out_dir is not None else None
     warmup = None
-    if cfg.t2c_warmup_steps and cfg.stage in ("stage2", "generate") and ckpt is None:
-        # before DDP wraps the model (its construction broadcasts rank 0's weights to every rank)
-        model.to(accelerator.device)
+    if cfg.t2c_warmup_steps and spec.warm_up_text_to_cell and ckpt is None:
+        # before DDP wraps the network (its construction broadcasts rank 0's weights to every rank)
+        net.to(accelerator.device)
         warmup = warm_up_text_to_cell(
             model, train, steps=cfg.t2c_warmup_steps, batch_size=cfg.t2c_warmup_batch,
             lr=cfg.lr_new or cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, device=accelerator.device,
@@ -272,9 +295,9 @@ def _fit(model, train, cfg, val, measured, resume, stop_after) -> dict:
     fused = accelerator.device.type == "cuda"
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     scheduler = linear_schedule(optimizer, cfg.warmup_steps, cfg.max_steps)
-    bucketing = cfg.length_bucketing if cfg.length_bucketing is not None else cfg.stage not in ALIGN_STAGES
+    random_batches = cfg.length_bucketing is False or (cfg.length_bucketing is None and spec.random_batches)
     sampler = LengthBucketSampler(train.lengths(), cfg.batch_size, seed=cfg.seed, drop_last=True,
-                                  pool_batches=50 if bucketing else 1,
+                                  pool_batches=1 if random_batches else 50,
                                   num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     if len(sampler) == 0:
         raise ConfigError(f"{len(train)} training cells give no full batch of {cfg.batch_size} per process; "
@@ -283,72 +306,82 @@ def _fit(model, train, cfg, val, measured, resume, stop_after) -> dict:
     loader = DataLoader(train, batch_sampler=sampler, collate_fn=model.collator(), num_workers=cfg.num_workers,
                         pin_memory=accelerator.device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core = accelerator.unwrap_model(model)
+    wrapped, optimizer = accelerator.prepare(net, optimizer)
+    core = accelerator.unwrap_model(wrapped)
     gen = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
-    step = epoch = skip = 0
-    check_batch_memory(core, cfg.batch_size, training=True, with_lm=cfg.stage not in ALIGN_STAGES,
-                       device=accelerator.device)
+    check_batch_memory(model, cfg.batch_size, training=True, with_lm=spec.needs_lm, device=accelerator.device)
+    meas = torch.from_numpy(measured).to(accelerator.device) if measured is not None else None
+    run = _Run(spec, accelerator, wrapped, core, optimizer, scheduler, sampler, loader, params, gen, meas, out_dir,
+               warmup)
     if ckpt is not None:
         state = _load(ckpt, core, optimizer, scheduler, gen, cfg)
-        step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
+        run.step, run.epoch, run.skip = state["step"], state["epoch"], state["batch_in_epoch"]
         if accelerator.is_main_process:
-            _truncate_log(out_dir / "metrics.jsonl", step)
+            _truncate_log(out_dir / "metrics.jsonl", run.step)
     if out_dir is not None and accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
         core.config.save(out_dir / "model_config.json")
-    log = _Log(out_dir, accelerator.is_main_process, cfg.tensorboard)
-    if warmup is not None:
-        log.write({"step": 0, "t2c_warmup": warmup})
-    meas = torch.from_numpy(measured).to(accelerator.device) if measured is not None else None
+    return run
+
+
+def _train(run: _Run, model, cfg: TrainConfig, val, val_labels, stop_after) -> dict:
+    """The optimiser steps, logging, validation and checkpoints; epoch after epoch until done."""
+    from tqdm.auto import tqdm
+
+    acc = run.accelerator
+    log = _Log(run.out_dir, acc.is_main_process, cfg.tensorboard)
+    if run.warmup is not None:
+        log.write({"step": 0, "t2c_warmup": run.warmup})
     history, last_val, n_cells, t0 = [], {}, 0, time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.stage, dynamic_ncols=True,
-               disable=not (cfg.progress and accelerator.is_main_process))
-    while step < cfg.max_steps:
-        sampler.set_epoch(epoch, skip)
-        for b_idx, batch in enumerate(loader, start=skip):
-            batch = batch.to(accelerator.device)
-            with accelerator.accumulate(model), accelerator.autocast():
-                loss, parts = model(batch, cfg.stage, meas, gen)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.clip_grad:
-                    accelerator.clip_grad_norm_(params, cfg.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            n_cells += len(batch) * accelerator.num_processes
-            if not accelerator.sync_gradients:
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc=cfg.stage, dynamic_ncols=True,
+               disable=not (cfg.progress and acc.is_main_process))
+    done = run.step >= cfg.max_steps
+    while not done:
+        run.sampler.set_epoch(run.epoch, run.skip)
+        for b_idx, batch in enumerate(run.loader, start=run.skip):
+            batch = batch.to(acc.device)
+            with acc.accumulate(run.net), acc.autocast():
+                out = run.net(batch, run.spec, run.measured, run.gen)
+                acc.backward(out.loss)
+                if acc.sync_gradients and cfg.clip_grad:
+                    acc.clip_grad_norm_(run.params, cfg.clip_grad)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            n_cells += len(batch) * acc.num_processes
+            if not acc.sync_gradients:
                 continue
-            scheduler.step()
-            step += 1
+            run.scheduler.step()
+            run.step += 1
             bar.update(1)
-            done = step >= cfg.max_steps or (stop_after is not None and step >= stop_after)
-            want_val = val is not None and ((cfg.val_every and step % cfg.val_every == 0) or step >= cfg.max_steps)
-            if step % cfg.log_every == 0 or done or want_val:
+            done = run.step >= cfg.max_steps or (stop_after is not None and run.step >= stop_after)
+            want_val = val is not None and ((cfg.val_every and run.step % cfg.val_every == 0)
+                                            or run.step >= cfg.max_steps)
+            if run.step % cfg.log_every == 0 or done or want_val:
                 # float() forces a device sync; only on log steps
-                rec = {"step": step, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()},
-                       "lr": scheduler.get_last_lr()[-1], "cells_per_s": n_cells / (time.perf_counter() - t0)}
+                rec = {"step": run.step, "loss": float(out.loss.detach()),
+                       **{k: float(v.detach()) for k, v in out.parts().items()},
+                       "lr": run.scheduler.get_last_lr()[-1], "cells_per_s": n_cells / (time.perf_counter() - t0)}
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", cells_s=f"{rec['cells_per_s']:.1f}")
                 if want_val:
-                    last_val = validate(core, val, cfg.stage, batch_size=cfg.batch_size, measured=meas,
-                                        max_cells=cfg.val_max_cells, seed=cfg.seed)
+                    last_val = validate(model, val, run.spec, batch_size=cfg.batch_size, measured=run.measured,
+                                        max_cells=cfg.val_max_cells, seed=cfg.seed, labels=val_labels)
                     rec.update(last_val)
                 history.append(rec)
                 log.write(rec)
-            if out_dir is not None and (done or (cfg.save_every and step % cfg.save_every == 0)):
-                _save(accelerator, model, optimizer, scheduler, step, epoch, b_idx + 1, out_dir, cfg, gen)
+            if run.out_dir is not None and (done or (cfg.save_every and run.step % cfg.save_every == 0)):
+                _save(acc, run.net, run.optimizer, run.scheduler, run.step, run.epoch, b_idx + 1, run.out_dir, cfg,
+                      run.gen)
             if done:
                 break
         else:
-            epoch += 1
-            skip = 0
-            continue
-        break
+            run.epoch += 1
+            run.skip = 0
     bar.close()
     log.close()
-    accelerator.wait_for_everyone()
-    model.eval()
+    acc.wait_for_everyone()
+    run.core.eval()
     # what was trained here is no longer at initialisation (as after save + reload)
-    core.fresh_parameters -= {n for n, p in core.named_parameters() if p.requires_grad}
-    return {"steps": step, "history": history, "validation": last_val, "t2c_warmup": warmup,
+    model.fresh_parameters -= {n for n, p in run.core.named_parameters() if p.requires_grad}
+    return {"steps": run.step, "history": history, "validation": last_val, "t2c_warmup": run.warmup,
             "cells_per_s": n_cells / max(time.perf_counter() - t0, 1e-9)}

@@ -84,11 +84,11 @@ def check_batch_memory(model, batch_size: int, *, training: bool, with_lm: bool 
     """Estimate one batch's activations through ``model``'s cell encoder and Q-Former (and its LM
     when ``with_lm``), and fail with ``advice`` if they cannot fit; returns the estimate in bytes."""
     cfg = model.config
-    ce, qf = cfg.cell, model.qformer
+    ce, qf = cfg.cell, model.net.qformer
     total = transformer_activation_bytes(batch_size, cfg.max_genes + 1, ce.d_model, ce.n_layers, training=training)
     total += transformer_activation_bytes(batch_size, qf.n_query + cfg.qformer.max_text_len, qf.d, len(qf.layers),
                                           training=training)
-    lm = getattr(model, "lm", None)
+    lm = model.lm
     if with_lm and lm is not None:
         c = lm.config
         total += transformer_activation_bytes(batch_size, qf.n_query + cfg.lm.max_text_len, c.hidden_size,

@@ -1,12 +1,15 @@
-"""Texts for candidate labels and queries, built like the training descriptions."""
+"""Texts for candidate labels and queries, built like the training descriptions.
+
+One builder serves every caller: ``tl.annotate``/``tl.search``/``tl.generate``, the demo, the
+benchmarks and validation during training read labels through :func:`candidate_labels`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
-from ..data.descriptions import DescriptionBuilder, is_ambiguous
 from ..errors import InputDataError
+from .descriptions import DescriptionBuilder, DescriptionConfig, is_ambiguous
 
 __all__ = ["Candidates", "MAX_LABELS", "candidate_labels", "query_texts"]
 
@@ -61,11 +64,14 @@ has about 3,000 cell types, so a longer list is almost always a mistake (a colum
 passed as labels_key, a file read whole)."""
 
 
-def candidate_labels(*, labels: Sequence[str] | None = None, obs_values=None, descendants_of: str | None = None,
-                     context: str | None = None, max_labels: int = MAX_LABELS) -> Candidates:
+def candidate_labels(*, labels: Sequence[str] | Mapping[str, str] | None = None, obs_values=None,
+                     descendants_of: str | None = None, context: str | None = None,
+                     max_labels: int = MAX_LABELS) -> Candidates:
     """Candidate labels from exactly one source, each described like a training cell type.
 
-    ``labels``: names or CL ids; ``obs_values``: the values of an ``.obs`` column (its distinct
+    ``labels``: names or CL ids, or a mapping of names to their CL terms (``{"CD19+ B":
+    "CL:0000236"}``: the name is kept and the term's definition used, as the training descriptions
+    of a dataset with a ``label_map`` read); ``obs_values``: the values of an ``.obs`` column (its distinct
     values); ``descendants_of``: a CL term (id or name) and all its descendants. Ambiguous labels
     ("unknown", "?", NaN...) are dropped, as in training. ``context`` (e.g. "Sampled from the
     blood.") is appended to every text, like the context sentence of training descriptions.
@@ -74,12 +80,13 @@ def candidate_labels(*, labels: Sequence[str] | None = None, obs_values=None, de
     if given != 1:
         raise InputDataError("Give exactly one source of candidate labels: labels=[...], an .obs column "
                              "(labels_key=) or descendants_of='CL:...'.")
-    builder = DescriptionBuilder()
+    label_map = dict(labels) if isinstance(labels, Mapping) else {}
+    builder = DescriptionBuilder(DescriptionConfig(label_map=label_map)) if label_map else DescriptionBuilder()
     if descendants_of is not None:
         term = builder.resolve_cell_type(descendants_of)
         if term is None:
             raise InputDataError(f"{descendants_of!r} is not a Cell Ontology id or label.")
-        from ..data.ontology import cell_ontology
+        from .ontology import cell_ontology
 
         cl = cell_ontology()
         ids = cl.descendants(term.id, include_self=True)
@@ -108,7 +115,7 @@ def candidate_labels(*, labels: Sequence[str] | None = None, obs_values=None, de
     names, ids, texts = [], [], []
     for v in raw:
         term = builder.resolve_cell_type(v)
-        name = term.label if (term is not None and v.startswith("CL:")) else v
+        name = term.label if (term is not None and v.startswith("CL:") and v not in label_map) else v
         names.append(name)
         ids.append(term.id if term is not None else "")
         text = builder.describe_cell_type(v)

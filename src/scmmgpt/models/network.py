@@ -1,0 +1,320 @@
+"""The scMMGPT network: cell encoder + Q-Former + text LM (LoRA) + text-to-cell projector + decoder.
+
+Tensors in, tensors out. The network holds no gene vocabulary, no tokenizer and never touches the
+file system: :class:`~scmmgpt.models.scmmgpt.ScMMGPT` owns those and hands the network token ids.
+Its configuration is derived from the modules it is given (a loaded scGPT encoder brings its own
+sizes, pad value and binning). What trains in each stage is read from
+:data:`~scmmgpt.models.stages.STAGES` (:meth:`ScMMGPTNetwork.set_trainable`), and ``forward``
+computes that stage's losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.dataset import CellBatch
+from ..errors import ConfigError
+from ..modules.cell_encoder import CellEncoder
+from ..modules.losses import cdgen_loss, ctc_loss, ctm_loss, pcgen_loss, sample_hard_negatives, similarity
+from ..modules.qformer import QFormer
+from ..modules.text_to_cell import CellDecoder, TextToCellProjector
+from .config import ModelConfig
+from .stages import StageSpec, stage_spec
+
+__all__ = ["ScMMGPTNetwork", "CellOutput", "AlignOutput", "GenOutput"]
+
+
+@dataclass
+class CellOutput:
+    """Cell-side outputs. B cells, L genes, Q queries."""
+
+    states: torch.Tensor
+    """(B, L, d_cell) gene states from the cell encoder."""
+    padding: torch.Tensor
+    """(B, L) bool padding mask."""
+    cell_embedding: torch.Tensor
+    """(B, d_cell) output at ``<cls>``."""
+    query: torch.Tensor
+    """(B, Q, d_qformer) Q-Former query outputs."""
+    features: torch.Tensor
+    """(B, Q, embed_dim) L2-normalised contrastive features."""
+
+
+@dataclass
+class AlignOutput:
+    """Stage 1 / annotation: CTC + CTM (paper eq. 2-4)."""
+
+    loss: torch.Tensor
+    loss_ctc: torch.Tensor
+    loss_ctm: torch.Tensor
+    sim: torch.Tensor
+    """(B, B) cell x text similarities (detached)."""
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The loss parts by name, for logging."""
+        return {"ctc": self.loss_ctc, "ctm": self.loss_ctm}
+
+
+@dataclass
+class GenOutput:
+    """Stage 2 / generation tasks: CDGen and/or PCGen (paper eq. 5-7)."""
+
+    loss: torch.Tensor
+    loss_cdgen: torch.Tensor | None = None
+    loss_pcgen: torch.Tensor | None = None
+    pred: torch.Tensor | None = None
+    """(B, V) generated eq.-1 values (PCGen)."""
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in (("cdgen", self.loss_cdgen), ("pcgen", self.loss_pcgen)) if v is not None}
+
+
+class ScMMGPTNetwork(nn.Module):
+    """scMMGPT (Shi et al. 2025) as a tensor module.
+
+    Parameters
+    ----------
+    config
+        The :class:`ModelConfig`. Its ``cell`` section is replaced by the cell encoder's own
+        configuration, so the network always reports the encoder it holds.
+    cell_encoder, qformer
+        Built modules.
+    lm
+        The causal LM (with LoRA adapters when configured); ``None`` for a network used only for
+        embedding and annotation.
+    prompt_ids, answer_ids
+        (P,) and (A,) LM token ids of ``config.lm.prompt`` and ``config.lm.answer_prompt``: the
+        cell tokens sit between them in CDGen. Required with ``lm``.
+    """
+
+    def __init__(self, config: ModelConfig, cell_encoder: CellEncoder, qformer: QFormer, lm: nn.Module | None = None,
+                 prompt_ids: torch.Tensor | None = None, answer_ids: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if config.qformer.n_query != qformer.n_query:
+            raise ConfigError(f"config.qformer.n_query={config.qformer.n_query} but the Q-Former has "
+                              f"{qformer.n_query} queries.")
+        self.config = dataclasses.replace(config, cell=cell_encoder.config)
+        self.cell_encoder = cell_encoder
+        self.qformer = qformer
+        d_q, d_cell, D = qformer.d, cell_encoder.d_model, config.qformer.embed_dim
+        self.cell_proj = nn.Linear(d_q, D)
+        self.text_proj = nn.Linear(d_q, D)
+        self.ctm_head = nn.Linear(d_q, 2)
+        self.log_temp = nn.Parameter(torch.tensor(float(config.qformer.init_temperature)).log())
+        self.lm = lm
+        if lm is not None:
+            if prompt_ids is None or answer_ids is None:
+                raise ConfigError("A network with an LM needs prompt_ids and answer_ids.")
+            d_lm = lm.get_input_embeddings().weight.shape[1]
+            t = config.text_to_cell
+            self.lm_proj = nn.Linear(d_q, d_lm)
+            self.text_to_cell = TextToCellProjector(d_lm, d_cell, n_dummy=t.n_dummy_tokens,
+                                                    n_cell_queries=t.n_cell_queries, n_layers=t.n_layers,
+                                                    n_heads=t.n_heads)
+            self.cell_decoder = CellDecoder(d_cell, cell_encoder.config.vocab_size, dim=t.decoder_dim,
+                                            gene_chunk=t.gene_chunk, n_cell_queries=t.n_cell_queries,
+                                            pooled_dim=t.pooled_dim)
+            # token ids, not weights: not saved, but moved with the network
+            self.register_buffer("prompt_ids", torch.as_tensor(prompt_ids, dtype=torch.long), persistent=False)
+            self.register_buffer("answer_ids", torch.as_tensor(answer_ids, dtype=torch.long), persistent=False)
+        self.stage: StageSpec | None = None
+        """The stage :meth:`set_trainable` was last called with."""
+
+    # ------------------------------------------------------------------------------- policy
+    def submodule_params(self, group: str) -> list[nn.Parameter]:
+        """Parameters of one group of :data:`~scmmgpt.models.stages.SUBMODULES`."""
+        if group in ("cell_encoder", "qformer"):
+            return list(getattr(self, group).parameters())
+        if group == "align_heads":
+            return [*self.cell_proj.parameters(), *self.text_proj.parameters(), *self.ctm_head.parameters(),
+                    self.log_temp]
+        if self.lm is None:
+            return []
+        if group == "lora":
+            return [p for n, p in self.lm.named_parameters() if "lora_" in n]
+        return list(getattr(self, group).parameters())
+
+    def set_trainable(self, stage: str | StageSpec) -> StageSpec:
+        """The one place that freezes and unfreezes (paper §3.4): the groups in the stage's
+        ``trains`` learn, everything else (and always the base LM) is frozen."""
+        spec = stage_spec(stage)
+        if spec.needs_lm and self.lm is None:
+            raise ConfigError(f"Stage {spec.name!r} needs the text LM; load the model with with_lm=True.")
+        self.requires_grad_(False)
+        for group in spec.trains:
+            for p in self.submodule_params(group):
+                p.requires_grad_(True)
+        self.stage = spec
+        return spec
+
+    # ------------------------------------------------------------------------------- encoders
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temp.exp().clamp(0.001, 0.5)
+
+    def encode_cells(self, gene_ids: torch.Tensor, values: torch.Tensor, padding: torch.Tensor) -> CellOutput:
+        # step 1: cell encoder -> (B, L, d_cell)
+        states = self.cell_encoder(gene_ids, values, padding)
+        # step 2: queries cross-attend to gene states -> (B, Q, d_qformer)
+        query = self.qformer.forward_query(states, padding)
+        # step 3: contrastive features -> (B, Q, embed_dim), unit norm
+        feats = F.normalize(self.cell_proj(query), dim=-1)
+        return CellOutput(states, padding, states[:, 0], query, feats)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text features ``(B, embed_dim)``, unit norm, from the ``[CLS]`` output."""
+        h = self.qformer.forward_text(input_ids, attention_mask)
+        return F.normalize(self.text_proj(h[:, 0]), dim=-1)
+
+    def match_logits(self, states: torch.Tensor, padding: torch.Tensor, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> torch.Tensor:
+        """CTM logits ``(B, 2)`` for aligned (cell_i, text_i) pairs; index 1 = matched."""
+        q = self.qformer.forward_match(states, padding, input_ids, attention_mask)
+        return self.ctm_head(q).mean(1)
+
+    # ------------------------------------------------------------------------------- stage 1
+    @staticmethod
+    def same_text(texts: list[str], device) -> torch.Tensor:
+        """(B, B) bool: True where two cells share a description."""
+        codes = {t: i for i, t in enumerate(dict.fromkeys(texts))}
+        c = torch.tensor([codes[t] for t in texts], device=device)
+        return c[:, None] == c[None, :]
+
+    def forward_align(self, batch: CellBatch, generator: torch.Generator | None = None,
+                      losses: tuple[str, ...] = ("ctc", "ctm")) -> AlignOutput:
+        """CTC + CTM (paper eq. 2-4); ``losses`` may leave one out (it is then reported as 0)."""
+        cell = self.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
+        text = self.encode_text(batch.text_input_ids, batch.text_attention_mask)
+        # step 4: similarities (B, B) and symmetric InfoNCE with same-description positives
+        sim = similarity(cell.features, text)
+        same = self.same_text(batch.texts, sim.device)
+        zero = sim.new_zeros(())
+        l_ctc = ctc_loss(sim, self.temperature, same) if "ctc" in losses else zero
+        l_ctm = zero
+        if "ctm" in losses:
+            # step 5: hard negatives; positives + cell->neg text + text->neg cell through the matching path
+            neg_t, neg_c = sample_hard_negatives(sim, same, generator)
+            B = sim.shape[0]
+            idx = torch.arange(B, device=sim.device)
+            ok_t, ok_c = neg_t >= 0, neg_c >= 0
+            cell_rows = torch.cat([idx, idx[ok_t], neg_c[ok_c]])
+            text_rows = torch.cat([idx, neg_t[ok_t], idx[ok_c]])
+            labels = torch.cat([torch.ones(B), torch.zeros(int(ok_t.sum()) + int(ok_c.sum()))]).long().to(sim.device)
+            logits = self.match_logits(cell.states[cell_rows], cell.padding[cell_rows],
+                                       batch.text_input_ids[text_rows], batch.text_attention_mask[text_rows])
+            l_ctm = ctm_loss(logits, labels)
+        return AlignOutput(loss=l_ctc + l_ctm, loss_ctc=l_ctc, loss_ctm=l_ctm, sim=sim.detach())
+
+    # ------------------------------------------------------------------------------- LM side
+    def _embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    def cell_prefix(self, cell: CellOutput) -> torch.Tensor:
+        """LM input embeddings ``[prompt][cell tokens][answer prompt]`` -> (B, P+Q+A, d_lm)."""
+        B = cell.query.shape[0]
+        emb_dtype = self.lm.get_input_embeddings().weight.dtype
+        prompt = self._embed_tokens(self.prompt_ids)[None].expand(B, -1, -1)
+        answer = self._embed_tokens(self.answer_ids)[None].expand(B, -1, -1)
+        cell_tokens = self.lm_proj(cell.query).to(emb_dtype)
+        return torch.cat([prompt, cell_tokens, answer], dim=1)
+
+    def forward_cdgen(self, batch: CellBatch, cell: CellOutput | None = None) -> torch.Tensor:
+        """CDGen (eq. 5): LM loss on the description given the projected cell tokens."""
+        if cell is None:
+            with torch.set_grad_enabled(self.cell_encoder.training and torch.is_grad_enabled()):
+                cell = self.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
+        prefix = self.cell_prefix(cell)                                  # (B, P, d_lm)
+        desc = self._embed_tokens(batch.lm_input_ids)                    # (B, T, d_lm)
+        embeds = torch.cat([prefix, desc], dim=1)
+        B, P = prefix.shape[:2]
+        mask = torch.cat([torch.ones(B, P, dtype=batch.lm_attention_mask.dtype, device=embeds.device),
+                          batch.lm_attention_mask], dim=1)
+        labels = torch.cat([torch.full((B, P), -100, device=embeds.device, dtype=torch.long),
+                            batch.lm_input_ids.masked_fill(batch.lm_attention_mask == 0, -100)], dim=1)
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits
+        return cdgen_loss(logits, labels)
+
+    def text_to_cell_states(self, lm_input_ids: torch.Tensor, lm_attention_mask: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Description + dummy cell tokens through the LM -> the states the projector reads and
+        their key padding mask (True at padding; ``None`` for the dummy-only read-out)."""
+        B = lm_input_ids.shape[0]
+        n = self.text_to_cell.n_dummy
+        emb = self._embed_tokens(lm_input_ids)
+        dummy = self.text_to_cell.dummy_embeds.to(emb.dtype)[None].expand(B, -1, -1)
+        embeds = torch.cat([emb, dummy], dim=1)                           # (B, T + n, d_lm)
+        mask = torch.cat([lm_attention_mask, torch.ones(B, n, dtype=lm_attention_mask.dtype,
+                                                        device=emb.device)], dim=1)
+        # right padding sits between text and dummies: positions continue from the last real token
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
+        states = out.hidden_states[-1]
+        if self.config.text_to_cell.read_text:
+            return states, mask == 0
+        return states[:, -n:], None
+
+    def text_to_cell_features(self, lm_input_ids: torch.Tensor, lm_attention_mask: torch.Tensor) -> torch.Tensor:
+        """Description + dummy cell tokens through the LM -> cell features (B, n_cell_queries, d_cell)."""
+        states, padding = self.text_to_cell_states(lm_input_ids, lm_attention_mask)
+        return self.text_to_cell(states, key_padding_mask=padding)
+
+    def decode_cells(self, cell_feats: torch.Tensor) -> torch.Tensor:
+        """Cell features -> eq.-1 values of every vocabulary gene (B, V)."""
+        gene_emb = self.cell_encoder.gene_embeddings().detach()
+        return self.cell_decoder(cell_feats, gene_emb)
+
+    def forward_pcgen(self, batch: CellBatch, measured: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """PCGen (eq. 6): ``(loss, pred)``."""
+        pred = self.decode_cells(self.text_to_cell_features(batch.lm_input_ids, batch.lm_attention_mask))
+        return pcgen_loss(pred, batch.target, measured), pred
+
+    def forward_gen(self, batch: CellBatch, measured: torch.Tensor | None = None, *, cdgen: bool = True,
+                    pcgen: bool = True) -> GenOutput:
+        """CDGen + PCGen (eq. 7), both directions on every batch (1:1)."""
+        l_cd = self.forward_cdgen(batch) if cdgen else None
+        l_pc, pred = self.forward_pcgen(batch, measured) if pcgen else (None, None)
+        loss = sum(part for part in (l_cd, l_pc) if part is not None)
+        return GenOutput(loss=loss, loss_cdgen=l_cd, loss_pcgen=l_pc, pred=pred)
+
+    def forward(self, batch: CellBatch, stage: str | StageSpec, measured: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> AlignOutput | GenOutput:
+        """The training loss of a stage or task (its ``losses`` in :data:`~scmmgpt.models.stages.STAGES`).
+
+        Training calls the network through ``forward`` so that a DDP/FSDP wrapper sees every step.
+        """
+        spec = stage_spec(stage)
+        if spec.align:
+            return self.forward_align(batch, generator, spec.losses)
+        return self.forward_gen(batch, measured, cdgen="cdgen" in spec.losses, pcgen="pcgen" in spec.losses)
+
+    # ------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def generate_ids(self, batch: CellBatch, *, eos_token_id: int, pad_token_id: int, max_new_tokens: int = 64,
+                     do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+        """Description token ids of each cell: greedy or nucleus sampling, with the LM's KV cache.
+        All prefixes have the same length, so no padding is needed."""
+        cell = self.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
+        prefix = self.cell_prefix(cell)
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                      pad_token_id=pad_token_id)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        return self.lm.generate(inputs_embeds=prefix, attention_mask=mask, **kwargs)
+
+    @torch.no_grad()
+    def generate_cells(self, lm_input_ids: torch.Tensor, lm_attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pseudo-cells from tokenised descriptions: (B, V) eq.-1 values (clipped at 0)."""
+        return self.decode_cells(self.text_to_cell_features(lm_input_ids, lm_attention_mask)).clamp(min=0)
+
+    def trained_state_dict(self, *, full: bool = False) -> dict[str, torch.Tensor]:
+        """Weights to store: everything except the frozen base LM (its LoRA adapters are kept)."""
+        state = self.state_dict()
+        if full:
+            return state
+        return {k: v for k, v in state.items() if not k.startswith("lm.") or "lora_" in k}
