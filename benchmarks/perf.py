@@ -111,10 +111,8 @@ def _peak(device) -> int | None:
 
 def embed(model, ds, batch_size: int, *, naive: bool) -> tuple[float, np.ndarray]:
     """Cells/s of encoding every cell, and the query features in dataset order. Ours is the
-    library's ``encode_dataset`` (length-sorted batches); the reference pads every cell to
+    library's ``ScMMGPT.encode`` (length-sorted batches); the reference pads every cell to
     ``max_genes`` and keeps file order."""
-    from scmmgpt.inference import encode_dataset
-
     dev = model.device
     _sync(dev)
     t = time.perf_counter()
@@ -127,7 +125,7 @@ def embed(model, ds, batch_size: int, *, naive: bool) -> tuple[float, np.ndarray
         out = torch.cat(feats)
     else:
         with _mode(dev, naive=False):
-            out = encode_dataset(model, ds, batch_size).features
+            out = model.encode(ds, batch_size=batch_size).features
     _sync(dev)
     return len(ds) / (time.perf_counter() - t), out.numpy()
 
@@ -213,9 +211,9 @@ def describe(model, ds, n: int, batch_size: int, max_new_tokens: int, *, naive: 
 
 
 def main(argv=None) -> dict:
+    from scmmgpt.data.labelled import DataConfig, load_labelled
     from scmmgpt.models.scmmgpt import ScMMGPT
     from scmmgpt.tasks.benchmark import machine_info
-    from scmmgpt.data.labelled import DataConfig, load_labelled
     from scmmgpt.train.run import load_run_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

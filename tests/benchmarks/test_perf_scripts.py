@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import data_path
+from tests.conftest import PBMC3K
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -25,7 +25,7 @@ def perf():
 
 
 def _small(tmp_path, *extra) -> list[str]:
-    return ["--data", str(data_path("pbmc3k_clustifyr.h5ad")), "--out", str(tmp_path / "perf.json"),
+    return ["--data", str(PBMC3K), "--out", str(tmp_path / "perf.json"),
             "--max-genes", "48", "--cells", "24", "--steps", "1", "--batch-size", "4", "--describe-cells", "2",
             "--new-tokens", "3", *extra]
 

@@ -2,10 +2,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from scmmgpt.cli.main import main
-from tests.conftest import data_path
+from tests.conftest import PBMC3K, data_path
 
 
+@pytest.mark.shared_data
 def test_check_runs_pipeline(capsys):
     rc = main(["check", str(data_path("soupx_pbmc4k.h5ad"))])
     out = json.loads(capsys.readouterr().out)
@@ -22,7 +25,7 @@ def test_user_error_is_one_line_exit_2(tmp_path):
 
 
 def test_label_key_missing(capsys):
-    rc = main(["check", str(data_path("symphony_pbmcs_small.h5ad")), "--label-key", "celltype"])
+    rc = main(["check", str(PBMC3K), "--label-key", "celltype"])
     assert rc == 2
     assert "no column 'celltype'" in capsys.readouterr().err
 
@@ -68,6 +71,14 @@ def test_pretrain_and_finetune_cli(tmp_path, capsys):
     assert main(["pretrain", "--stage", "2", "--model", str(s1 / "model"), "--out", str(s2), *common,
                  "--set", "train.max_steps=2", "--set", "train.batch_size=4"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 2
+    # run_config.yaml records the model that trained; model keys that disagree with it are refused by name
+    assert yaml.safe_load((s2 / "run_config.yaml").read_text())["model"] == json.loads(
+        (s2 / "model" / "config.json").read_text())
+    assert main(["pretrain", "--stage", "2", "--model", str(s1 / "model"), "--out", str(tmp_path / "no"), *common,
+                 "--set", "model.max_genes=16", "--set", "model.qformer.n_query=2"]) == 2
+    err = capsys.readouterr().err
+    assert "model.max_genes=16 (the model has 256)" in err and "model.qformer.n_query=2 (the model has 8)" in err
+    assert not (tmp_path / "no" / "run_config.yaml").exists()
     assert main(["finetune", "--task", "annotate", "--model", str(s2 / "model"), "--out", str(ft), *common,
                  "--set", "train.max_steps=2", "--set", "train.batch_size=4", "--set", "data.types_fraction=0.5"]) == 0
     r3 = json.loads(capsys.readouterr().out)
@@ -90,3 +101,31 @@ def test_training_cli_errors(tmp_path, capsys):
     assert "section.key=value" in capsys.readouterr().err
     assert main(["pretrain", "--stage", "1", "--out", str(tmp_path), "--config", "nope"]) == 2
     assert "packaged config" in capsys.readouterr().err
+
+
+def test_pretrain_from_a_scgpt_checkpoint(tmp_path, capsys):
+    """--cell-checkpoint starts stage 1 from a scGPT-format checkpoint: its encoder, vocabulary, pad
+    value and binning train and are what the run records and saves."""
+    import warnings
+
+    import yaml
+
+    from scmmgpt.datasets import pbmc68k_reduced
+    from scmmgpt.models.scmmgpt import ScMMGPT
+    from tests.models.test_model import _scgpt_checkpoint
+
+    ckpt = _scgpt_checkpoint(tmp_path / "scgpt", list(pbmc68k_reduced().raw.var_names))
+    out = tmp_path / "s1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # the checkpoint's decoder head is ignored, with a warning
+        assert main(["pretrain", "--stage", "1", "--cell-checkpoint", str(ckpt), "--out", str(out), "--config",
+                     "cpu-small", "--set", "train.progress=false", "--set", "train.val_every=null",
+                     "--set", "train.max_steps=2", "--set", "train.batch_size=8"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+    cell = yaml.safe_load((out / "run_config.yaml").read_text())["model"]["cell"]
+    assert (cell["d_model"], cell["n_layers"], cell["pad_value"], cell["n_bins"]) == (32, 2, -2.0, 51)
+    model = ScMMGPT.from_pretrained(out / "model")
+    assert model.config.cell.pad_value == -2.0 and model.value_bins == 51
+    assert main(["pretrain", "--stage", "1", "--cell-checkpoint", str(ckpt), "--model", str(out / "model"),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "cannot be combined with --model" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from scmmgpt.data import GeneVocab, prepare_cells
 from scmmgpt.data.census import CensusFilter, SomaSource, soma_blocks, soma_joinids
 from scmmgpt.data.shards import ShardedCells, write_shards
 from scmmgpt.errors import InputDataError
-from tests.conftest import data_path
+from tests.conftest import PBMC3K
 
 soma = pytest.importorskip("tiledbsoma")
 import tiledbsoma.io  # noqa: E402
@@ -19,7 +19,7 @@ import tiledbsoma.io  # noqa: E402
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
-    a = ad.read_h5ad(data_path("pbmc3k_clustifyr.h5ad"))[:600].copy()
+    a = ad.read_h5ad(PBMC3K)[:600].copy()
     rng = np.random.default_rng(0)
     a.obs["assay"] = np.where(rng.random(a.n_obs) < 0.75, "10x 3' v2", "Smart-seq2")
     a.obs["is_primary_data"] = rng.random(a.n_obs) < 0.8

@@ -1,8 +1,15 @@
 import numpy as np
 import pytest
 
-from scmmgpt.data import (CellTextCollator, CellTextDataset, DescriptionBuilder, LengthBucketSampler, prepare_cells,
-                          stratified_split, tokenize_cell)
+from scmmgpt.data import (
+    CellTextCollator,
+    CellTextDataset,
+    DescriptionBuilder,
+    LengthBucketSampler,
+    prepare_cells,
+    stratified_split,
+    tokenize_cell,
+)
 from scmmgpt.errors import InputDataError
 
 
@@ -26,6 +33,7 @@ def ds(pbmc3k, pbmc3k_vocab):
 
 def test_dynamic_padding_and_targets(ds, pbmc3k_vocab):
     from transformers import AutoTokenizer
+
     from scmmgpt import assets
 
     tok = AutoTokenizer.from_pretrained(assets.minilm_dir())

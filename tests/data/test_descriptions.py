@@ -31,6 +31,7 @@ def test_label_map_and_context():
     assert "Sampled from the blood of a female adult stage donor with COVID-19." in d
 
 
+@pytest.mark.shared_data
 def test_real_file_with_ambiguous(builder):
     a = ad.read_h5ad(data_path("soupx_pbmc4k.h5ad"), backed="r")
     d = builder.build(a.obs)

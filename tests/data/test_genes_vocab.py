@@ -22,8 +22,10 @@ def test_mouse_ids():
     assert detect_organism(["Cd19", "Ms4a1", "Cd79a", "Xkr4"]) == "mus_musculus"
 
 
+@pytest.mark.shared_data
 def test_muscat_ensembl_maps_to_its_symbols():
     import anndata as ad
+
     from tests.conftest import data_path
 
     a = ad.read_h5ad(data_path("muscat_kang_se.h5ad"), backed="r")

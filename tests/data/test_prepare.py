@@ -4,7 +4,7 @@ import pytest
 
 from scmmgpt.data import GeneVocab, prepare_cells, read_h5ad
 from scmmgpt.errors import InputDataError
-from tests.conftest import DATASETS, data_path
+from tests.conftest import DATASETS, PBMC3K, data_path
 
 
 def _toy(X, genes=("CD3E", "MS4A1", "LYZ", "NKG7")):
@@ -17,6 +17,7 @@ def _toy(X, genes=("CD3E", "MS4A1", "LYZ", "NKG7")):
 VOCAB = GeneVocab.from_genes(["CD3E", "MS4A1", "LYZ", "NKG7"])
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("name", DATASETS)
 def test_every_shared_dataset(name):
     a = read_h5ad(data_path(name))
@@ -42,14 +43,17 @@ def test_pbmc68k_raw_lognorm(pbmc68k):
 
 
 def test_backed_equals_in_memory(pbmc3k_vocab):
-    path = data_path("pbmc3k_clustifyr.h5ad")
+    path = PBMC3K
     mem = prepare_cells(read_h5ad(path), pbmc3k_vocab)
     backed = prepare_cells(read_h5ad(path, backed=True), pbmc3k_vocab, chunk_size=500)
     assert (mem.expr != backed.expr).nnz == 0
 
 
 def test_layer_and_raw_selection(pbmc3k, pbmc3k_vocab):
-    a = prepare_cells(pbmc3k[:100], pbmc3k_vocab, layer="lognorm_seurat")
+    b = pbmc3k[:100].copy()
+    dense = b.X.toarray().astype(np.float64)
+    b.layers["lognorm"] = np.log1p(1e4 * dense / dense.sum(1, keepdims=True)).astype(np.float32)
+    a = prepare_cells(b, pbmc3k_vocab, layer="lognorm")
     assert a.value_kind == "lognorm"
     with pytest.raises(InputDataError, match="no layer 'nope'"):
         prepare_cells(pbmc3k, pbmc3k_vocab, layer="nope")
@@ -70,7 +74,7 @@ def test_not_h5ad(tmp_path):
 
 
 def test_truncated_h5ad(tmp_path):
-    src = data_path("symphony_pbmcs_small.h5ad").read_bytes()
+    src = PBMC3K.read_bytes()
     p = tmp_path / "t.h5ad"
     p.write_bytes(src[: len(src) // 3])
     with pytest.raises(InputDataError, match="t.h5ad"):
@@ -115,6 +119,7 @@ def test_no_overlap_and_low_coverage():
     assert len(prepare_cells(b, VOCAB, min_coverage=0.0)) == 1
 
 
+@pytest.mark.shared_data
 def test_gene_symbol_key():
     a = ad.read_h5ad(data_path("muscat_kang_se.h5ad"))[:50]
     vocab = GeneVocab.from_genes(a.var["gene_symbol"])

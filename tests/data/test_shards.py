@@ -14,17 +14,17 @@ import pytest
 import scipy.sparse as sp
 
 from scmmgpt.data import GeneVocab, prepare_cells
+from scmmgpt.data.labelled import DataConfig, load_labelled
 from scmmgpt.data.shards import ShardedCells, is_shard_dir, write_shards
 from scmmgpt.errors import InputDataError
-from scmmgpt.data.labelled import DataConfig, load_labelled
-from tests.conftest import data_path
+from tests.conftest import PBMC3K
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    src = data_path("pbmc3k_clustifyr.h5ad")
+    src = PBMC3K
     out = tmp_path_factory.mktemp("shards")
     vocab = GeneVocab.from_genes(ad.read_h5ad(src, backed="r").var_names)
     # two "nodes": rank 0 writes blocks 0 and 2, rank 1 blocks 1; only the last one finishes the manifest
@@ -141,7 +141,7 @@ print(json.dumps(marks))
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc")
 def test_streaming_200k_cells_keeps_memory_flat(tmp_path):
     rng = np.random.default_rng(0)
-    genes = list(ad.read_h5ad(data_path("pbmc3k_clustifyr.h5ad"), backed="r").var_names[:2000])
+    genes = list(ad.read_h5ad(PBMC3K, backed="r").var_names[:2000])
     n, per_cell = 200_000, 60
     indices = rng.integers(0, len(genes), size=n * per_cell)
     X = sp.csr_matrix((rng.integers(1, 20, size=n * per_cell).astype(np.float32), indices,
@@ -227,3 +227,15 @@ def test_cli_embeds_a_shard_folder(shards, tmp_path, capsys):
     assert "another gene vocabulary" in capsys.readouterr().err
     assert main(["embed", str(out), "--model", str(tmp_path / "model"), "--inplace"]) == 2
     assert main(["embed", str(out), "--model", str(tmp_path / "model"), "-o", str(tmp_path / "x.h5ad")]) == 2
+
+
+def test_both_cell_collections_are_cell_sources(shards):
+    """CellData (in memory) and ShardedCells (on disk) implement the one CellSource interface."""
+    from scmmgpt.data.source import CellSource
+
+    src, out, vocab = shards
+    memory, disk = prepare_cells(ad.read_h5ad(src), vocab, target_sum=1e4), ShardedCells(out)
+    for cells in (memory, disk):
+        assert isinstance(cells, CellSource)
+        assert len(cells.obs_names) == len(cells) and isinstance(cells.subset(np.arange(3)), CellSource)
+    np.testing.assert_array_equal(np.asarray(memory.obs_names).astype(str), np.asarray(disk.obs_names).astype(str))

@@ -31,6 +31,7 @@ def test_knn_table_scores_type_means_high_and_shuffled_low(pbmc3k):
         knn_accuracy_table(x, y, [], types)
 
 
+@pytest.mark.shared_data
 def test_silhouettes_see_types_and_batches():
     import anndata as ad
     from sklearn.decomposition import PCA

@@ -11,12 +11,12 @@ import scipy.sparse as sp
 
 from scmmgpt.data import DescriptionBuilder, DescriptionConfig, GeneVocab, prepare_cells, read_h5ad
 from scmmgpt.errors import InputDataError
-from tests.conftest import data_path
+from tests.conftest import PBMC3K, data_path
 
 
 @pytest.fixture(scope="module")
 def small():
-    a = ad.read_h5ad(data_path("pbmc3k_clustifyr.h5ad"))[:200, :3000].copy()
+    a = ad.read_h5ad(PBMC3K)[:200].copy()
     return a, GeneVocab.from_genes(a.var_names)
 
 
@@ -104,6 +104,7 @@ def test_fractional_values_forced_as_counts_warn(small):
         prepare_cells(_with_x(a, np.log1p(_dense(a))), v, value_kind="counts")
 
 
+@pytest.mark.shared_data
 def test_unreadable_files(tmp_path):
     with pytest.raises(InputDataError, match="does not exist"):
         read_h5ad(tmp_path / "missing.h5ad")
@@ -129,6 +130,7 @@ def test_label_column_missing_or_all_unknown(small):
     assert out["ambiguous"].all() and (out["description"] == "").all()
 
 
+@pytest.mark.shared_data
 def test_mouse_genes_into_a_human_vocabulary_warn(small):
     _, human = small
     mouse = ad.read_h5ad(data_path("cluey_mouse_lung.h5ad"))[:100].copy()   # upper-cased symbols: 0610007P14RIK
@@ -140,6 +142,7 @@ def test_mouse_genes_into_a_human_vocabulary_warn(small):
         prepare_cells(small[0], human)
 
 
+@pytest.mark.shared_data
 def test_ensembl_and_symbol_mix_maps_both(small):
     from scmmgpt.data.prepare import map_genes
 

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from scmmgpt.data import GeneVocab, prepare_cells
+from scmmgpt.data.label_texts import candidate_labels, query_texts
 from scmmgpt.errors import InputDataError
 from scmmgpt.tl._common import in_order
-from scmmgpt.data.label_texts import candidate_labels, query_texts
 
 GENES = ["CD3E", "LYZ", "MS4A1", "NKG7", "GNLY", "CD14", "FCGR3A", "PPBP"]
 VOCAB = GeneVocab.from_genes(GENES)

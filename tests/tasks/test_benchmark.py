@@ -1,3 +1,5 @@
+import pytest
+
 """The paper suite end to end on real data (tiny schedules): every protocol with its baselines,
 results.json + results.md per part and one README."""
 
@@ -6,9 +8,10 @@ import json
 import numpy as np
 
 from scmmgpt.cli.main import main
-from tests.conftest import data_path
+from tests.conftest import PBMC3K, data_path
 
 
+@pytest.mark.shared_data
 def test_paper_suite_fast(tmp_path, capsys):
     """`scmmgpt benchmark --suite paper --fast`: every protocol on the shared datasets, one README."""
     data_dir = data_path("pbmc3k_clustifyr.h5ad").parent
@@ -77,10 +80,10 @@ def test_paper_suite_fast(tmp_path, capsys):
 
 def test_baselines_with_a_single_training_type():
     """10% of 9 types = 1 type: the supervised references call every cell that type."""
-    from scmmgpt.tasks.benchmark import _baselines
     from scmmgpt.data.labelled import DataConfig, load_labelled
+    from scmmgpt.tasks.benchmark import _baselines
 
-    lab = load_labelled(DataConfig(path=str(data_path("pbmc3k_clustifyr.h5ad")), split=(0.7, 0.1, 0.2),
+    lab = load_labelled(DataConfig(path=str(PBMC3K), split=(0.7, 0.1, 0.2),
                                    types_fraction=0.1))
     desc = lab.descriptions
     labels = sorted(set(desc["cell_type"].astype(str)))

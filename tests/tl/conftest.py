@@ -1,4 +1,4 @@
-"""A small scMMGPT trained once per test session on real PBMCs (pbmc3k, 9 cell types): stage 1,
+"""A small scMMGPT trained once per test session on real PBMCs (the repository's pbmc3k subset, 9 cell types): stage 1,
 then the text-to-cell warm-up and a few stage-2 steps. Tests use its held-out cells."""
 
 from types import SimpleNamespace
@@ -6,19 +6,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import data_path
+from tests.conftest import PBMC3K
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     import anndata as ad
 
+    from scmmgpt.data.labelled import DataConfig, load_labelled
     from scmmgpt.models.scmmgpt import ScMMGPT
     from scmmgpt.train.loop import fit
-    from scmmgpt.data.labelled import DataConfig, load_labelled
     from scmmgpt.train.run import load_run_config
 
-    path = data_path("pbmc3k_clustifyr.h5ad")
+    path = PBMC3K
     rc = load_run_config("cpu-small", ["model.max_genes=128"])
     lab = load_labelled(DataConfig(path=str(path), label_key="cell_type", split=(0.85, 0.05, 0.10), seed=0),
                         target_sum=rc.model.target_sum)

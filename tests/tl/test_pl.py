@@ -1,18 +1,17 @@
 """scmmgpt.pl returns matplotlib figures drawn from what tl wrote."""
 
-import matplotlib
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from scmmgpt import pl, tl  # noqa: E402
-from scmmgpt.errors import InputDataError  # noqa: E402
+from scmmgpt import pl, tl
+from scmmgpt.errors import ConfigError, InputDataError
 
 
 def test_plots(trained, test_cells):
+    """Figures outside pyplot: no backend is chosen and nothing is left in pyplot's registry."""
+    import sys
+
     a = test_cells
     tl.embed(a, trained.model)
     tl.annotate(a, trained.model, labels_key="cell_type")
@@ -34,7 +33,17 @@ def test_plots(trained, test_cells):
     fig = pl.real_vs_generated(real, gen, label_key="cell_type")
     stars = [c for c in fig.axes[0].collections if len(c.get_offsets()) and c.get_sizes()[0] > 100]
     assert sum(len(c.get_offsets()) for c in stars) == len(types)
+    assert "matplotlib.pyplot" not in sys.modules or not sys.modules["matplotlib.pyplot"].get_fignums()
     with pytest.raises(InputDataError, match="tl.embed"):
         pl.embedding(a, basis="X_other", color="cell_type")
     with pytest.raises(InputDataError, match="no column"):
         pl.confusion_matrix(a, truth="nope")
+
+
+def test_tl_never_moves_the_callers_model(trained, test_cells):
+    """A model object is used on its own device; asking for another is an error, not a silent move."""
+    model = trained.model
+    with pytest.raises(ConfigError, match="model.to"):
+        tl.embed(test_cells[:5].copy(), model, device="cuda")
+    assert model.device.type == "cpu"
+    assert tl.embed(test_cells[:5].copy(), model, device="cpu", copy=True) is not None

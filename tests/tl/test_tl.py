@@ -11,7 +11,7 @@ import torch
 
 from scmmgpt import tl
 from scmmgpt.errors import ConfigError, InputDataError
-from scmmgpt.eval.cells import expression_pca, knn_accuracy
+from scmmgpt.eval.cells import expression_pca
 
 
 def _loo_knn(x, labels, k=5):
@@ -54,7 +54,7 @@ def test_embed_copy_semantics_and_quality(trained, test_cells):
     out = tl.embed(a, trained.model, copy=True)
     assert "X_scmmgpt" not in a.obsm and out is not a          # copy=True leaves the input alone
     assert tl.embed(a, trained.path) is None                     # a saved model folder works too
-    d_cell = trained.model.cell_encoder.d_model
+    d_cell = trained.model.config.cell.d_model
     assert a.obsm["X_scmmgpt"].shape == (a.n_obs, d_cell)
     al = a.obsm["X_scmmgpt_aligned"]
     np.testing.assert_allclose(np.linalg.norm(al, axis=1), 1.0, rtol=1e-5)
@@ -216,13 +216,21 @@ def test_generate_pseudo_cells(trained, test_cells):
     assert gen.obs["prompt"].tolist() == types
     assert all(t.startswith(p + ":") for t, p in zip(gen.obs["model_text"], types))   # expanded from CL
     assert (gen.X >= 0).all()
-    # each pseudo-cell resembles the real cells of its prompted type (k-NN on real held-out cells)
+    # each pseudo-cell differs from the average pseudo-cell the way its prompted type's real cells
+    # differ from the average type (centred profiles in a PCA of the real held-out cells). A k-NN
+    # accuracy of one pseudo-cell per type moves in steps of 1/9 with the fixture's initial weights
+    # (2/9-4/9 over 5 seeds of this schedule); the centred correlation was 0.64-0.68 on average and at
+    # least 0.32 for every type over the same seeds, and is about -1/8 for unrelated prompts.
     x = np.asarray(real.X.toarray(), dtype=np.float64)
     x = np.log1p(1e4 * x / x.sum(1, keepdims=True))
-    g = gen[:, real.var_names].X
-    knn = knn_accuracy(x, real.obs["cell_type"].astype(str).to_numpy(), g, types, k=5,
-                       transform=expression_pca(x, 30))
-    assert knn >= 3.0 / len(types), knn   # chance 1/9; the real per-type means score 5/9
+    pca = expression_pca(x, 30)
+    truth = real.obs["cell_type"].astype(str).to_numpy()
+    g = pca(np.asarray(gen[:, real.var_names].X, dtype=np.float64))
+    means = np.stack([pca(x)[truth == t].mean(0) for t in types])
+    corr = np.corrcoef(g - g.mean(0), means - means.mean(0))[:len(types), len(types):]
+    own, other = np.diag(corr), corr[~np.eye(len(types), dtype=bool)]
+    assert own.mean() > 0.4 and own.min() > 0.0, own
+    assert own.mean() > other.mean() + 0.4, (own, other.mean())
 
     counts = tl.generate(m, ["B cell", "a CD8-positive cytotoxic T cell from lung"], n_per_text=3,
                          library_size=2000, seed=1)

@@ -22,7 +22,7 @@ from scmmgpt.train.loop import fit
 
 def digest(model) -> str:
     h = hashlib.sha256()
-    for n, p in sorted(model.named_parameters()):
+    for n, p in sorted(model.net.named_parameters()):
         if p.requires_grad:
             h.update(n.encode())
             h.update(p.detach().cpu().numpy().tobytes())
@@ -41,7 +41,7 @@ def main(out: str) -> None:
     cfg = ModelConfig.from_preset("tiny", max_genes=32)
     cfg.qformer.n_layers, cfg.qformer.n_query, cfg.qformer.max_text_len, cfg.qformer.dropout = 1, 2, 32, 0.0
     model = ScMMGPT.build(cfg, vocab, with_lm=False)
-    model.set_trainable("stage1")
+    model.net.set_trainable("stage1")
     before = digest(model)
     ds = CellTextDataset(cells, texts, cls_id=vocab.cls_id, max_genes=32)
     result = fit(model, ds, TrainConfig(stage="stage1", max_steps=4, batch_size=4, lr=1e-4, lr_new=1e-3,

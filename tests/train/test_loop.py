@@ -22,7 +22,7 @@ def data():
     vocab = GeneVocab.from_genes(a.raw.var_names)
     cells = prepare_cells(a, vocab, use_raw=True, target_sum=1e4)
     desc = DescriptionBuilder(DescriptionConfig(label_map=PBMC68K_LABEL_MAP)).build(a.obs.iloc[cells.cell_index])
-    return vocab, cells, list(desc["description"])
+    return vocab, cells, list(desc["description"]), desc["cell_type"].astype(str).to_numpy()
 
 
 def _model(vocab, with_lm=False, seed=0):
@@ -42,17 +42,18 @@ def _subset(cells, texts, idx, vocab, **kw):
 
 
 def test_stage1_learns_and_validates(data, tmp_path):
-    vocab, cells, texts = data
+    vocab, cells, texts, types = data
     rng = np.random.default_rng(0)
     order = rng.permutation(len(texts))
     train, val = _subset(cells, texts, order[:500], vocab), _subset(cells, texts, order[500:620], vocab)
+    labels = dict(val_labels=types[order[500:620]], label_terms=PBMC68K_LABEL_MAP)
     model = _model(vocab)
     cfg = TrainConfig(stage="stage1", max_steps=60, batch_size=16, lr=1e-4, lr_new=3e-3, warmup_steps=5,
                       log_every=10, val_every=30, out_dir=str(tmp_path), progress=False)
-    before = fit(model, train, TrainConfig(**{**cfg.to_dict(), "max_steps": 1, "out_dir": None}), val=val)
-    out = fit(_model(vocab), train, cfg, val=val)
+    before = fit(model, train, TrainConfig(**{**cfg.to_dict(), "max_steps": 1, "out_dir": None}), val=val, **labels)
+    out = fit(_model(vocab), train, cfg, val=val, **labels)
     assert out["validation"]["val_ctc"] < before["validation"]["val_ctc"] - 0.1, (before, out["validation"])
-    # zero-shot accuracy on validation cells clearly above the uniform guess over 10 descriptions
+    # zero-shot accuracy (score_labels over the 10 types, as tl.annotate reads them) clearly above chance
     assert out["validation"]["val_acc1"] > 0.2, out["validation"]
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [10, 20, 30, 40, 50, 60]
@@ -66,7 +67,7 @@ def test_stage1_learns_and_validates(data, tmp_path):
 
 @pytest.mark.slow  # ~50 s; the model test lowers each stage-2 loss, tests/tl and the CLI test run stage-2 fit()
 def test_stage2_loss_decreases(data):
-    vocab, cells, texts = data
+    vocab, cells, texts, _ = data
     model = _model(vocab, with_lm=True)
     idx = np.arange(0, 700, 5)
     ds = _subset(cells, texts, idx, vocab, with_targets=True)
@@ -76,21 +77,20 @@ def test_stage2_loss_decreases(data):
     first, last = out["history"][0], out["history"][-1]
     assert last["cdgen"] < first["cdgen"] and last["pcgen"] < first["pcgen"], out["history"]
     # stage 2 leaves the aligned encoders alone
-    assert all(not p.requires_grad for p in model.cell_encoder.parameters())
+    assert all(not p.requires_grad for p in model.net.cell_encoder.parameters())
 
 
 def _trainable(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().clone() for n, p in model.net.named_parameters() if p.requires_grad}
 
 
 def test_t2c_warmup_separates_cell_types(data, tmp_path):
     """The text-to-cell warm-up (cached LM states, projector + decoder only) turns the 10 PBMC
     descriptions into distinct pseudo-cells: k-NN on held-out real cells well above chance; a
     resumed run does not repeat it."""
-    from scmmgpt.data.dataset import tokenize_for_lm
     from scmmgpt.eval.cells import expression_pca, knn_accuracy
 
-    vocab, cells, texts = data
+    vocab, cells, texts, _ = data
     order = np.random.default_rng(0).permutation(len(texts))
     train_idx, test_idx = order[:500], order[500:]
     model = _model(vocab, with_lm=True)
@@ -103,9 +103,7 @@ def test_t2c_warmup_separates_cell_types(data, tmp_path):
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["t2c_warmup"]["steps"] == 200
 
     labels = sorted({texts[i] for i in train_idx})
-    ids, mask = tokenize_for_lm(model.lm_tokenizer, labels, model.config.lm.max_text_len)
-    with torch.no_grad():
-        pseudo = model.generate_cells(ids, mask).numpy()
+    pseudo = model.generate_cells(labels)
     real = cells.expr[test_idx].toarray()[:, cells.measured]
     truth = [texts[i] for i in test_idx]
     knn = knn_accuracy(real, truth, pseudo[:, cells.measured], labels, k=5, transform=expression_pca(real, 50))
@@ -118,7 +116,7 @@ def test_t2c_warmup_separates_cell_types(data, tmp_path):
 
 def test_resume_is_exact(data, tmp_path):
     """Stop after 5 steps (at an epoch boundary: 40 cells / 8), resume to 8: same weights as 8 straight."""
-    vocab, cells, texts = data
+    vocab, cells, texts, _ = data
     train = _subset(cells, texts, np.arange(40), vocab)
     kw = dict(stage="stage1", max_steps=8, batch_size=8, lr=1e-4, lr_new=1e-3, warmup_steps=2, log_every=1,
               progress=False, deterministic=True)
@@ -138,7 +136,7 @@ def test_resume_is_exact(data, tmp_path):
 
 
 def test_resume_refuses_other_stage_and_partial_checkpoints(data, tmp_path):
-    vocab, cells, texts = data
+    vocab, cells, texts, _ = data
     train = _subset(cells, texts, np.arange(16), vocab)
     fit(_model(vocab), train, TrainConfig(stage="stage1", max_steps=1, batch_size=8, warmup_steps=0,
                                          out_dir=str(tmp_path), progress=False))
@@ -155,7 +153,7 @@ def test_resume_refuses_other_stage_and_partial_checkpoints(data, tmp_path):
 def test_config_errors(data):
     with pytest.raises(ConfigError, match="t2c_warmup_steps"):
         TrainConfig(t2c_warmup_steps=-1)
-    vocab, cells, texts = data
+    vocab, cells, texts, _ = data
     with pytest.raises(ConfigError, match="stage"):
         TrainConfig(stage="pretrain")
     with pytest.raises(ConfigError, match="Unknown training config keys"):
@@ -171,7 +169,7 @@ def test_config_errors(data):
 ])
 def test_memory_and_speed_options_train_the_same_model(data, option, tol):
     """Gradient checkpointing and torch.compile change how a step runs, not what it computes."""
-    vocab, cells, texts = data
+    vocab, cells, texts, _ = data
     train = _subset(cells, texts, np.arange(32), vocab)
     kw = dict(stage="stage1", max_steps=2, batch_size=8, lr=1e-4, lr_new=1e-3, warmup_steps=0, log_every=1,
               progress=False, deterministic=True)
@@ -181,3 +179,26 @@ def test_memory_and_speed_options_train_the_same_model(data, option, tol):
     assert abs(a["history"][-1]["loss"] - b["history"][-1]["loss"]) < tol
     wa, wb = _trainable(plain), _trainable(other)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < tol
+
+
+def test_fit_owns_its_randomness_and_leaves_the_callers_alone(data):
+    """fit draws from its own seeded generators and a fork of torch's RNG: the caller's torch and
+    NumPy states are the same afterwards, and the caller's state does not change what fit learns."""
+    import os
+
+    vocab, cells, texts, _ = data
+    train = _subset(cells, texts, np.arange(32), vocab)
+    cfg = TrainConfig(stage="stage1", max_steps=2, batch_size=8, warmup_steps=0, progress=False, seed=5,
+                      deterministic=True)
+    env = dict(os.environ)
+    a, b = _model(vocab), _model(vocab)
+    torch.manual_seed(123)
+    np.random.seed(7)
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    fit(a, train, cfg)
+    assert torch.equal(torch.get_rng_state(), torch_state) and (np.random.get_state()[1] == np_state).all()
+    torch.manual_seed(999)                        # another caller state: the same training
+    fit(b, train, cfg)
+    wa, wb = _trainable(a), _trainable(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert dict(os.environ) == env                # no environment variable set behind the caller's back

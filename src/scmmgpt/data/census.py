@@ -14,11 +14,14 @@ a local experiment written with ``tiledbsoma.io.from_anndata``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import AssetMissingError, InputDataError
+
+if TYPE_CHECKING:
+    import anndata as ad
 
 __all__ = ["TENX_ASSAYS", "CensusFilter", "SomaSource", "soma_joinids", "soma_blocks"]
 
@@ -27,7 +30,7 @@ TENX_ASSAYS = ("10x 3' v1", "10x 3' v2", "10x 3' v3", "10x 5' v1", "10x 5' v2", 
                "10x 5' transcription profiling", "10x multiome", "10x gene expression flex")
 
 
-def _soma():
+def _soma() -> Any:
     try:
         import tiledbsoma
     except ImportError:
@@ -87,7 +90,7 @@ class SomaSource:
     """var column used as gene names (default: ``feature_id`` (Census, Ensembl), else the index)."""
 
 
-def _open(uri: str):
+def _open(uri: str) -> Any:
     soma = _soma()
     try:
         return soma.Experiment.open(uri)
@@ -131,7 +134,7 @@ def _gene_column(var_columns: Sequence[str], wanted: str | None) -> str | None:
     return None
 
 
-def read_soma_block(src: SomaSource, joinids: np.ndarray):
+def read_soma_block(src: SomaSource, joinids: np.ndarray) -> ad.AnnData:
     """The given cells (in ``soma_joinid`` order) as an AnnData: counts in ``X``, gene ids as
     ``var_names``, ``obs_id`` (or the join id) as ``obs_names``."""
     soma = _soma()
@@ -144,7 +147,7 @@ def read_soma_block(src: SomaSource, joinids: np.ndarray):
     return adata
 
 
-def soma_blocks(src: SomaSource, block_size: int = 50_000) -> Iterator:
+def soma_blocks(src: SomaSource, block_size: int = 50_000) -> Iterator[ad.AnnData]:
     """Stream the filtered cells as AnnData blocks of at most ``block_size`` cells."""
     ids = soma_joinids(src, allow_empty=False)
     for s in range(0, len(ids), block_size):

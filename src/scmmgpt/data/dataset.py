@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import InputDataError
-from .prepare import CellData
+from .source import CellSource
 from .values import quantile_bin
 
 __all__ = ["tokenize_cell", "tokenize_for_bert", "tokenize_for_lm", "CellTextDataset", "CellBatch", "CellTextCollator", "LengthBucketSampler",
@@ -47,7 +47,7 @@ def tokenize_cell(gene_ids: np.ndarray, values: np.ndarray, *, cls_id: int, max_
     return ids, vals
 
 
-class CellTextDataset(Dataset):
+class CellTextDataset(Dataset[dict[str, Any]]):
     """Cells (and optionally their descriptions and integer labels) for training and inference.
 
     Items are dicts: ``gene_ids`` (L,), ``values`` (L,), ``index`` and, when given, ``text`` and
@@ -55,7 +55,7 @@ class CellTextDataset(Dataset):
     genes and eq.-1 values) for the PCGen target.
     """
 
-    def __init__(self, cells: CellData, texts: Sequence[str] | None = None, labels: Sequence[int] | None = None,
+    def __init__(self, cells: CellSource, texts: Sequence[str] | None = None, labels: Sequence[int] | None = None,
                  *, cls_id: int, max_genes: int = 2048, n_bins: int | None = None, with_targets: bool = False) -> None:
         if max_genes < 1:
             raise InputDataError("max_genes must be >= 1.")
@@ -78,7 +78,7 @@ class CellTextDataset(Dataset):
         """Token count of each cell (``<cls>`` included), for length bucketing."""
         return np.minimum(self.cells.n_expressed(), self.max_genes) + 1
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         genes, vals = self.cells.row(i)
         ids, values = tokenize_cell(genes, vals, cls_id=self.cls_id, max_genes=self.max_genes, n_bins=self.n_bins)
         item = {"gene_ids": ids, "values": values, "index": i}
@@ -116,8 +116,8 @@ class CellBatch:
     lm_attention_mask: torch.Tensor | None = None
     texts: list[str] | None = None
 
-    def to(self, device, non_blocking: bool = True) -> "CellBatch":
-        out = {}
+    def to(self, device: str | torch.device, non_blocking: bool = True) -> "CellBatch":
+        out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
             out[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
@@ -153,7 +153,7 @@ class CellTextCollator:
     lm_tokenizer: object | None = None
     lm_max_text_len: int = 96
 
-    def __call__(self, items: list[dict]) -> CellBatch:
+    def __call__(self, items: list[dict[str, Any]]) -> CellBatch:
         B = len(items)
         L = max(len(it["gene_ids"]) for it in items)
         gene_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
@@ -186,14 +186,14 @@ class CellTextCollator:
         return batch
 
 
-def tokenize_for_bert(tokenizer, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_for_bert(tokenizer: Any, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenise texts for the Q-Former's BERT: ``[CLS] ... [SEP]``, truncated to ``max_len``,
     padded to the longest. Returns ``(input_ids, attention_mask)`` of shape (B, T)."""
     enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
 
 
-def tokenize_for_lm(tokenizer, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_for_lm(tokenizer: Any, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenise texts for the causal LM: no special tokens, truncated to ``max_len - 1``, EOS
     appended, right-padded. Returns ``(input_ids, attention_mask)`` of shape (B, T)."""
     eos = tokenizer.eos_token_id
@@ -266,7 +266,7 @@ class LengthBucketSampler(Sampler[list[int]]):
         return max(len(self._batches()) - self.skip, 0)
 
 
-def stratified_split(labels: Sequence, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), *, seed: int = 0,
+def stratified_split(labels: Sequence[object] | np.ndarray, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), *, seed: int = 0,
                      exclude: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Split positions into ``train``/``val``/``test``, stratified by label.
 
@@ -275,12 +275,12 @@ def stratified_split(labels: Sequence, fractions: tuple[float, float, float] = (
     """
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
         raise InputDataError(f"fractions must be three non-negative numbers summing to 1, got {fractions}.")
-    labels = np.asarray(labels, dtype=object)
+    arr = np.asarray(labels, dtype=object)
     rng = np.random.default_rng(seed)
     keep = np.ones(len(labels), dtype=bool) if exclude is None else ~np.asarray(exclude, dtype=bool)
-    out = {"train": [], "val": [], "test": []}
-    for lab in sorted({str(v) for v in labels[keep]}):
-        idx = np.flatnonzero(keep & (labels.astype(str) == lab))
+    out: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for lab in sorted({str(v) for v in arr[keep]}):
+        idx = np.flatnonzero(keep & (arr.astype(str) == lab))
         idx = rng.permutation(idx)
         n = len(idx)
         n_val = int(round(fractions[1] * n))

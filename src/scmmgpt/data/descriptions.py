@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputDataError
-from .ontology import get_index
+from .ontology import Term, get_index
 
 __all__ = ["DescriptionConfig", "DescriptionBuilder", "is_ambiguous", "AMBIGUOUS_LABELS"]
 
@@ -37,7 +37,7 @@ AMBIGUOUS_LABELS = frozenset(
 )
 
 
-def is_ambiguous(value) -> bool:
+def is_ambiguous(value: object) -> bool:
     """True for NaN/None and for labels in :data:`AMBIGUOUS_LABELS`."""
     if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
         return True
@@ -72,7 +72,7 @@ class DescriptionConfig:
             raise InputDataError("max_synonyms must be >= 0.")
 
 
-def _clean(value) -> str | None:
+def _clean(value: object) -> str | None:
     return None if is_ambiguous(value) else str(value).strip()
 
 
@@ -91,7 +91,7 @@ class DescriptionBuilder:
         self._cl = get_index("CL")
 
     # -- cell type ---------------------------------------------------------------------------
-    def resolve_cell_type(self, label, term_id=None):
+    def resolve_cell_type(self, label: object, term_id: object = None) -> Term | None:
         """CL :class:`~scmmgpt.data.ontology.Term` for a label/id, or ``None`` if not in CL."""
         for candidate in (term_id, self.config.label_map.get(str(label)) if label is not None else None, label):
             if candidate is None or is_ambiguous(candidate):
@@ -101,7 +101,7 @@ class DescriptionBuilder:
                 return term
         return None
 
-    def describe_cell_type(self, label, term_id=None) -> str:
+    def describe_cell_type(self, label: object, term_id: object = None) -> str:
         """The cell-type part of a description (also the text of a candidate label)."""
         term = self.resolve_cell_type(label, term_id)
         shown = _clean(label) if label is not None and not str(label).startswith("CL:") else None
@@ -120,7 +120,7 @@ class DescriptionBuilder:
         return text
 
     # -- context -----------------------------------------------------------------------------
-    def _label(self, ontology: str, value) -> str | None:
+    def _label(self, ontology: str, value: object) -> str | None:
         value = _clean(value)
         if value is None:
             return None
@@ -129,7 +129,7 @@ class DescriptionBuilder:
             return term.label if term is not None else value
         return value
 
-    def _context(self, tissue, sex, stage, disease) -> str:
+    def _context(self, tissue: object, sex: object, stage: object, disease: object) -> str:
         tissue = self._label("UBERON", tissue)
         stage = self._label("HsapDv", stage) if not (isinstance(stage, str) and stage.startswith("MmusDv")) else self._label("MmusDv", stage)
         disease = self._label("MONDO", disease)

@@ -77,17 +77,17 @@ def detect_organism(names: Iterable[str]) -> str:
         mouse = sum(n.upper().startswith("ENSMUSG") for n in ens)
         return "mus_musculus" if mouse > len(ens) / 2 else "homo_sapiens"
     human = GeneIdTable.load("homo_sapiens")
-    mouse = GeneIdTable.load("mus_musculus")
+    mouse_table = GeneIdTable.load("mus_musculus")
     human_syms = set(human.ensembl_to_symbol.values())
-    mouse_syms = set(mouse.ensembl_to_symbol.values())
+    mouse_syms = set(mouse_table.ensembl_to_symbol.values())
     h = sum(n in human_syms for n in names)
     m = sum(n in mouse_syms for n in names)
     if m > h:
         return "mus_musculus"
     # upper-cased mouse symbols (0610007P14RIK) match many human symbols exactly; count the names that
     # only one species has, ignoring case (most symbols are shared between human and mouse)
-    only_h = human.symbols_upper - mouse.symbols_upper
-    only_m = mouse.symbols_upper - human.symbols_upper
+    only_h = human.symbols_upper - mouse_table.symbols_upper
+    only_m = mouse_table.symbols_upper - human.symbols_upper
     hu = sum(n.upper() in only_h for n in names)
     mu = sum(n.upper() in only_m for n in names)
     return "mus_musculus" if mu > 2 * hu + 10 else "homo_sapiens"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import h5py
@@ -14,7 +15,7 @@ from ..errors import InputDataError
 __all__ = ["read_h5ad", "select_matrix"]
 
 
-def read_h5ad(path: str | os.PathLike, *, backed: bool = False) -> ad.AnnData:
+def read_h5ad(path: str | os.PathLike[str], *, backed: bool = False) -> ad.AnnData:
     """Read an ``.h5ad`` file, in memory or backed (``backed=True`` keeps ``X`` on disk).
 
     Raises
@@ -39,7 +40,7 @@ def read_h5ad(path: str | os.PathLike, *, backed: bool = False) -> ad.AnnData:
                              f"The file may be truncated or corrupt; re-export it.") from None
 
 
-def select_matrix(adata: ad.AnnData, *, layer: str | None = None, use_raw: bool = False):
+def select_matrix(adata: ad.AnnData, *, layer: str | None = None, use_raw: bool = False) -> tuple[Any, Any, str]:
     """Pick the cell x gene matrix: ``adata.X``, ``adata.layers[layer]`` or ``adata.raw.X``.
 
     Returns

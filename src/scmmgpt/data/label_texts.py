@@ -26,7 +26,7 @@ class Candidates:
     texts: list[str]
 
 
-def _check_text(t, what: str) -> str:
+def _check_text(t: object, what: str) -> str:
     if not isinstance(t, str):
         raise InputDataError(f"{what} must be text, got {type(t).__name__} ({t!r}).")
     try:
@@ -64,7 +64,7 @@ has about 3,000 cell types, so a longer list is almost always a mistake (a colum
 passed as labels_key, a file read whole)."""
 
 
-def candidate_labels(*, labels: Sequence[str] | Mapping[str, str] | None = None, obs_values=None,
+def candidate_labels(*, labels: Sequence[str] | Mapping[str, str] | None = None, obs_values: Sequence[object] | None = None,
                      descendants_of: str | None = None, context: str | None = None,
                      max_labels: int = MAX_LABELS) -> Candidates:
     """Candidate labels from exactly one source, each described like a training cell type.
@@ -94,7 +94,7 @@ def candidate_labels(*, labels: Sequence[str] | Mapping[str, str] | None = None,
     else:
         if isinstance(labels, str):
             raise InputDataError("labels must be a list of labels, not one string.")
-        values = list(labels) if labels is not None else list(obs_values)
+        values = list(labels) if labels is not None else list(obs_values or [])
         raw = []
         for v in values:
             if is_ambiguous(v):

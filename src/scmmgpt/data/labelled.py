@@ -52,7 +52,8 @@ class DataConfig:
     types' cells are never trained on and are reported as held-out types."""
 
     def __post_init__(self) -> None:
-        self.split = tuple(float(x) for x in self.split)
+        a, b, c = (float(x) for x in self.split)
+        self.split = (a, b, c)
         if self.types_fraction is not None and not 0 < self.types_fraction <= 1:
             raise ConfigError(f"data.types_fraction must be in (0, 1], got {self.types_fraction}.")
 
@@ -105,9 +106,9 @@ def load_labelled(data: DataConfig, *, vocab: GeneVocab | None = None, target_su
     and a stratified split."""
     from .shards import ShardedCells, is_shard_dir, load_shard_descriptions
 
-    if is_shard_dir(data.path):
-        cells = ShardedCells(data.path)
-        manifest = cells.manifest
+    if data.path is not None and is_shard_dir(data.path):
+        shards = ShardedCells(data.path)
+        manifest = shards.manifest
         shard_vocab = GeneVocab.from_json(Path(data.path) / "vocab.json")
         if vocab is not None and vocab.tokens != shard_vocab.tokens:
             raise InputDataError(f"The shards in {data.path} were written for another gene vocabulary than the "
@@ -119,10 +120,10 @@ def load_labelled(data: DataConfig, *, vocab: GeneVocab | None = None, target_su
             raise InputDataError(f"The shards in {data.path} were labelled from {manifest['label_key']!r}, not "
                                  f"{data.label_key!r}; write them again with --label-key {data.label_key}.")
         desc = load_shard_descriptions(data.path)
-        return _labelled(cells, desc, data, shard_vocab, f"shards {data.path}")
-    label_map: dict = {}
+        return _labelled(shards, desc, data, shard_vocab, f"shards {data.path}")
+    label_map: dict[str, str] = {}
     layer, use_raw = data.layer, data.use_raw
-    if data.bundled:
+    if data.path is None or data.bundled:
         from ..datasets import PBMC68K_LABEL_MAP, pbmc68k_reduced
 
         adata, use_raw, label_map, source = pbmc68k_reduced(), True, PBMC68K_LABEL_MAP, "scanpy pbmc68k_reduced"
@@ -137,7 +138,7 @@ def load_labelled(data: DataConfig, *, vocab: GeneVocab | None = None, target_su
     return _labelled(cells, desc.reset_index(drop=True), data, vocab, source)
 
 
-def _labelled(cells, desc: pd.DataFrame, data: DataConfig, vocab: GeneVocab, source: str) -> LabelledCells:
+def _labelled(cells: CellSource, desc: pd.DataFrame, data: DataConfig, vocab: GeneVocab, source: str) -> LabelledCells:
     """Split (stratified by type; ``types_fraction`` keeps a seeded subset of types for training)."""
     types = desc["cell_type"].to_numpy()
     amb = desc["ambiguous"].to_numpy()

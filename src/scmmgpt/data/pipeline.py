@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 
@@ -16,15 +17,15 @@ from .vocab import GeneVocab
 __all__ = ["check_dataset", "vocab_from_adata"]
 
 
-def vocab_from_adata(adata, *, layer: str | None = None, use_raw: bool = False) -> GeneVocab:
+def vocab_from_adata(adata: Any, *, layer: str | None = None, use_raw: bool = False) -> GeneVocab:
     """A vocabulary of the dataset's own genes (Ensembl ids translated to symbols)."""
     _, var_names, _ = select_matrix(adata, layer=layer, use_raw=use_raw)
     return GeneVocab.from_genes(g for g in to_symbols(var_names) if g)
 
 
-def check_dataset(path: str | os.PathLike, *, layer: str | None = None, use_raw: bool = False,
+def check_dataset(path: str | os.PathLike[str], *, layer: str | None = None, use_raw: bool = False,
                   label_key: str = "cell_type", backed: bool = False, max_genes: int = 2048,
-                  vocab: GeneVocab | None = None) -> dict:
+                  vocab: GeneVocab | None = None) -> dict[str, Any]:
     """Run the data pipeline on ``path`` and report what it found.
 
     Returns

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import anndata as ad
 import numpy as np
@@ -87,7 +88,7 @@ class CellData:
         lo, hi = self.expr.indptr[i], self.expr.indptr[i + 1]
         return self.expr.indices[lo:hi], self.expr.data[lo:hi]
 
-    def rows_csr(self, idx) -> sp.csr_matrix:
+    def rows_csr(self, idx: Any) -> sp.csr_matrix:
         """The given cells as a CSR matrix over the vocabulary."""
         return self.expr[np.asarray(idx)]
 
@@ -98,7 +99,7 @@ class CellData:
                         self.value_kind, self.gene_match, self.n_dropped_empty)
 
 
-def map_genes(var_names, vocab: GeneVocab, *, organism: str | None = None,
+def map_genes(var_names: Any, vocab: GeneVocab, *, organism: str | None = None,
               symbols: pd.Series | None = None) -> tuple[np.ndarray, str, str]:
     """Vocabulary index of each gene (``-1`` if absent), the organism and the id type.
 
@@ -136,8 +137,8 @@ _SPECIES = {"homo_sapiens": "human (Homo sapiens)", "mus_musculus": "mouse (Mus 
 
 
 def vocab_organism(vocab: GeneVocab) -> str:
-    """The organism of a vocabulary's genes (detected once and kept on the vocabulary)."""
-    org = getattr(vocab, "_organism", None)
+    """The organism of a vocabulary's genes (detected once and kept in the vocabulary's own cache field)."""
+    org = vocab._organism
     if org is None:
         org = detect_organism([t for t, ok in zip(vocab.tokens, vocab.gene_mask()) if ok])
         vocab._organism = org
@@ -186,6 +187,28 @@ def prepare_cells(
         Empty matrix, NaN/inf, negatives on a counts path, duplicate genes, low gene coverage.
     """
     X, var_names, where = select_matrix(adata, layer=layer, use_raw=use_raw)
+    _check_matrix(adata, X, where)
+    symbols = None
+    if gene_symbol_key is not None:
+        var = adata.raw.var if use_raw else adata.var
+        if gene_symbol_key not in var.columns:
+            raise InputDataError(f"var has no column {gene_symbol_key!r}. Columns: {list(var.columns)}.")
+        symbols = var[gene_symbol_key]
+    ids, organism, id_type = map_genes(var_names, vocab, organism=organism, symbols=symbols)
+    keep_cols = np.flatnonzero(ids >= 0)
+    sub, kind, totals, mapped_totals = _normalise_chunks(X, keep_cols, value_kind, target_sum, chunk_size, where)
+    unmapped = [str(v) for v, i in zip(var_names[:2000], ids[:2000]) if i < 0][:10]
+    match = GeneMatch(n_genes=X.shape[1], n_mapped=int(keep_cols.size), coverage=mapped_totals / totals,
+                      organism=organism, id_type=id_type, unmapped_examples=unmapped)
+    _check_coverage(match, min_coverage, where)
+    expr, keep_rows, measured = _into_vocabulary(sub, ids[keep_cols], len(vocab), where)
+    return CellData(expr=expr, measured=measured, obs_names=np.asarray(adata.obs_names)[keep_rows],
+                    cell_index=keep_rows, value_kind=kind, gene_match=match,
+                    n_dropped_empty=X.shape[0] - keep_rows.size)
+
+
+def _check_matrix(adata: ad.AnnData, X: Any, where: str) -> None:
+    """Refuse an empty or non-numeric matrix; warn about duplicate cell names."""
     n_cells, n_genes = X.shape
     if n_cells == 0 or n_genes == 0:
         raise InputDataError(f"{where} is empty ({n_cells} cells x {n_genes} genes); nothing to do.")
@@ -196,22 +219,22 @@ def prepare_cells(
     if not pd.Index(adata.obs_names).is_unique:
         warnings.warn(f"{int(pd.Index(adata.obs_names).duplicated().sum())} duplicate cell names; results are "
                       "written by position, but run adata.obs_names_make_unique() so they can be told apart.",
-                      UserWarning, stacklevel=2)
-    symbols = None
-    if gene_symbol_key is not None:
-        var = adata.raw.var if use_raw else adata.var
-        if gene_symbol_key not in var.columns:
-            raise InputDataError(f"var has no column {gene_symbol_key!r}. Columns: {list(var.columns)}.")
-        symbols = var[gene_symbol_key]
-    ids, organism, id_type = map_genes(var_names, vocab, organism=organism, symbols=symbols)
-    keep_cols = np.flatnonzero(ids >= 0)
+                      UserWarning, stacklevel=3)
 
-    # pass 1 over chunks: detect the value kind on the first chunk, normalise, collect
+
+def _normalise_chunks(X: Any, keep_cols: np.ndarray, value_kind: str, target_sum: float, chunk_size: int,
+                      where: str) -> tuple[sp.csr_matrix, str, float, float]:
+    """One pass over row chunks: detect the value kind on the first chunk, check and normalise
+    (eq. 1) each, keep the mapped columns. Returns ``(cells x mapped genes, kind, total expression,
+    expression in mapped genes)``."""
+    n_cells, n_genes = X.shape
     kind = value_kind
-    blocks, totals, mapped_totals = [], 0.0, 0.0
+    blocks: list[sp.csr_matrix] = []
+    totals = mapped_totals = 0.0
     if not sp.issparse(X) and not isinstance(X, np.ndarray):
         # a dense matrix read from disk (backed): each chunk is densely in memory; keep it near 256 MiB
-        chunk_size = max(1, min(chunk_size, (256 << 20) // max(1, n_genes * np.dtype(dtype or np.float32).itemsize)))
+        itemsize = np.dtype(getattr(X, "dtype", None) or np.float32).itemsize
+        chunk_size = max(1, min(chunk_size, (256 << 20) // max(1, n_genes * itemsize)))
     for start in range(0, n_cells, chunk_size):
         chunk = X[start:start + chunk_size]
         chunk = sp.csr_matrix(chunk) if not sp.issparse(chunk) else chunk.tocsr()
@@ -223,7 +246,8 @@ def prepare_cells(
                 f"{where} holds negative values but was treated as {kind}. Pass raw counts "
                 f"(layer= / use_raw=True) or value_kind='as_is'."
             )
-        norm, kind = normalize_total_log1p(chunk, value_kind=kind, target_sum=target_sum, where=where)
+        norm, kind = normalize_total_log1p(chunk, value_kind=cast(ValueKindArg, kind), target_sum=target_sum,
+                                           where=where)
         raw_abs = abs(chunk) if kind != "lognorm" else chunk.copy()
         if kind == "lognorm":
             np.expm1(raw_abs.data, out=raw_abs.data)
@@ -240,37 +264,42 @@ def prepare_cells(
     if totals == 0:
         raise InputDataError(f"Every cell of {where} is empty (all values are 0): there is no expression to use. "
                              "Check that the right matrix was read (layer= / use_raw=True).")
-    coverage = mapped_totals / totals
-    unmapped = [str(v) for v, i in zip(var_names[:2000], ids[:2000]) if i < 0][:10]
-    match = GeneMatch(n_genes=n_genes, n_mapped=int(keep_cols.size), coverage=coverage,
-                      organism=organism, id_type=id_type, unmapped_examples=unmapped)
-    if keep_cols.size == 0:
+    sub = sp.vstack(blocks).tocsr() if len(blocks) > 1 else blocks[0].tocsr()
+    return sub, kind, totals, mapped_totals
+
+
+def _check_coverage(match: GeneMatch, min_coverage: float, where: str) -> None:
+    """Refuse data whose genes are not (or too little) in the vocabulary."""
+    if match.n_mapped == 0:
         raise InputDataError(
-            f"None of the {n_genes} genes of {where} is in the model's vocabulary (e.g. {unmapped[:5]}). "
-            f"Check the organism and the gene ids (symbols or Ensembl), or pass gene_symbol_key= a var column "
-            f"of gene symbols."
+            f"None of the {match.n_genes} genes of {where} is in the model's vocabulary (e.g. "
+            f"{match.unmapped_examples[:5]}). Check the organism and the gene ids (symbols or Ensembl), or pass "
+            f"gene_symbol_key= a var column of gene symbols."
         )
-    if coverage < min_coverage:
+    if match.coverage < min_coverage:
         raise InputDataError(
             f"Only {match.summary()}, below min_coverage={min_coverage:.0%}. Unmapped examples: "
-            f"{unmapped[:5]}. Pass gene_symbol_key=, the right organism=, or lower min_coverage to proceed."
+            f"{match.unmapped_examples[:5]}. Pass gene_symbol_key=, the right organism=, or lower min_coverage to "
+            "proceed."
         )
-    sub = sp.vstack(blocks).tocsr() if len(blocks) > 1 else blocks[0].tocsr()
-    # columns -> vocabulary indices; two source genes with one symbol are summed
-    col_map = ids[keep_cols]
+
+
+def _into_vocabulary(sub: sp.csr_matrix, col_map: np.ndarray, vocab_size: int, where: str
+                     ) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """Mapped columns -> vocabulary indices (two source genes with one symbol are summed); cells
+    with no expression left are dropped with a warning. Returns ``(expr, kept rows, measured)``."""
+    n_cells = sub.shape[0]
     coo = sub.tocoo()
-    expr = sp.csr_matrix((coo.data, (coo.row, col_map[coo.col])), shape=(n_cells, len(vocab)), dtype=np.float32)
+    expr = sp.csr_matrix((coo.data, (coo.row, col_map[coo.col])), shape=(n_cells, vocab_size), dtype=np.float32)
     expr.sum_duplicates()
     expr.eliminate_zeros()
-    n_expr = np.diff(expr.indptr)
-    keep_rows = np.flatnonzero(n_expr > 0)
+    keep_rows = np.flatnonzero(np.diff(expr.indptr) > 0)
     dropped = n_cells - keep_rows.size
     if keep_rows.size == 0:
         raise InputDataError(f"Every cell of {where} has zero expression in vocabulary genes; nothing to do.")
     if dropped:
-        warnings.warn(f"Dropped {dropped} of {n_cells} cells with no expression in vocabulary genes.", stacklevel=2)
+        warnings.warn(f"Dropped {dropped} of {n_cells} cells with no expression in vocabulary genes.", stacklevel=3)
         expr = expr[keep_rows]
-    measured = np.zeros(len(vocab), dtype=bool)
+    measured = np.zeros(vocab_size, dtype=bool)
     measured[col_map] = True
-    return CellData(expr=expr, measured=measured, obs_names=np.asarray(adata.obs_names)[keep_rows],
-                    cell_index=keep_rows, value_kind=kind, gene_match=match, n_dropped_empty=dropped)
+    return expr, keep_rows, measured

@@ -27,7 +27,7 @@ import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import numpy as np
 import pandas as pd
@@ -39,8 +39,11 @@ from .descriptions import DescriptionBuilder, DescriptionConfig
 from .genes import detect_organism
 from .io import read_h5ad, select_matrix
 from .prepare import GeneMatch, prepare_cells
-from .values import detect_value_kind
+from .values import ValueKindArg, detect_value_kind
 from .vocab import GeneVocab
+
+if TYPE_CHECKING:
+    from .census import SomaSource
 
 __all__ = ["ShardTask", "write_shards", "ShardedCells", "is_shard_dir", "load_shard_descriptions"]
 
@@ -56,8 +59,9 @@ class ShardTask:
     start: int
     stop: int
     value_kind: str
+    """What the source's values are (detected once per source, ``detect_value_kind``)."""
     organism: str
-    soma: object | None = None
+    soma: SomaSource | None = None
     """A :class:`~scmmgpt.data.census.SomaSource`: rows ``start:stop`` of its saved join ids."""
     joinids: str | None = None
 
@@ -74,14 +78,14 @@ class _Options:
     min_coverage: float
 
 
-def is_shard_dir(path) -> bool:
+def is_shard_dir(path: str | os.PathLike[str] | None) -> bool:
     return path is not None and Path(path).is_dir() and (Path(path) / "manifest.json").is_file()
 
 
-def _plan(sources: Sequence, cells_per_shard: int, layer, use_raw, out: Path) -> list[ShardTask]:
+def _plan(sources: Sequence[Any], cells_per_shard: int, layer: str | None, use_raw: bool, out: Path) -> list[ShardTask]:
     from .census import SomaSource, read_soma_block, soma_joinids
 
-    tasks = []
+    tasks: list[ShardTask] = []
     for k, src in enumerate(sources):
         if isinstance(src, SomaSource):
             ids = soma_joinids(src, allow_empty=False)
@@ -113,7 +117,7 @@ def _plan(sources: Sequence, cells_per_shard: int, layer, use_raw, out: Path) ->
     return tasks
 
 
-def _write_one(task: ShardTask, opt: _Options) -> dict:
+def _write_one(task: ShardTask, opt: _Options) -> dict[str, Any]:
     """Prepare one block and write it as ``shard-{index:05d}``; returns its summary."""
     import warnings
 
@@ -126,6 +130,7 @@ def _write_one(task: ShardTask, opt: _Options) -> dict:
     if task.soma is not None:
         from .census import read_soma_block
 
+        assert task.joinids is not None          # set with soma by _plan
         rows = np.load(task.joinids)[task.start:task.stop]
         block = read_soma_block(task.soma, rows)
     else:
@@ -135,7 +140,7 @@ def _write_one(task: ShardTask, opt: _Options) -> dict:
         backed.file.close()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cells = prepare_cells(block, vocab, layer=opt.layer, use_raw=opt.use_raw, value_kind=task.value_kind,
+        cells = prepare_cells(block, vocab, layer=opt.layer, use_raw=opt.use_raw, value_kind=cast(ValueKindArg, task.value_kind),
                               target_sum=opt.target_sum, organism=task.organism, min_coverage=opt.min_coverage)
     desc = DescriptionBuilder(DescriptionConfig(cell_type_key=opt.label_key, text_key=opt.text_key)).build(
         block.obs.iloc[cells.cell_index])
@@ -170,11 +175,11 @@ def _write_one(task: ShardTask, opt: _Options) -> dict:
     return summary
 
 
-def write_shards(sources: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *,
+def write_shards(sources: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
                  vocab: GeneVocab | None = None, label_key: str = "cell_type", text_key: str | None = None,
                  layer: str | None = None, use_raw: bool = False, target_sum: float = 1e4,
                  cells_per_shard: int = 50_000, workers: int = 1, rank: int | None = None,
-                 world_size: int | None = None, min_coverage: float = 0.5, progress: bool = False) -> dict:
+                 world_size: int | None = None, min_coverage: float = 0.5, progress: bool = False) -> dict[str, Any]:
     """Preprocess ``.h5ad`` file(s) into shards under ``out``; returns the manifest (``None``
     entries for blocks other ranks still write).
 
@@ -196,9 +201,8 @@ def write_shards(sources: str | os.PathLike | Sequence[str | os.PathLike], out: 
     """
     from tqdm.auto import tqdm
 
-    from .pipeline import vocab_from_adata
-
     from .census import SomaSource, read_soma_block, soma_joinids
+    from .pipeline import vocab_from_adata
 
     if isinstance(sources, (str, os.PathLike, SomaSource)):
         sources = [sources]
@@ -242,7 +246,7 @@ def write_shards(sources: str | os.PathLike | Sequence[str | os.PathLike], out: 
     return _finalize(out, tasks, opt)
 
 
-def _finalize(out: Path, tasks: list[ShardTask], opt: _Options) -> dict:
+def _finalize(out: Path, tasks: list[ShardTask], opt: _Options) -> dict[str, Any]:
     """Write ``manifest.json`` once every shard of the plan is complete (any rank may do it)."""
     shards = []
     for t in tasks:
@@ -254,6 +258,7 @@ def _finalize(out: Path, tasks: list[ShardTask], opt: _Options) -> dict:
     if all(s is not None for s in shards):
         measured = np.zeros(len(GeneVocab.from_json(opt.vocab_path)), dtype=bool)
         for s in shards:
+            assert s is not None
             measured |= np.load(out / s["name"] / "measured.npy")
         np.save(out / "measured.npy", measured)
         atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
@@ -265,7 +270,8 @@ class ShardedCells:
     :class:`~scmmgpt.data.source.CellSource`, like :class:`CellData`, for datasets and training.
     ``rows`` selects a subset (positions over all shards)."""
 
-    def __init__(self, path: str | os.PathLike, rows: np.ndarray | None = None, *, _shared=None) -> None:
+    def __init__(self, path: str | os.PathLike[str], rows: np.ndarray | None = None, *,
+                 _shared: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
         if _shared is None:
             if not is_shard_dir(self.path):
@@ -293,7 +299,7 @@ class ShardedCells:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers (spawn) re-open their own maps
         state = self.__dict__.copy()
         state["_shared"] = {**self._shared, "maps": {}}
@@ -305,7 +311,7 @@ class ShardedCells:
     def subset(self, rows: np.ndarray) -> "ShardedCells":
         return ShardedCells(self.path, self.rows[np.asarray(rows)], _shared=self._shared)
 
-    def _arrays(self, s: int):
+    def _arrays(self, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         maps = self._shared["maps"]
         if s not in maps:
             d = self.path / self._shared["names"][s]
@@ -321,7 +327,7 @@ class ShardedCells:
         lo, hi = int(indptr[r]), int(indptr[r + 1])
         return np.asarray(indices[lo:hi]), np.asarray(data[lo:hi])
 
-    def rows_csr(self, idx, n_genes: int | None = None) -> sp.csr_matrix:
+    def rows_csr(self, idx: Any, n_genes: int | None = None) -> sp.csr_matrix:
         """The given cells as a CSR matrix over the vocabulary."""
         n_genes = n_genes or len(self.measured)
         parts = [self.row(int(i)) for i in np.asarray(idx)]
@@ -331,7 +337,7 @@ class ShardedCells:
         return sp.csr_matrix((data, indices, indptr), shape=(len(parts), n_genes))
 
     @property
-    def manifest(self) -> dict:
+    def manifest(self) -> dict[str, Any]:
         return self._shared["manifest"]
 
     @property
@@ -342,7 +348,7 @@ class ShardedCells:
         return np.asarray(self._shared["obs_names"][self.rows], dtype=object)
 
 
-def load_shard_descriptions(path: str | os.PathLike, columns: Sequence[str] = ("cell_type", "cell_type_id",
+def load_shard_descriptions(path: str | os.PathLike[str], columns: Sequence[str] = ("cell_type", "cell_type_id",
                                                                                "ambiguous", "description")) -> pd.DataFrame:
     """The per-cell metadata of every shard, in order (categorical text columns: a few bytes per
     cell)."""

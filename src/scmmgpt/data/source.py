@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import scipy.sparse as sp
@@ -20,12 +20,20 @@ class CellSource(Protocol):
     :class:`~scmmgpt.data.shards.ShardedCells` (memory-mapped shard files, for data larger than RAM).
     """
 
-    measured: np.ndarray
-    """(V,) bool: genes the data measured (the PCGen loss is masked to them)."""
-    value_kind: str
-    """What the input values were (``"counts"``, ``"lognorm"``...)."""
-    gene_match: GeneMatch | None
-    """How the data's genes mapped into the vocabulary."""
+    @property
+    def measured(self) -> np.ndarray:
+        """(V,) bool: genes the data measured (the PCGen loss is masked to them)."""
+        ...
+
+    @property
+    def value_kind(self) -> str:
+        """What the input values were (``"counts"``, ``"lognorm"``...)."""
+        ...
+
+    @property
+    def gene_match(self) -> GeneMatch | None:
+        """How the data's genes mapped into the vocabulary."""
+        ...
 
     @property
     def obs_names(self) -> np.ndarray:
@@ -42,7 +50,7 @@ class CellSource(Protocol):
         """Vocabulary gene ids and eq.-1 values of the ``i``-th cell's expressed genes."""
         ...
 
-    def rows_csr(self, idx) -> sp.csr_matrix:
+    def rows_csr(self, idx: Any) -> sp.csr_matrix:
         """The given cells as a CSR matrix over the vocabulary."""
         ...
 

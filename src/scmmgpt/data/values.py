@@ -23,7 +23,7 @@ kind                    how it is recognised               what :func:`normalize
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -45,14 +45,14 @@ __all__ = [
 ]
 
 
-def _data_values(X) -> np.ndarray:
+def _data_values(X: Any) -> np.ndarray:
     """The stored values of a dense or sparse matrix (zeros of a sparse matrix excluded)."""
     if sp.issparse(X):
         return np.asarray(X.data)
     return np.asarray(X).ravel()
 
 
-def check_finite(X, *, where: str = "matrix") -> None:
+def check_finite(X: Any, *, where: str = "matrix") -> None:
     """Raise :class:`InputDataError` if ``X`` holds NaN or infinite values."""
     data = _data_values(X)
     if data.dtype.kind not in "fiub":
@@ -66,7 +66,7 @@ def check_finite(X, *, where: str = "matrix") -> None:
             )
 
 
-def detect_value_kind(X, *, max_check: int = 2_000_000) -> ValueKind:
+def detect_value_kind(X: Any, *, max_check: int = 2_000_000) -> ValueKind:
     """Classify the values of a cell x gene matrix.
 
     Parameters
@@ -98,7 +98,7 @@ def detect_value_kind(X, *, max_check: int = 2_000_000) -> ValueKind:
 
 
 def normalize_total_log1p(
-    X,
+    X: Any,
     *,
     value_kind: ValueKindArg = "auto",
     target_sum: float = 1.0,

@@ -36,6 +36,8 @@ class GeneVocab:
     tokens: list[str]
     _index: dict[str, int] = field(init=False, repr=False)
     _upper: dict[str, int] = field(init=False, repr=False)
+    _organism: str | None = field(default=None, init=False, repr=False, compare=False)
+    """Organism of the genes, detected on first use (:func:`scmmgpt.data.prepare.vocab_organism`)."""
 
     def __post_init__(self) -> None:
         if len(set(self.tokens)) != len(self.tokens):
@@ -61,7 +63,7 @@ class GeneVocab:
         return cls(list(SPECIAL_TOKENS) + list(seen))
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "GeneVocab":
+    def from_json(cls, path: str | os.PathLike[str]) -> "GeneVocab":
         """Load ``{token: index}`` JSON (our format and scGPT's ``vocab.json``), keeping indices.
 
         A scGPT vocabulary without ``<eoc>`` gets it appended at the end (a new index), so the
@@ -90,7 +92,7 @@ class GeneVocab:
                 tokens.append(special)
         return cls([str(t) for t in tokens])
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``{token: index}`` JSON (scGPT-compatible), atomically."""
         from ..utils.io import atomic_write_text
 

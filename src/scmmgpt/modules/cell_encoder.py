@@ -168,7 +168,9 @@ class CellEncoder(nn.Module):
             raise ValueError("CellEncoderConfig.vocab_size must be set from the gene vocabulary.")
         self.config = config
         self.encoder = GeneEncoder(config.vocab_size, config.d_model, config.pad_id)
+        self.value_encoder: CategoryValueEncoder | ContinuousValueEncoder
         if config.input_style == "category":
+            assert config.n_bins is not None  # CellEncoderConfig.__post_init__ requires it
             self.value_encoder = CategoryValueEncoder(config.n_bins, config.d_model)
         else:
             self.value_encoder = ContinuousValueEncoder(config.d_model, config.dropout, config.max_value)
@@ -200,6 +202,6 @@ class CellEncoder(nn.Module):
                 x = layer(x, attn_mask)
         return x
 
-    def cell_embedding(self, gene_ids, values, padding_mask) -> torch.Tensor:
+    def cell_embedding(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """The ``<cls>`` output, ``(B, d)``."""
         return self.forward(gene_ids, values, padding_mask)[:, 0]

@@ -15,6 +15,7 @@ All layers are this module's own; :meth:`QFormer.load_bert` copies a Hugging Fac
 
 from __future__ import annotations
 
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ class Attention(nn.Module):
         B, Lq, D = x.shape
         H = self.n_heads
 
-        def split(t):
+        def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(B, -1, H, D // H).transpose(1, 2)
 
         mask = None if key_mask is None else key_mask[:, None, None, :]
@@ -75,7 +76,8 @@ class QFormerLayer(nn.Module):
         self.ffn = FeedForward(d, d_ff, dropout, eps)
         self.ffn_query = FeedForward(d, d_ff, dropout, eps)
 
-    def forward(self, x, mask, n_query, cell, cell_mask):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, n_query: int, cell: torch.Tensor | None,
+                cell_mask: torch.Tensor | None) -> torch.Tensor:
         x = self.attention(x, x, mask)
         q, t = x[:, :n_query], x[:, n_query:]
         if n_query:
@@ -100,7 +102,7 @@ class QFormer(nn.Module):
         See :class:`~scmmgpt.models.config.QFormerConfig`.
     """
 
-    def __init__(self, bert_config, cell_dim: int, *, n_query: int = 32, cross_attention_freq: int = 2,
+    def __init__(self, bert_config: Any, cell_dim: int, *, n_query: int = 32, cross_attention_freq: int = 2,
                  n_layers: int | None = None, dropout: float | None = None) -> None:
         super().__init__()
         c = bert_config
@@ -132,7 +134,7 @@ class QFormer(nn.Module):
         self.token_type_embeddings.weight.copy_(s["embeddings.token_type_embeddings.weight"])
         self.embed_norm.weight.copy_(s["embeddings.LayerNorm.weight"])
         self.embed_norm.bias.copy_(s["embeddings.LayerNorm.bias"])
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.qformer_layers()):
             pre = f"encoder.layer.{i}."
             att = layer.attention
             for name in ("query", "key", "value"):
@@ -160,7 +162,11 @@ class QFormer(nn.Module):
         """The learned queries after the embedding LayerNorm/dropout (BLIP-2): (B, n_query, d)."""
         return self.embed_dropout(self.embed_norm(self.query_tokens.expand(batch_size, -1, -1)))
 
-    def _run(self, x, mask, n_query, cell, cell_mask):
+    def qformer_layers(self) -> list[QFormerLayer]:
+        return [cast(QFormerLayer, layer) for layer in self.layers]
+
+    def _run(self, x: torch.Tensor, mask: torch.Tensor | None, n_query: int, cell: torch.Tensor | None,
+             cell_mask: torch.Tensor | None) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x, mask, n_query, cell, cell_mask)
         return x
@@ -175,7 +181,8 @@ class QFormer(nn.Module):
         """Text-only BERT path: ``(B, T) -> (B, T, d)``."""
         return self._run(self.embed_text(input_ids), attention_mask.bool(), 0, None, None)
 
-    def forward_match(self, cell_states, cell_padding, input_ids, attention_mask) -> torch.Tensor:
+    def forward_match(self, cell_states: torch.Tensor, cell_padding: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> torch.Tensor:
         """Query+text path for matching: returns the query outputs ``(B, n_query, d)``."""
         B = input_ids.shape[0]
         q = self.embed_queries(B)

@@ -94,8 +94,13 @@ class CellDecoder(nn.Module):
         self.dim = dim
         self.gene_chunk = gene_chunk
         # pooled read-out: h = P flatten(z) (B, pooled_dim), gene g adds <h, p_g>; p_g start at zero
-        self.pool = nn.Linear(n_cell_queries * d_cell, pooled_dim) if pooled_dim else None
-        self.gene_pooled = nn.Parameter(torch.zeros(vocab_size, pooled_dim)) if pooled_dim else None
+        self.pool: nn.Linear | None = None
+        self.gene_pooled: nn.Parameter | None = None
+        if pooled_dim:
+            if n_cell_queries is None:
+                raise ValueError("The pooled read-out (pooled_dim > 0) needs n_cell_queries.")
+            self.pool = nn.Linear(n_cell_queries * d_cell, pooled_dim)
+            self.gene_pooled = nn.Parameter(torch.zeros(vocab_size, pooled_dim))
 
     def forward(self, cell_feats: torch.Tensor, gene_emb: torch.Tensor, gene_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``cell_feats`` (B, N, d_cell), ``gene_emb`` (G, d_cell) -> values (B, G).
@@ -106,7 +111,8 @@ class CellDecoder(nn.Module):
         v = self.value(cell_feats)                    # (B, N, r)
         bias = self.bias if gene_ids is None else self.bias[gene_ids]
         free = self.gene_out if gene_ids is None else self.gene_out[gene_ids]
-        if self.pool is not None:
+        h = pooled = None
+        if self.pool is not None and self.gene_pooled is not None:
             h = self.pool(cell_feats.flatten(1))      # (B, pooled_dim)
             pooled = self.gene_pooled if gene_ids is None else self.gene_pooled[gene_ids]
         out = []
@@ -119,7 +125,7 @@ class CellDecoder(nn.Module):
             # elementwise product, instead of a (B, G, r) context read out by G tiny batched products
             att = torch.softmax(torch.matmul(k, q.T) / math.sqrt(self.dim), dim=1)   # (B, N, G)
             val = (att * torch.matmul(v, u.T)).sum(1) + bias[sl]                    # (B, G)
-            if self.pool is not None:
+            if h is not None and pooled is not None:
                 val = val + h @ pooled[sl].to(h.dtype).T
             out.append(val)
         return torch.cat(out, dim=1)

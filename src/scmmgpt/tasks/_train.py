@@ -30,7 +30,8 @@ def train_two_stages(model, lab, rc, *, stage1_steps: int, stage2_steps: int, st
     val1 = lab.dataset("val", max_genes=mc.max_genes, n_bins=nb) if validate and len(lab.split["val"]) else None
     t0 = time.perf_counter()
     r1 = fit(model, lab.dataset("train", max_genes=mc.max_genes, n_bins=nb), cfg1, val=val1,
-             val_labels=lab.types("val") if val1 is not None else None, measured=lab.cells.measured)
+             val_labels=lab.types("val") if val1 is not None else None, label_terms=lab.label_set(),
+             measured=lab.cells.measured)
     r1["seconds"] = time.perf_counter() - t0
     cfg2 = type(cfg1).from_dict({**cfg1.to_dict(), "stage": "stage2", "max_steps": stage2_steps,
                                  "batch_size": stage2_batch, "lr_new": 2e-3, "t2c_warmup_steps": t2c_warmup_steps,

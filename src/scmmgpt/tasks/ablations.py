@@ -165,10 +165,10 @@ def run_batch_view(b: BatchView, out: str | Path, *, progress: bool = False, com
     from sklearn.decomposition import PCA
 
     from ..data.io import read_h5ad
+    from ..data.labelled import DataConfig, load_labelled
     from ..eval.batch import silhouette_scores
     from ..models.scmmgpt import ScMMGPT
     from ..train.loop import fit
-    from ..data.labelled import DataConfig, load_labelled
     from ..train.run import load_run_config
     from ..utils.seed import seeded
     from .benchmark import machine_info

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data.label_texts import MAX_LABELS, candidate_labels
 from ..errors import InputDataError
 from ._common import batches, full_rows, in_order, model_cells, resolve_model, start
-from ..data.label_texts import MAX_LABELS, candidate_labels
 
 __all__ = ["annotate"]
 

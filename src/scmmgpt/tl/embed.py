@@ -8,11 +8,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data.label_texts import Candidates, query_texts
 from ..errors import InputDataError
-from ..data.label_texts import Candidates
 from ..inference import evaluation_mode
 from ._common import batches, full_rows, in_order, model_cells, resolve_model, start
-from ..data.label_texts import query_texts
 
 __all__ = ["embed", "search"]
 

@@ -8,11 +8,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..data.label_texts import query_texts
 from ..errors import InputDataError
 from ..inference import evaluation_mode
 from ..utils.seed import seeded
 from ._common import batches, full_rows, in_order, model_cells, require_lm, resolve_model, start
-from ..data.label_texts import query_texts
 
 __all__ = ["describe", "generate"]
 

@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -47,10 +47,12 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 
 def validate(model, val: CellTextDataset, stage: str | StageSpec, *, batch_size: int, measured=None,
-             max_cells: int = 512, seed: int = 0, labels: Sequence[str] | None = None) -> dict:
+             max_cells: int = 512, seed: int = 0, labels: Sequence[str] | None = None,
+             label_terms: Mapping[str, str] | None = None) -> dict:
     """Validation loss (mean over batches) and, for alignment stages with ``labels`` (the cell type
     of each validation cell), zero-shot Acc@1 over their distinct types, scored by
-    :meth:`~scmmgpt.models.scmmgpt.ScMMGPT.score_labels` exactly as ``tl.annotate`` scores them."""
+    :meth:`~scmmgpt.models.scmmgpt.ScMMGPT.score_labels` exactly as ``tl.annotate`` scores them;
+    ``label_terms`` maps type names to their Cell Ontology terms (``LabelledCells.label_set()``)."""
     spec = stage_spec(stage)
     n = min(len(val), max_cells)
     idx = np.random.default_rng(seed).permutation(len(val))[:n]
@@ -69,7 +71,8 @@ def validate(model, val: CellTextDataset, stage: str | StageSpec, *, batch_size:
     if spec.align and labels is not None:
         names = [str(labels[int(i)]) for i in idx]
         types = sorted(set(names))
-        scores = model.score_labels(val, types, batch_size=batch_size, indices=idx)
+        cands = {t: label_terms.get(t, t) for t in types} if label_terms else types
+        scores = model.score_labels(val, cands, batch_size=batch_size, indices=idx)
         result["val_acc1"] = topk_accuracy(scores.scores, np.array([types.index(t) for t in names]), 1)
     return result
 
@@ -191,8 +194,8 @@ class _Log:
 
 
 def fit(model, train: CellTextDataset, cfg: TrainConfig, *, val: CellTextDataset | None = None,
-        val_labels: Sequence[str] | None = None, measured: np.ndarray | None = None, resume: bool = False,
-        stop_after: int | None = None) -> dict:
+        val_labels: Sequence[str] | None = None, label_terms: Mapping[str, str] | None = None,
+        measured: np.ndarray | None = None, resume: bool = False, stop_after: int | None = None) -> dict:
     """Train ``model`` on ``train`` for ``cfg.max_steps`` optimiser steps.
 
     Parameters
@@ -203,8 +206,9 @@ def fit(model, train: CellTextDataset, cfg: TrainConfig, *, val: CellTextDataset
     train, val
         Cells with descriptions (and PCGen targets for stage 2 / generate); ``val`` is evaluated
         every ``cfg.val_every`` steps and at the end.
-    val_labels
-        Cell type of each ``val`` cell: alignment stages then report zero-shot Acc@1 over them.
+    val_labels, label_terms
+        Cell type of each ``val`` cell: alignment stages then report zero-shot Acc@1 over them (each
+        type read with its Cell Ontology term from ``label_terms``, as ``LabelledCells.label_set()``).
     measured
         (V,) bool genes the training data measured (PCGen mask).
     resume
@@ -234,7 +238,7 @@ def fit(model, train: CellTextDataset, cfg: TrainConfig, *, val: CellTextDataset
             torch.use_deterministic_algorithms(True, warn_only=True)
         try:
             run = _setup(model, train, cfg, measured, resume)
-            return _train(run, model, cfg, val, val_labels, stop_after)
+            return _train(run, model, cfg, val, (val_labels, label_terms), stop_after)
         finally:
             torch.use_deterministic_algorithms(previous)
 
@@ -325,7 +329,7 @@ def _setup(model, train: CellTextDataset, cfg: TrainConfig, measured, resume: bo
     return run
 
 
-def _train(run: _Run, model, cfg: TrainConfig, val, val_labels, stop_after) -> dict:
+def _train(run: _Run, model, cfg: TrainConfig, val, val_labels: tuple, stop_after) -> dict:
     """The optimiser steps, logging, validation and checkpoints; epoch after epoch until done."""
     from tqdm.auto import tqdm
 
@@ -365,7 +369,8 @@ def _train(run: _Run, model, cfg: TrainConfig, val, val_labels, stop_after) -> d
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", cells_s=f"{rec['cells_per_s']:.1f}")
                 if want_val:
                     last_val = validate(model, val, run.spec, batch_size=cfg.batch_size, measured=run.measured,
-                                        max_cells=cfg.val_max_cells, seed=cfg.seed, labels=val_labels)
+                                        max_cells=cfg.val_max_cells, seed=cfg.seed, labels=val_labels[0],
+                                        label_terms=val_labels[1])
                     rec.update(last_val)
                 history.append(rec)
                 log.write(rec)

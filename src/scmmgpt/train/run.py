@@ -25,7 +25,7 @@ import numpy as np
 
 from ..data.labelled import DataConfig, load_labelled
 from ..errors import ConfigError
-from ..models.config import RUNTIME_KEYS, ModelConfig
+from ..models.config import CELL_ENCODER_PRESETS, RUNTIME_KEYS, ModelConfig
 from ..utils.io import atomic_write_text
 from ..utils.seed import seeded
 from .config import TrainConfig
@@ -45,9 +45,10 @@ class RunConfig:
     """A model folder (``save_pretrained``) to start from; ``None``: a new model from ``model``."""
     cell_preset: str | None = None
     """Named cell encoder size applied before ``model.cell`` keys (``tiny``, ``small``, ...)."""
-    init_overrides: dict = field(default_factory=dict)
-    """With ``init``: the ``model`` keys given (only :data:`INIT_OVERRIDES`), applied to the saved model's
-    configuration."""
+    model_keys: dict = field(default_factory=dict)
+    """The ``model`` keys the configuration gave (dotted, ``{"qformer.n_query": 8}``; a ``cell_preset``
+    gives its ``cell.*`` sizes). With ``init`` they must agree with the saved model, except
+    :data:`INIT_OVERRIDES`, which are applied to it."""
 
     def to_dict(self) -> dict:
         return {"data": dataclasses.asdict(self.data), "model": self.model.to_dict(), "train": self.train.to_dict(),
@@ -105,14 +106,6 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] 
     unknown = set(tree) - {"data", "model", "train", "init", "cell_preset"}
     if unknown:
         raise ConfigError(f"Unknown config sections {sorted(unknown)}; use data, model, train, init, cell_preset.")
-    if tree.get("init"):
-        # a saved model brings its own configuration: model keys would be recorded but not used
-        given = sorted(_dotted(tree.get("model") or {}, "model") + (["cell_preset"] if tree.get("cell_preset") else []))
-        refused = [k for k in given if k.removeprefix("model.") not in INIT_OVERRIDES]
-        if refused:
-            raise ConfigError(f"A run from a saved model (init / --model {tree['init']}) uses that model's "
-                              f"configuration; {refused[:6]} would be ignored. Drop them (or use a config without a "
-                              f"model section, such as stage2 or finetune); only {sorted(INIT_OVERRIDES)} may change.")
     try:
         data = DataConfig(**tree.get("data", {}))
     except TypeError as exc:
@@ -132,9 +125,11 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] 
         train = TrainConfig.from_dict(tree.get("train", {}) or {})
     except TypeError as exc:
         raise ConfigError(f"model/train section: {exc}") from None
-    init_overrides = {k.removeprefix("model."): v for k, v in _flat(tree.get("model") or {}, "model").items()}
+    given = {k.removeprefix("model."): v for k, v in _flat(tree.get("model") or {}, "model").items()}
+    if preset:
+        given = {**{f"cell.{k}": v for k, v in CELL_ENCODER_PRESETS[preset].items()}, **given}
     return RunConfig(data=data, model=model, train=train, init=tree.get("init"), cell_preset=preset,
-                     init_overrides=init_overrides if tree.get("init") else {})
+                     model_keys=given)
 
 
 def _flat(tree: dict, prefix: str) -> dict:
@@ -147,8 +142,27 @@ def _flat(tree: dict, prefix: str) -> dict:
     return out
 
 
-def _dotted(tree: dict, prefix: str) -> list[str]:
-    return list(_flat(tree, prefix))
+
+def _config_value(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_init_keys(rc: RunConfig, config: ModelConfig) -> None:
+    """A run from a saved model trains that model: ``model`` keys that disagree with it would be
+    recorded but not used, so they are refused (naming each); equal ones are harmless."""
+    def same(a, b) -> bool:
+        return list(a) == list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
+
+    conflicts = {k: (v, _config_value(config, k)) for k, v in rc.model_keys.items()
+                 if k not in INIT_OVERRIDES and not same(v, _config_value(config, k))}
+    if conflicts:
+        shown = ", ".join(f"model.{k}={v!r} (the model has {m!r})" for k, (v, m) in list(conflicts.items())[:6])
+        raise ConfigError(f"A run from a saved model (--model {rc.init}) trains that model as it is; the configuration "
+                          f"asks for {shown}. Drop these keys (a config without a model section, such as stage2 or "
+                          f"finetune, has none), or train a new model; only {sorted(INIT_OVERRIDES)} may change.")
 
 
 def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
@@ -176,7 +190,9 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
     # caller's global RNG is left as it was
     with seeded(cfg.seed):
         if rc.init:
-            model = ScMMGPT.from_pretrained(rc.init, with_lm=spec.needs_lm, overrides=rc.init_overrides)
+            model = ScMMGPT.from_pretrained(rc.init, with_lm=spec.needs_lm, overrides={
+                k: v for k, v in rc.model_keys.items() if k in INIT_OVERRIDES})
+            _check_init_keys(rc, model.config)
         elif cfg.stage != "stage1":
             raise ConfigError(f"{cfg.stage!r} starts from a trained model (stage 2 from the stage-1 model, "
                               "fine-tuning from a pre-trained one): pass --model DIR.")
@@ -202,7 +218,7 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
             "source": lab.source, "train_types": lab.train_types,
             **{k: np.asarray(names[v]).astype(str).tolist() for k, v in lab.split.items()}}))
     result = fit(model, train, cfg, val=val, val_labels=lab.types("val") if val is not None else None,
-                 measured=lab.cells.measured, resume=resume)
+                 label_terms=lab.label_set(), measured=lab.cells.measured, resume=resume)
     if main:
         model.save_pretrained(out / "model")
     PartialState().wait_for_everyone()
