@@ -31,9 +31,16 @@ def test_label_key_missing(capsys):
 
 
 def test_demo_fast_end_to_end(tmp_path, capsys):
+    """The demo's headline figures come from the user-facing verbs; the CLI's default model changes
+    only with --set-default (without it, the record in the cache is left as it was)."""
+    from scmmgpt import assets
+
+    pointer = assets.cache_dir() / "default_model.txt"
+    before = pointer.read_text() if pointer.exists() else None
     out = tmp_path / "rep"
     rc = main(["demo", "--fast", "--out", str(out)])
     assert rc == 0
+    assert (pointer.read_text() if pointer.exists() else None) == before
     printed = capsys.readouterr().out
     assert "zero-shot annotation  Acc@1" in printed and str(out / "report.html") in printed
     m = json.loads((out / "metrics.json").read_text())

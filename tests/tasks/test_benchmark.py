@@ -1,16 +1,16 @@
-import pytest
-
 """The paper suite end to end on real data (tiny schedules): every protocol with its baselines,
 results.json + results.md per part and one README."""
 
 import json
 
 import numpy as np
+import pytest
 
 from scmmgpt.cli.main import main
 from tests.conftest import PBMC3K, data_path
 
 
+@pytest.mark.slow       # minutes (every protocol trains); the smoke test below stays in the default suite
 @pytest.mark.shared_data
 def test_paper_suite_fast(tmp_path, capsys):
     """`scmmgpt benchmark --suite paper --fast`: every protocol on the shared datasets, one README."""
@@ -94,3 +94,18 @@ def test_baselines_with_a_single_training_type():
     (only,) = lab.train_types
     assert out["logreg"]["seen"]["acc@1"] == 1.0 and out["logreg"]["unseen"]["acc@1"] == 0.0
     assert out["knn"]["all"]["acc@1"] == np.mean(truth == only)
+
+
+def test_annotation_benchmark_smoke(tmp_path, capsys):
+    """The annotation protocol (Table 3) through the CLI on the repository's PBMCs, tiny schedules:
+    its table and record, scMMGPT beside its baselines in one run."""
+    out = tmp_path / "ann"
+    assert main(["benchmark", "annotation", "--fast", "--data", str(PBMC3K), "--pretrain-data", str(PBMC3K),
+                 "--fractions", "0.3", "--out", str(out)]) == 0
+    rec = json.loads((out / "results.json").read_text())
+    zs = rec["results"]["zero_shot"]
+    assert set(zs) == {"scmmgpt", "logreg", "knn", "random"} and rec["n_types"] == 9
+    assert zs["logreg"]["all"]["acc@1"] > 0.8                          # the supervised reference, same run
+    assert 0 <= zs["scmmgpt"]["all"]["acc@1"] <= zs["scmmgpt"]["all"]["acc@5"] <= 1
+    assert "| scmmgpt |" in (out / "results.md").read_text()
+    capsys.readouterr()
