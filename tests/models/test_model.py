@@ -25,7 +25,8 @@ def lab():
 @pytest.fixture(scope="module")
 def setup(lab):
     cfg = ModelConfig.from_preset("tiny", max_genes=64)
-    cfg = dataclasses.replace(cfg, qformer=dataclasses.replace(cfg.qformer, n_layers=2, n_query=8),
+    cfg = dataclasses.replace(cfg, qformer=dataclasses.replace(cfg.qformer, n_layers=2, n_query=8, max_text_len=48),
+                              lm=dataclasses.replace(cfg.lm, max_text_len=32),
                               text_to_cell=dataclasses.replace(cfg.text_to_cell, gene_chunk=4096))
     torch.manual_seed(0)
     model = ScMMGPT.build(cfg, lab.vocab)
@@ -107,6 +108,20 @@ def test_build_derives_its_config_and_leaves_the_callers(lab):
     assert cfg.to_dict() == before                                  # not mutated
     assert model.config.cell.vocab_size == len(lab.vocab) and model.config.cell.pad_id == lab.vocab.pad_id
     assert model.config.cell is model.net.cell_encoder.config       # the encoder it holds
+
+
+def test_score_labels_reads_labels_as_tl_annotate_does(setup, lab):
+    """Names with their CL terms are described by the term's definition under the data's own name;
+    plain CL names by their definition; the scores rank cells x labels."""
+    model, _, _ = setup
+    ds = lab.dataset("test", max_genes=64)
+    mapped = model.score_labels(ds, {"CD19+ B": "CL:0000236", "CD56+ NK": "CL:0000623"})
+    assert mapped.names == ["CD19+ B", "CD56+ NK"] and mapped.scores.shape == (len(ds), 2)
+    assert mapped.candidates.texts[0].startswith("CD19+ B: A lymphocyte of B lineage")
+    plain = model.score_labels(ds, ["B cell"])
+    assert plain.candidates.texts[0].startswith("B cell: A lymphocyte of B lineage")
+    np.testing.assert_allclose(mapped.scores[:, 0], model.score_labels(ds, {"CD19+ B": "CL:0000236"}).scores[:, 0],
+                               rtol=1e-5)
 
 
 def test_generation_paths(setup):

@@ -21,7 +21,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -262,7 +262,7 @@ class ScMMGPT:
         final.scatter_add_(1, cand, alpha * p)
         return final
 
-    def score_labels(self, ds: CellTextDataset, labels: Sequence[str] | Candidates, *, alpha: float = 0.0,
+    def score_labels(self, ds: CellTextDataset, labels: Sequence[str] | Mapping[str, str] | Candidates, *, alpha: float = 0.0,
                      rerank_top: int = 10, context: str | None = None, batch_size: int = 64,
                      indices: Sequence[int] | None = None) -> LabelScores:
         """Zero-shot scores of the cells of ``ds`` (or of ``indices``) against candidate ``labels``.
@@ -273,7 +273,10 @@ class ScMMGPT:
         """
         from ..inference import iter_batches
 
-        cands = labels if isinstance(labels, Candidates) else candidate_labels(labels=list(labels), context=context)
+        if isinstance(labels, Candidates):
+            cands = labels
+        else:   # a {name: CL term} mapping keeps its terms; a list is names or CL ids
+            cands = candidate_labels(labels=labels if isinstance(labels, Mapping) else list(labels), context=context)
         idx = np.arange(len(ds)) if indices is None else np.asarray(indices)
         by_length = np.argsort(ds.lengths()[idx], kind="stable")
         chunks = []
