@@ -54,7 +54,8 @@ def _scatter(ax, xy, values, title: str, categories: Sequence[str] | None = None
 
 def embedding(adata, *, basis: str = "X_scmmgpt_aligned", color: str | Sequence[str], seed: int = 0,
               legend: bool = True):
-    """UMAP of ``.obsm[basis]`` with one panel per ``.obs`` key in ``color``.
+    """UMAP of ``.obsm[basis]`` with one panel per ``.obs`` key in ``color`` (panels whose labels
+    overlap, such as the truth and a prediction, give each label the same colour).
 
     The 2-d coordinates are cached in ``.obsm[basis + "_umap"]`` (recomputed if the cell count
     changed). Cells with NaN embeddings (no expression in the model's genes) are left out.
@@ -77,8 +78,12 @@ def embedding(adata, *, basis: str = "X_scmmgpt_aligned", color: str | Sequence[
     xy = np.asarray(adata.obsm[key])[ok]
     fig = _figure((6 * len(colors), 5))
     axes = fig.subplots(1, len(colors), squeeze=False)
+    values = {c: pd.Series(adata.obs[c].to_numpy()[ok], dtype=object).astype(str) for c in colors}
+    # panels over the same labels (truth vs prediction) share one colour per label
+    shared = set.intersection(*(set(v) for v in values.values())) if len(colors) > 1 else set()
+    union = sorted(set().union(*(set(v) for v in values.values()))) if shared else None
     for ax, c in zip(axes[0], colors):
-        _scatter(ax, xy, adata.obs[c].to_numpy()[ok], c)
+        _scatter(ax, xy, values[c].to_numpy(), c, categories=union)
         if legend:
             ax.legend(loc="center left", bbox_to_anchor=(1, 0.5), fontsize=7, markerscale=2, frameon=False)
     fig.tight_layout()

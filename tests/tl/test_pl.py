@@ -20,6 +20,12 @@ def test_plots(trained, test_cells):
     assert a.obsm["X_scmmgpt_aligned_umap"].shape == (a.n_obs, 2)
     # one scatter series per cell type present
     assert len(fig.axes[0].collections) == a.obs["cell_type"].nunique()
+    # truth and prediction panels give each label one colour
+    def colours(ax):
+        return {c.get_label(): tuple(c.get_facecolor()[0]) for c in ax.collections}
+
+    truth, pred = colours(fig.axes[0]), colours(fig.axes[1])
+    assert set(truth) & set(pred) and all(truth[k] == pred[k] for k in set(truth) & set(pred))
     cm = pl.confusion_matrix(a, truth="cell_type")
     img = cm.axes[0].images[0].get_array()
     assert img.shape[0] == a.obs["cell_type"].nunique()
