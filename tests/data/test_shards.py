@@ -138,6 +138,7 @@ print(json.dumps(marks))
 """
 
 
+@pytest.mark.slow   # a scale test (200k cells, ~15 s); benchmarks/streaming.py measures 10k-1M
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc")
 def test_streaming_200k_cells_keeps_memory_flat(tmp_path):
     rng = np.random.default_rng(0)

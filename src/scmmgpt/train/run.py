@@ -46,9 +46,10 @@ class RunConfig:
     cell_preset: str | None = None
     """Named cell encoder size applied before ``model.cell`` keys (``tiny``, ``small``, ...)."""
     model_keys: dict = field(default_factory=dict)
-    """The ``model`` keys the configuration gave (dotted, ``{"qformer.n_query": 8}``; a ``cell_preset``
-    gives its ``cell.*`` sizes). With ``init`` they must agree with the saved model, except
-    :data:`INIT_OVERRIDES`, which are applied to it."""
+    """The ``model`` keys the configuration gave (dotted, ``{"qformer.n_query": 8}``). With ``init``
+    they (and a ``cell_preset``'s sizes) must agree with the saved model, except :data:`INIT_OVERRIDES`,
+    which are applied to it; with ``model.cell_checkpoint`` the ``cell.*`` ones must agree with the
+    checkpoint."""
 
     def to_dict(self) -> dict:
         return {"data": dataclasses.asdict(self.data), "model": self.model.to_dict(), "train": self.train.to_dict(),
@@ -126,8 +127,6 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] 
     except TypeError as exc:
         raise ConfigError(f"model/train section: {exc}") from None
     given = {k.removeprefix("model."): v for k, v in _flat(tree.get("model") or {}, "model").items()}
-    if preset:
-        given = {**{f"cell.{k}": v for k, v in CELL_ENCODER_PRESETS[preset].items()}, **given}
     return RunConfig(data=data, model=model, train=train, init=tree.get("init"), cell_preset=preset,
                      model_keys=given)
 
@@ -142,7 +141,6 @@ def _flat(tree: dict, prefix: str) -> dict:
     return out
 
 
-
 def _config_value(config, dotted: str):
     node = config
     for part in dotted.split("."):
@@ -150,19 +148,35 @@ def _config_value(config, dotted: str):
     return node
 
 
-def _check_init_keys(rc: RunConfig, config: ModelConfig) -> None:
-    """A run from a saved model trains that model: ``model`` keys that disagree with it would be
-    recorded but not used, so they are refused (naming each); equal ones are harmless."""
+def _conflicts(keys: dict, config: ModelConfig) -> str:
+    """The given ``keys`` whose values differ from ``config``'s, as ``model.k=v (the model has m)``."""
     def same(a, b) -> bool:
         return list(a) == list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
 
-    conflicts = {k: (v, _config_value(config, k)) for k, v in rc.model_keys.items()
-                 if k not in INIT_OVERRIDES and not same(v, _config_value(config, k))}
-    if conflicts:
-        shown = ", ".join(f"model.{k}={v!r} (the model has {m!r})" for k, (v, m) in list(conflicts.items())[:6])
+    bad = {k: (v, _config_value(config, k)) for k, v in keys.items() if not same(v, _config_value(config, k))}
+    return ", ".join(f"model.{k}={v!r} (the model has {m!r})" for k, (v, m) in list(bad.items())[:6])
+
+
+def _check_init_keys(rc: RunConfig, config: ModelConfig) -> None:
+    """A run from a saved model trains that model: ``model`` keys (and a ``cell_preset``) that
+    disagree with it would be recorded but not used, so they are refused, each named; equal ones are
+    harmless."""
+    keys = {k: v for k, v in rc.model_keys.items() if k not in INIT_OVERRIDES}
+    if rc.cell_preset:
+        keys = {**{f"cell.{k}": v for k, v in CELL_ENCODER_PRESETS[rc.cell_preset].items()}, **keys}
+    shown = _conflicts(keys, config)
+    if shown:
         raise ConfigError(f"A run from a saved model (--model {rc.init}) trains that model as it is; the configuration "
                           f"asks for {shown}. Drop these keys (a config without a model section, such as stage2 or "
                           f"finetune, has none), or train a new model; only {sorted(INIT_OVERRIDES)} may change.")
+
+
+def _check_checkpoint_keys(rc: RunConfig, config: ModelConfig) -> None:
+    """A scGPT checkpoint brings its encoder's sizes: explicit ``model.cell.*`` keys must agree."""
+    shown = _conflicts({k: v for k, v in rc.model_keys.items() if k.startswith("cell.")}, config)
+    if shown:
+        raise ConfigError(f"The cell encoder comes from the scGPT checkpoint {rc.model.cell_checkpoint}; the "
+                          f"configuration asks for {shown}. Drop the model.cell keys.")
 
 
 def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
@@ -198,6 +212,7 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
                               "fine-tuning from a pre-trained one): pass --model DIR.")
         elif rc.model.cell_checkpoint is not None:
             model = ScMMGPT.build(rc.model, None, with_lm=spec.needs_lm)   # its vocabulary is the checkpoint's
+            _check_checkpoint_keys(rc, model.config)
         lab = load_labelled(rc.data, vocab=model.vocab if model is not None else None,
                             target_sum=(model.config if model is not None else rc.model).target_sum)
         if model is None:
