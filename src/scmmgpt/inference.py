@@ -18,7 +18,7 @@ import torch
 from .data.dataset import CellBatch, CellTextDataset
 from .eval.annotation import topk_accuracy  # re-exported: validation and the demo use it
 
-__all__ = ["CellFeatures", "iter_batches", "encode_dataset", "embed_to_disk", "encode_texts", "topk_accuracy",
+__all__ = ["CellFeatures", "iter_batches", "length_order", "encode_dataset", "embed_to_disk", "encode_texts", "topk_accuracy",
            "evaluation_mode"]
 
 
@@ -60,21 +60,28 @@ def iter_batches(model, ds: CellTextDataset, batch_size: int = 64, *, with_text:
         yield collate([ds[int(i)] for i in idx[start:start + batch_size]]).to(device)
 
 
+def length_order(ds: CellTextDataset, indices: Sequence[int] | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """``(positions, inverse)``: the cells of ``ds`` (or ``indices``) sorted by length, so batches pad
+    little, and the permutation that puts per-cell results computed in that order back in the order
+    of ``indices``."""
+    idx = np.arange(len(ds)) if indices is None else np.asarray(indices)
+    by_length = np.argsort(ds.lengths()[idx], kind="stable")
+    return idx[by_length], torch.from_numpy(np.argsort(by_length, kind="stable"))
+
+
 def encode_dataset(model, ds: CellTextDataset, batch_size: int = 64, *, indices: Sequence[int] | None = None
                    ) -> CellFeatures:
     """Cell features of every cell of ``ds`` (or of ``indices``), in order, on the CPU.
 
     Cells are encoded in order of length (batches pad less) and the results put back in order."""
-    idx = np.arange(len(ds)) if indices is None else np.asarray(indices)
-    by_length = np.argsort(ds.lengths()[idx], kind="stable")
+    order, inv = length_order(ds, indices)
     feats, cls, query = [], [], []
     with evaluation_mode(model.net):
-        for batch in iter_batches(model, ds, batch_size, indices=idx[by_length]):
+        for batch in iter_batches(model, ds, batch_size, indices=order):
             out = model.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
             feats.append(out.features.float().cpu())
             cls.append(out.cell_embedding.float().cpu())
             query.append(out.query.float().mean(1).cpu())
-    inv = torch.from_numpy(np.argsort(by_length, kind="stable"))
     return CellFeatures(torch.cat(feats)[inv], torch.cat(cls)[inv], torch.cat(query)[inv])
 
 

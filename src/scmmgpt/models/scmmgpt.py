@@ -133,8 +133,6 @@ class ScMMGPT:
         ``config`` is not modified: the model's :attr:`config` is a new one derived from the modules.
         Random initialisation draws from torch's global RNG (seed it for a reproducible model).
         """
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
         if config.cell_checkpoint is not None:
             if cell_encoder is not None:
                 raise ConfigError("Give either config.cell_checkpoint or cell_encoder=, not both.")
@@ -153,6 +151,15 @@ class ScMMGPT:
         elif cell_encoder.config.vocab_size != len(vocab):
             raise ConfigError(f"The cell encoder has {cell_encoder.config.vocab_size} gene tokens, the vocabulary "
                               f"{len(vocab)}: give the vocabulary the encoder was trained with.")
+        return cls._assemble(config, vocab, cell_encoder, pretrained_encoder=pretrained_encoder, with_lm=with_lm,
+                             device=device)
+
+    @classmethod
+    def _assemble(cls, config: ModelConfig, vocab: GeneVocab, cell_encoder: CellEncoder, *, pretrained_encoder: bool,
+                  with_lm: bool, device: str | torch.device = "cpu") -> "ScMMGPT":
+        """The Q-Former (BERT weights loaded), the LM and the network around ``cell_encoder``."""
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
         bert_path = assets.resolve_bert(config.qformer.bert)
         bert_cfg = AutoConfig.from_pretrained(bert_path)
         qformer = QFormer(bert_cfg, cell_encoder.d_model, n_query=config.qformer.n_query,
@@ -271,19 +278,16 @@ class ScMMGPT:
         describes it (Cell Ontology definition and synonyms, plus ``context``) — the texts
         :func:`scmmgpt.tl.annotate` uses — or ready :class:`Candidates`.
         """
-        from ..inference import iter_batches
+        from ..inference import iter_batches, length_order
 
         if isinstance(labels, Candidates):
             cands = labels
         else:   # a {name: CL term} mapping keeps its terms; a list is names or CL ids
             cands = candidate_labels(labels=labels if isinstance(labels, Mapping) else list(labels), context=context)
-        idx = np.arange(len(ds)) if indices is None else np.asarray(indices)
-        by_length = np.argsort(ds.lengths()[idx], kind="stable")
-        chunks = []
-        for _, sim in self.iter_label_scores(iter_batches(self, ds, batch_size, indices=idx[by_length]), cands,
-                                             alpha=alpha, rerank_top=rerank_top):
-            chunks.append(sim)
-        scores = torch.cat(chunks)[torch.from_numpy(np.argsort(by_length, kind="stable"))]
+        order, inv = length_order(ds, indices)
+        chunks = [sim for _, sim in self.iter_label_scores(iter_batches(self, ds, batch_size, indices=order), cands,
+                                                           alpha=alpha, rerank_top=rerank_top)]
+        scores = torch.cat(chunks)[inv]
         return LabelScores(scores.numpy(), cands)
 
     def describe(self, batch: CellBatch, *, max_new_tokens: int = 64, do_sample: bool = False,
@@ -348,9 +352,9 @@ class ScMMGPT:
                                                                                    **{name: value})})
         has_lm = any(k.startswith(("lm_proj.", "text_to_cell.")) for k in state)
         with_lm = has_lm if with_lm is None else with_lm
-        # the stored weights replace the encoder's: never reload a scGPT checkpoint here
-        model = cls.build(dataclasses.replace(config, cell_checkpoint=None), vocab, with_lm=with_lm)
-        model.net.config = dataclasses.replace(model.net.config, cell_checkpoint=config.cell_checkpoint)
+        # a new encoder of the stored shape takes the stored weights: a scGPT checkpoint the model
+        # started from (config.cell_checkpoint, kept as a record) is never read again
+        model = cls._assemble(config, vocab, CellEncoder(config.cell), pretrained_encoder=False, with_lm=with_lm)
         if not with_lm:
             state = {k: v for k, v in state.items() if not k.startswith(LM_SIDE)}
         expected = model.net.trained_state_dict(full=info.get("full", False))

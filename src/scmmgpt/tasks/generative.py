@@ -119,13 +119,21 @@ class _Trained:
     model: object
     lab: object
     c2s: object
-    labels: list[str]
-    label_text: dict[str, str]
-    """Each type's text, as ``tl.annotate`` / ``tl.generate`` read the type (name + CL definition)."""
+    candidates: object
+    """The types as ``tl.annotate`` / ``tl.generate`` read them (name + CL definition): ``Candidates``."""
     types: np.ndarray
     sample: np.ndarray
     """Test cells described."""
     refs: list[str]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.candidates.names)
+
+    @property
+    def label_text(self) -> dict[str, str]:
+        """Each type's text."""
+        return dict(zip(self.candidates.names, self.candidates.texts))
 
     def score(self, texts: list[str]) -> dict:
         from ..eval.text import cut_to_tokens, description_metrics, type_named
@@ -289,7 +297,7 @@ def _train(b: GenerativeBenchmark, out: Path, progress: bool):
     rng = np.random.default_rng(b.seed)
     sample = np.sort(rng.choice(test, size=min(b.n_describe, len(test)), replace=False))
     refs = [cut_to_tokens(model.lm_tokenizer, t, b.max_new_tokens) for t in desc_all[sample]]
-    ctx = _Trained(b, model, lab, c2s, cands.names, dict(zip(cands.names, cands.texts)), lab.types(), sample, refs)
+    ctx = _Trained(b, model, lab, c2s, cands, lab.types(), sample, refs)
     return ctx, r1, r2, c2s_losses, seconds
 
 
@@ -303,10 +311,11 @@ def _part_description(ctx: _Trained, out: Path) -> dict:
     names = np.asarray(lab.vocab.tokens, dtype=object)
     desc_all = lab.descriptions["description"].astype(str).to_numpy()
     rng = np.random.default_rng(b.seed + 1)
+    label_text = ctx.label_text
     gen = {"scmmgpt": _describe(ctx.model, lab, sample, ctx.model.config.max_genes, b.max_new_tokens),
            "cell_sentence_lm": ctx.c2s.describe(cell_sentences(lab.cells.rows_csr(sample), names, b.c2s_genes),
                                                 max_new_tokens=b.max_new_tokens),
-           "logreg_template": [ctx.label_text[p] for p in _logreg(lab, tr, sample, b.seed)],
+           "logreg_template": [label_text[p] for p in _logreg(lab, tr, sample, b.seed)],
            "random": list(desc_all[rng.choice(tr, size=len(sample))])}
     truth = ctx.types[sample]
     return {"n_cells": int(len(sample)), "max_tokens": b.max_new_tokens,
@@ -330,8 +339,9 @@ def _part_generation(ctx: _Trained, out: Path) -> dict:
     pca = expression_pca(real, 50, seed=b.seed)
     lib = int(np.median(_library_sizes(lab, test)))
     gen_labels = np.repeat(labels, b.n_per_type)
-    prompts = [ctx.label_text[x] for x in gen_labels]
-    expected = model.generate_cells([ctx.label_text[x] for x in labels])          # one profile per type
+    text = ctx.label_text
+    prompts = [text[x] for x in gen_labels]
+    expected = model.generate_cells([text[x] for x in labels])          # one profile per type
     expected = np.repeat(expected, b.n_per_type, axis=0)
     tr_expr = lab.cells.rows_csr(tr)
     type_mean = np.stack([np.log1p(np.expm1(tr_expr[types[tr] == x].toarray()).mean(0)) for x in labels])
@@ -371,7 +381,7 @@ def _part_gene_sweep(ctx: _Trained, out: Path) -> dict:
     sweep = []
     for k in b.gene_counts:
         ds = CellTextDataset(lab.cells.subset(test), cls_id=lab.vocab.cls_id, max_genes=int(k), n_bins=model.value_bins)
-        scores = model.score_labels(ds, lab.label_set()).scores
+        scores = model.score_labels(ds, ctx.candidates).scores
         row = {"genes": int(k), "acc1": topk_accuracy(scores[keep], truth[keep], 1)}
         row.update({m: v for m, v in ctx.score(_describe(model, lab, ctx.sample, int(k), b.max_new_tokens)).items()
                     if m in ("bleu2", "rouge2", "mmd", "emd", "type_named")})

@@ -58,10 +58,6 @@ def require_lm(model, what: str, parts: tuple[str, ...]) -> None:
                       "`scmmgpt pretrain --stage 2` first); the output is meaningless.", UntrainedWarning, stacklevel=3)
 
 
-def device_of(model) -> torch.device:
-    return model.device
-
-
 @dataclass
 class ModelCells:
     """An AnnData's cells in the model's vocabulary space."""
