@@ -238,7 +238,7 @@ def fit(model, train: CellTextDataset, cfg: TrainConfig, *, val: CellTextDataset
             torch.use_deterministic_algorithms(True, warn_only=True)
         try:
             run = _setup(model, train, cfg, measured, resume)
-            return _train(run, model, cfg, val, (val_labels, label_terms), stop_after)
+            return _train(run, model, cfg, val, val_labels, label_terms, stop_after)
         finally:
             torch.use_deterministic_algorithms(previous)
 
@@ -329,7 +329,7 @@ def _setup(model, train: CellTextDataset, cfg: TrainConfig, measured, resume: bo
     return run
 
 
-def _train(run: _Run, model, cfg: TrainConfig, val, val_labels: tuple, stop_after) -> dict:
+def _train(run: _Run, model, cfg: TrainConfig, val, val_labels, label_terms, stop_after) -> dict:
     """The optimiser steps, logging, validation and checkpoints; epoch after epoch until done."""
     from tqdm.auto import tqdm
 
@@ -369,8 +369,8 @@ def _train(run: _Run, model, cfg: TrainConfig, val, val_labels: tuple, stop_afte
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", cells_s=f"{rec['cells_per_s']:.1f}")
                 if want_val:
                     last_val = validate(model, val, run.spec, batch_size=cfg.batch_size, measured=run.measured,
-                                        max_cells=cfg.val_max_cells, seed=cfg.seed, labels=val_labels[0],
-                                        label_terms=val_labels[1])
+                                        max_cells=cfg.val_max_cells, seed=cfg.seed, labels=val_labels,
+                                        label_terms=label_terms)
                     rec.update(last_val)
                 history.append(rec)
                 log.write(rec)
