@@ -1,16 +1,26 @@
 """Throughput of scmmgpt against a naive reference of the same model, in the same run.
 
-The reference does what the authors' code does: every cell padded to ``max_genes``, cells taken in
-file order (no length bucketing), fp32, eager attention (SDPA's math kernel), and text generation
-without the LM's KV cache. Ours: batches padded to their own longest cell, cells grouped by length
-(inference sorts by length and restores the order; stage-2 training buckets by length), fused
-SDPA kernels, bf16 autocast and fused AdamW on CUDA, and the KV cache. Both run the same weights
-on the same cells, and the embeddings are checked to agree.
+Three columns, the same weights on the same cells:
+
+* ``naive`` does what the authors' code does: every cell padded to ``max_genes``, cells taken in
+  file order (no length bucketing), every row's text through the text tower and the LM (no
+  de-duplication), fp32, eager attention (SDPA's math kernel), torch's default AdamW, and text
+  generation without the LM's KV cache;
+* ``ours-fp32``: the library's paths in fp32: batches padded to their own longest cell, cells
+  grouped by length (inference sorts by length and restores the order; stage-2 training buckets by
+  length), each distinct description encoded once, fused SDPA kernels, fused AdamW, the KV cache;
+* ``ours-bf16``: the same under ``precision="bf16"`` (what ``auto`` picks on hardware with native
+  bf16 matmul), with the frozen LM held in bf16 as training and inference hold it.
+
+The embeddings of the naive and fp32 paths are checked to agree, and bf16's against fp32's
+(per-cell cosine).
 
 Model FLOPs: the timed training steps are replayed (forward + backward) under
 :class:`torch.utils.flop_counter.FlopCounterMode`, which counts the matmul and attention FLOPs of
-the real batches; achieved FLOP/s is that count over the timed seconds, and model FLOPs
-utilisation (MFU) divides it by the GPU's dense bf16 peak (NVIDIA data sheets; CPU: not given).
+the real batches; achieved FLOP/s is that count over the timed seconds. It is given as a share of
+this machine's own matmul peak, measured in the same run (fp32 and bf16 ``torch.mm`` of large
+square-ish shapes), and on a GPU also as model FLOPs utilisation (MFU) against the dense bf16
+data-sheet peak.
 
 Run: ``python benchmarks/perf.py [--out benchmarks/results/perf.json] [--device cuda]``;
 ``--model paper`` for the paper's sizes (12 x 512 cell encoder, BERT-base Q-Former, 1.17B Llama;
@@ -22,6 +32,7 @@ JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -88,16 +99,47 @@ def _count_cpu_attention() -> None:
 _count_cpu_attention()
 
 
-def _mode(device, naive: bool):
-    """Ours: fused SDPA, bf16 autocast on CUDA. Naive: fp32 and SDPA's math (eager) kernel."""
-    from contextlib import ExitStack
+VARIANTS = ("naive", "fp32", "bf16")
 
-    stack = ExitStack()
-    if naive:
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-    elif str(device).startswith("cuda"):
-        stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
-    return stack
+
+def _mode(device, variant: str):
+    """naive: fp32 and SDPA's math (eager) kernel; fp32: nothing; bf16: the library's bf16 autocast."""
+    from contextlib import nullcontext
+
+    from scmmgpt.utils.precision import resolve_precision
+
+    if variant == "naive":
+        return sdpa_kernel(SDPBackend.MATH)
+    if variant == "fp32":
+        return nullcontext()
+    return resolve_precision("bf16", device, quiet=True).autocast()
+
+
+def matmul_peak(device, dtype, seconds: float = 1.0) -> float:
+    """This machine's matmul FLOP/s in ``dtype``: the best of a few large shapes, timed here."""
+    best = 0.0
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for m, k, n in ((4096, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 1024)):
+        a = torch.randn(m, k, generator=g).to(device, dtype)
+        b = torch.randn(k, n, generator=g).to(device, dtype)
+        for _ in range(2):
+            a @ b
+        _sync(device)
+        t, reps = time.perf_counter(), 0
+        while time.perf_counter() - t < seconds / 3:
+            a @ b
+            reps += 1
+        _sync(device)
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))
+    return best
+
+
+def _distinct_texts(batch: CellBatch) -> CellBatch:
+    """The naive reference encodes every row's text, as the authors' code does: its texts are made
+    distinct (which also turns off same-description positives; throughput only)."""
+    if batch.texts is not None:
+        batch.texts = [f"{t}\x00{i}" for i, t in enumerate(batch.texts)]
+    return batch
 
 
 def _reset_peak(device) -> None:
@@ -109,28 +151,27 @@ def _peak(device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if str(device).startswith("cuda") else None
 
 
-def embed(model, ds, batch_size: int, *, naive: bool) -> tuple[float, np.ndarray]:
+def embed(model, ds, batch_size: int, *, variant: str) -> tuple[float, np.ndarray]:
     """Cells/s of encoding every cell, and the query features in dataset order. Ours is the
-    library's ``ScMMGPT.encode`` (length-sorted batches); the reference pads every cell to
-    ``max_genes`` and keeps file order."""
+    library's ``ScMMGPT.encode`` (length-sorted batches) at fp32 or bf16; the reference pads every
+    cell to ``max_genes`` and keeps file order."""
     dev = model.device
     _sync(dev)
     t = time.perf_counter()
-    if naive:
+    if variant == "naive":
         feats = []
-        with evaluation_mode(model.net), _mode(dev, naive=True):
+        with evaluation_mode(model.net), _mode(dev, "naive"):
             for batch in iter_batches(model, ds, batch_size):
                 batch = pad_to(batch, model.config.max_genes + 1, model.vocab.pad_id, model.config.cell.pad_value)
                 feats.append(model.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask).features.float().cpu())
         out = torch.cat(feats)
     else:
-        with _mode(dev, naive=False):
-            out = model.encode(ds, batch_size=batch_size).features
+        out = model.encode(ds, batch_size=batch_size, precision=variant).features
     _sync(dev)
-    return len(ds) / (time.perf_counter() - t), out.numpy()
+    return len(ds) / (time.perf_counter() - t), out.float().numpy()
 
 
-def train_steps(model, ds, batch_size: int, steps: int, stage: str, *, naive: bool, measured=None,
+def train_steps(model, ds, batch_size: int, steps: int, stage: str, *, variant: str, measured=None,
                 count_flops: bool = False) -> dict:
     """Optimiser steps of ``stage``: cells/s, real (unpadded) cell tokens/s and, with ``count_flops``,
     the model FLOPs of the timed steps (replayed under ``FlopCounterMode`` after timing)."""
@@ -140,9 +181,8 @@ def train_steps(model, ds, batch_size: int, steps: int, stage: str, *, naive: bo
     net = model.net
     spec = net.set_trainable(stage)
     net.train()
-    cuda = str(dev).startswith("cuda")
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5,
-                            fused=(cuda and not naive) or None)
+    naive = variant == "naive"
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5, fused=(not naive) or None)
     bucket = (not naive) and not spec.random_batches
     sampler = LengthBucketSampler(ds.lengths(), batch_size, seed=0, drop_last=True, pool_batches=50 if bucket else 1)
     collate = model.collator()
@@ -155,6 +195,7 @@ def train_steps(model, ds, batch_size: int, steps: int, stage: str, *, naive: bo
         batch = collate([ds[int(j)] for j in idx]).to(dev, non_blocking=True)
         if naive:
             batch = pad_to(batch, model.config.max_genes + 1, model.vocab.pad_id, model.config.cell.pad_value)
+            batch = _distinct_texts(batch)
         return batch
 
     for i, idx in enumerate(batches):
@@ -162,7 +203,7 @@ def train_steps(model, ds, batch_size: int, steps: int, stage: str, *, naive: bo
         if i == 1:                       # the first step warms up; time the rest
             _sync(dev)
             t = time.perf_counter()
-        with _mode(dev, naive):
+        with _mode(dev, variant):
             loss = net(batch, spec, measured, gen).loss
         loss.backward()
         opt.step()
@@ -177,7 +218,7 @@ def train_steps(model, ds, batch_size: int, steps: int, stage: str, *, naive: bo
         counter = FlopCounterMode(display=False)
         with counter:
             for idx in batches[1:]:
-                with _mode(dev, naive):
+                with _mode(dev, variant):
                     loss = net(batch_of(idx), spec, measured, gen).loss
                 loss.backward()
                 opt.zero_grad(set_to_none=True)
@@ -189,14 +230,15 @@ def train_steps(model, ds, batch_size: int, steps: int, stage: str, *, naive: bo
     return out
 
 
-def describe(model, ds, n: int, batch_size: int, max_new_tokens: int, *, naive: bool) -> float:
+def describe(model, ds, n: int, batch_size: int, max_new_tokens: int, *, variant: str) -> float:
     """Generated LM tokens/s (greedy, batched), with (ours) or without (naive) the KV cache."""
     dev = model.device
     net = model.net
     produced = 0
     _sync(dev)
     t = time.perf_counter()
-    with evaluation_mode(net), _mode(dev, naive):
+    naive = variant == "naive"
+    with evaluation_mode(net), _mode(dev, variant):
         for batch in iter_batches(model, ds, batch_size, indices=np.arange(n)):
             cell = net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
             prefix = net.cell_prefix(cell)
@@ -233,88 +275,182 @@ def main(argv=None) -> dict:
                    help="where --model paper writes its synthetic BERT and LM folders")
     p.add_argument("--lm-layers", type=int, default=None, help="--model paper: fewer LM layers (smoke tests)")
     p.add_argument("--bert-layers", type=int, default=None, help="--model paper: fewer BERT layers (smoke tests)")
+    p.add_argument("--no-profile", action="store_true", help="skip the op profile of a bf16 stage-1 step")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
+    from scmmgpt.utils.precision import native_bf16
+
+    dev = torch.device(args.device)
+    peaks = {"fp32": matmul_peak(dev, torch.float32), "bf16": matmul_peak(dev, torch.bfloat16)}
+    print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s "
+          f"(native bf16: {native_bf16(dev)})")
     rc = load_run_config("cpu-small")
     lab = load_labelled(DataConfig(path=args.data, split=(0.8, 0.1, 0.1), seed=0), target_sum=rc.model.target_sum)
     if args.model == "paper":
         from paper_model import n_parameters, paper_model_config
 
-        rc.model = paper_model_config(args.assets_dir, lm_layers=args.lm_layers, bert_layers=args.bert_layers,
-                                      lm_dtype="bfloat16" if args.device.startswith("cuda") else "float32")
+        rc.model = paper_model_config(args.assets_dir, lm_layers=args.lm_layers, bert_layers=args.bert_layers)
     rows: list[dict] = []
     sizes: dict = {}
+    profile = None
     for max_genes in args.max_genes:
         rc.model.max_genes = max_genes
-        torch.manual_seed(0)
-        model = ScMMGPT.build(rc.model, lab.vocab, with_lm=True).to(args.device)
-        model.net.eval()
+        models = {}
+        for lm_dtype in ("float32", "bfloat16"):       # the same weights; bf16 holds its frozen LM in bf16
+            torch.manual_seed(0)
+            models[lm_dtype] = ScMMGPT.build(dataclasses.replace(rc.model, lm=dataclasses.replace(
+                rc.model.lm, dtype=lm_dtype)), lab.vocab, with_lm=True).to(dev)
+        models["bfloat16"].net.load_state_dict(models["float32"].net.state_dict())
+        by_variant = {"naive": models["float32"], "fp32": models["float32"], "bf16": models["bfloat16"]}
         if args.model == "paper":
-            sizes = {"cell_encoder": n_parameters(model.net.cell_encoder), "qformer": n_parameters(model.net.qformer),
-                     "lm": n_parameters(model.lm)}
+            m = models["float32"]
+            sizes = {"cell_encoder": n_parameters(m.net.cell_encoder), "qformer": n_parameters(m.net.qformer),
+                     "lm": n_parameters(m.lm)}
         ds = lab.dataset("train", max_genes=max_genes, with_targets=True)
         n = min(args.cells, len(ds))
         part = CellTextDataset(ds.cells.subset(np.arange(n)), ds.texts[:n], cls_id=lab.vocab.cls_id,
                                max_genes=max_genes)
         lengths = part.lengths()
-        row = {"max_genes": max_genes, "mean_tokens": float(lengths.mean()), "max_tokens": int(lengths.max()),
-               "vocab_size": len(lab.vocab)}
-        naive_e, f_naive = embed(model, part, args.batch_size * 4, naive=True)
-        ours_e, f_ours = embed(model, part, args.batch_size * 4, naive=False)
-        row["embed_max_abs_diff"] = float(np.abs(f_naive - f_ours).max())
-        row["embed_cells_per_s"] = {"naive": naive_e, "ours": ours_e, "ratio": ours_e / naive_e}
+        row: dict = {"max_genes": max_genes, "mean_tokens": float(lengths.mean()), "max_tokens": int(lengths.max()),
+                     "vocab_size": len(lab.vocab)}
+        feats = {}
+        speed = {}
+        for v in VARIANTS:
+            speed[v], feats[v] = embed(by_variant[v], part, args.batch_size * 4, variant=v)
+        row["embed_max_abs_diff"] = float(np.abs(feats["naive"] - feats["fp32"]).max())
+        a, b = feats["fp32"].reshape(n, -1), feats["bf16"].reshape(n, -1)
+        row["embed_bf16_min_cosine"] = float(((a * b).sum(1) / np.linalg.norm(a, axis=1)
+                                              / np.linalg.norm(b, axis=1)).min())
+        row["embed_cells_per_s"] = _with_ratios(speed)
         for stage in ("stage1", "stage2"):
-            meas = torch.from_numpy(lab.cells.measured).to(args.device) if stage == "stage2" else None
-            n = train_steps(model, ds, args.batch_size, args.steps, stage, naive=True, measured=meas)
-            o = train_steps(model, ds, args.batch_size, args.steps, stage, naive=False, measured=meas,
-                            count_flops=True)
-            row[f"{stage}_cells_per_s"] = {"naive": n["cells_per_s"], "ours": o["cells_per_s"],
-                                           "ratio": o["cells_per_s"] / n["cells_per_s"]}
-            row[f"{stage}_tokens_per_s"] = {"naive": n["tokens_per_s"], "ours": o["tokens_per_s"]}
-            row[f"{stage}_flops"] = {k: o.get(k) for k in ("model_flops", "flops_per_s", "mfu")}
-            row[f"{stage}_cuda_max_allocated"] = {"naive": n["cuda_max_allocated"], "ours": o["cuda_max_allocated"]}
+            meas = torch.from_numpy(lab.cells.measured).to(dev) if stage == "stage2" else None
+            res = {v: train_steps(by_variant[v], ds, args.batch_size, args.steps, stage, variant=v, measured=meas,
+                                  count_flops=v != "naive") for v in VARIANTS}
+            row[f"{stage}_cells_per_s"] = _with_ratios({v: r["cells_per_s"] for v, r in res.items()})
+            row[f"{stage}_tokens_per_s"] = {v: r["tokens_per_s"] for v, r in res.items()}
+            row[f"{stage}_flops"] = {v: {"model_flops": res[v]["model_flops"], "flops_per_s": res[v]["flops_per_s"],
+                                         "share_of_measured_peak": res[v]["flops_per_s"] / peaks[v],
+                                         "mfu": res[v].get("mfu")} for v in ("fp32", "bf16")}
+            row[f"{stage}_cuda_max_allocated"] = {v: r["cuda_max_allocated"] for v, r in res.items()}
         if max_genes == args.max_genes[0]:
-            nd = describe(model, part, args.describe_cells, args.describe_cells, args.new_tokens, naive=True)
-            od = describe(model, part, args.describe_cells, args.describe_cells, args.new_tokens, naive=False)
-            row["describe_tokens_per_s"] = {"naive": nd, "ours": od, "ratio": od / nd}
+            row["describe_tokens_per_s"] = _with_ratios({v: describe(by_variant[v], part, args.describe_cells,
+                                                                     args.describe_cells, args.new_tokens, variant=v)
+                                                         for v in VARIANTS})
             import warnings
 
             from scmmgpt import tl
 
             prompts = sorted(set(part.texts))[:8]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")       # an untrained model: throughput only
-                _sync(args.device)
-                t = time.perf_counter()
-                gen = tl.generate(model, prompts, n_per_text=8, library_size=2000, device=args.device)
-                _sync(args.device)
-            row["generate_cells_per_s"] = {"ours": gen.n_obs / (time.perf_counter() - t)}
+            gen_speed = {}
+            for v in ("fp32", "bf16"):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")       # an untrained model: throughput only
+                    _sync(dev)
+                    t = time.perf_counter()
+                    gen = tl.generate(by_variant[v], prompts, n_per_text=8, library_size=2000, device=args.device,
+                                      precision=v)
+                    _sync(dev)
+                gen_speed[v] = gen.n_obs / (time.perf_counter() - t)
+            row["generate_cells_per_s"] = gen_speed
+            if not args.no_profile:
+                profile = profile_step(by_variant["bf16"], ds, args.batch_size, "stage1")
         rows.append(row)
-        del model
+        del models, by_variant
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     record = {"benchmark": "perf", "command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
-              "device": args.device, "data": args.data, "settings": vars(args), "model": args.model,
+              "device": args.device, "native_bf16": native_bf16(dev), "matmul_peak_flops": peaks,
+              "data": args.data, "settings": vars(args), "model": args.model,
               "parameters": sizes or None, "peak_rss_bytes": peak,
               "cuda_max_allocated": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
-              "seconds": round(time.perf_counter() - t0, 1), "results": rows}
+              "profile_stage1_bf16": profile, "seconds": round(time.perf_counter() - t0, 1), "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))
-    print(f"{'max_genes':>9} {'measure':<22} {'naive':>10} {'ours':>10} {'ratio':>7}")
-    for r in rows:
-        for key in ("embed_cells_per_s", "stage1_cells_per_s", "stage2_cells_per_s", "describe_tokens_per_s",
-                    "generate_cells_per_s"):
-            if key in r:
-                v = r[key]
-                naive = f"{v['naive']:>10.1f}" if "naive" in v else f"{'-':>10}"
-                ratio = f"{v['ratio']:>6.2f}x" if "ratio" in v else ""
-                print(f"{r['max_genes']:>9} {key:<22} {naive} {v['ours']:>10.1f} {ratio}")
-        for stage in ("stage1", "stage2"):
-            f = r[f"{stage}_flops"]
-            mfu = f" MFU {100 * f['mfu']:.1f}%" if f.get("mfu") else ""
-            print(f"{r['max_genes']:>9} {stage} model FLOP/s (ours): {f['flops_per_s'] / 1e12:.3f} T{mfu}")
+    print("\n".join(table_lines(record)))
     print(f"peak RSS {peak / 2**30:.2f} GiB; {record['seconds']} s; written to {args.out}")
     return record
+
+
+MEASURES = ("embed_cells_per_s", "stage1_cells_per_s", "stage2_cells_per_s", "describe_tokens_per_s",
+            "generate_cells_per_s")
+
+
+def _with_ratios(speed: dict) -> dict:
+    out = dict(speed)
+    for v in ("fp32", "bf16"):
+        if "naive" in speed:
+            out[f"ratio_{v}"] = speed[v] / speed["naive"]
+    return out
+
+
+def table_lines(record: dict) -> list[str]:
+    """The Markdown tables of a perf record: throughput by variant, then FLOP/s against the peaks."""
+    pk = record["matmul_peak_flops"]
+    lines = ["| max_genes | measure | naive | ours-fp32 | ours-bf16 | fp32 / naive | bf16 / naive |",
+             "|---|---|---|---|---|---|---|"]
+    for r in record["results"]:
+        for key in MEASURES:
+            if key in r:
+                v = r[key]
+                cells = [f"{v[k]:.1f}" if k in v else "–" for k in VARIANTS]
+                ratios = [f"{v[f'ratio_{k}']:.2f}x" if f"ratio_{k}" in v else "–" for k in ("fp32", "bf16")]
+                lines.append(f"| {r['max_genes']} | {key} | " + " | ".join(cells + ratios) + " |")
+    lines += ["", f"Model FLOP/s of the timed training steps (`FlopCounterMode`), as a share of this machine's matmul "
+              f"peak measured in the same run (fp32 {pk['fp32'] / 1e12:.3f}, bf16 {pk['bf16'] / 1e12:.3f} TFLOP/s"
+              f"; native bf16: {record['native_bf16']}); MFU against the GPU's dense bf16 data-sheet peak:", "",
+              "| max_genes | stage | precision | GFLOP/step | TFLOP/s | share of measured peak | MFU |",
+              "|---|---|---|---|---|---|---|"]
+    for r in record["results"]:
+        steps = record["settings"]["steps"]
+        for stage in ("stage1", "stage2"):
+            for v, f in r[f"{stage}_flops"].items():
+                mfu = f"{100 * f['mfu']:.1f}%" if f.get("mfu") else "–"
+                lines.append(f"| {r['max_genes']} | {stage} | {v} | {f['model_flops'] / steps / 1e9:.1f} | "
+                             f"{f['flops_per_s'] / 1e12:.3f} | {100 * f['share_of_measured_peak']:.0f}% | {mfu} |")
+    prof = record.get("profile_stage1_bf16")
+    if prof:
+        lines += ["", f"Where a bf16 stage-1 step's time goes (`torch.profiler`, self time, "
+                  f"max_genes {record['results'][0]['max_genes']}, {prof['ms_per_step']:.0f} ms per step):", "",
+                  "| op | share |", "|---|---|"]
+        lines += [f"| {name} | {100 * share:.0f}% |" for name, share in prof["ops"]]
+    return lines
+
+
+def profile_step(model, ds, batch_size: int, stage: str, steps: int = 3) -> dict:
+    """Self time per op (largest first) of ``steps`` bf16 training steps, under ``torch.profiler``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from scmmgpt.data.dataset import LengthBucketSampler
+
+    net = model.net
+    spec = net.set_trainable(stage)
+    net.train()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    sampler = LengthBucketSampler(ds.lengths(), batch_size, seed=1, drop_last=True, pool_batches=1)
+    collate = model.collator()
+    batches = [collate([ds[int(j)] for j in idx]).to(model.device) for _, idx in zip(range(steps + 1), iter(sampler))]
+    gen = torch.Generator().manual_seed(0)
+
+    def step(b):
+        with _mode(model.device, "bf16"):
+            loss = net(b, spec, None, gen).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(batches[0])
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for b in batches[1:]:
+            step(b)
+    ms = (time.perf_counter() - t) / steps * 1e3
+    attr = "self_device_time_total" if model.device.type == "cuda" else "self_cpu_time_total"
+    ev = [(e.key, getattr(e, attr)) for e in prof.key_averages()]
+    total = sum(t for _, t in ev) or 1.0
+    top = sorted(ev, key=lambda x: -x[1])[:10]
+    net.eval()
+    return {"ms_per_step": ms, "ops": [(k[:60], t / total) for k, t in top]}
 
 
 if __name__ == "__main__":

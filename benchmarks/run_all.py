@@ -40,24 +40,10 @@ def main(argv=None) -> None:
     m = rp["machine"]
     lines = [f"# Performance ({rp['date'][:10]}; {m['platform']}, {m['cpu_count']} CPUs, device {rp['device']}, "
              f"torch {m['torch']}, commit {str(m.get('git_commit'))[:10]})", "",
-             f"`{rp['command']}`: model `{rp['model']}`, the same weights on the same cells; reference = every cell "
-             "padded to max_genes, file order, fp32, eager attention, no KV cache.", "",
-             "| max_genes | measure | naive | scmmgpt | ratio |", "|---|---|---|---|---|"]
-    for r in rp["results"]:
-        for key in ("embed_cells_per_s", "stage1_cells_per_s", "stage2_cells_per_s", "describe_tokens_per_s",
-                    "generate_cells_per_s"):
-            if key in r:
-                v = r[key]
-                naive = f"{v['naive']:.1f}" if "naive" in v else "–"
-                ratio = f"{v['ratio']:.2f}x" if "ratio" in v else "–"
-                lines.append(f"| {r['max_genes']} | {key} | {naive} | {v['ours']:.1f} | {ratio} |")
-    lines += ["", "Model FLOPs of the timed training steps (counted by `FlopCounterMode`; MFU against the GPU's "
-              "dense bf16 peak, none on CPU):", "", "| max_genes | stage | TFLOP/s | MFU |", "|---|---|---|---|"]
-    for r in rp["results"]:
-        for stage in ("stage1", "stage2"):
-            f = r[f"{stage}_flops"]
-            mfu = f"{100 * f['mfu']:.1f}%" if f.get("mfu") else "–"
-            lines.append(f"| {r['max_genes']} | {stage} | {f['flops_per_s'] / 1e12:.3f} | {mfu} |")
+             f"`{rp['command']}`: model `{rp['model']}`, the same weights on the same cells. naive = every cell "
+             "padded to max_genes, file order, every row's text encoded, fp32, eager attention, per-tensor AdamW, "
+             "no KV cache; ours-fp32 / ours-bf16 = the library's paths at that precision.", ""]
+    lines += perf.table_lines(rp)
     if rs is not None:
         lines += ["", f"`{rs['command']}`: embedding from shards (tiny model), peak anonymous memory.", "",
                   "| cells | cells/s | peak RssAnon (MiB) | counts in memory (MiB) |", "|---|---|---|---|"]

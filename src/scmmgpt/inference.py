@@ -2,8 +2,9 @@
 :class:`~scmmgpt.data.dataset.CellTextDataset`: cell features, text features, streaming to disk.
 
 The model's verbs (``encode``, ``encode_texts``, ``score_labels``) run on these; every caller
-goes through the verbs. All run under ``torch.inference_mode`` in eval mode and restore the
-network's mode afterwards.
+goes through the verbs. All run under ``torch.inference_mode`` in eval mode, at a ``precision``
+(``auto | fp32 | bf16 | fp16``, :mod:`scmmgpt.utils.precision`), and restore the network's mode
+afterwards.
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ import torch
 
 from .data.dataset import CellBatch, CellTextDataset
 from .eval.annotation import topk_accuracy  # re-exported: validation and the demo use it
+from .utils.precision import Precision, resolve_precision
 
 __all__ = ["CellFeatures", "iter_batches", "length_order", "encode_dataset", "embed_to_disk", "encode_texts", "topk_accuracy",
            "evaluation_mode"]
 
 
 @contextlib.contextmanager
-def evaluation_mode(model: torch.nn.Module):
-    """Eval mode + no autograd inside; the previous train/eval mode is restored on exit."""
+def evaluation_mode(model: torch.nn.Module, precision: str | Precision = "fp32"):
+    """Eval mode + no autograd + autocast at ``precision`` (resolved for the model's device) inside;
+    the previous train/eval mode is restored on exit."""
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), resolve_precision(precision, device, quiet=True).autocast():
             yield
     finally:
         model.train(was_training)
@@ -69,14 +73,14 @@ def length_order(ds: CellTextDataset, indices: Sequence[int] | None = None) -> t
     return idx[by_length], torch.from_numpy(np.argsort(by_length, kind="stable"))
 
 
-def encode_dataset(model, ds: CellTextDataset, batch_size: int = 64, *, indices: Sequence[int] | None = None
-                   ) -> CellFeatures:
+def encode_dataset(model, ds: CellTextDataset, batch_size: int = 64, *, indices: Sequence[int] | None = None,
+                   precision: str | Precision = "auto") -> CellFeatures:
     """Cell features of every cell of ``ds`` (or of ``indices``), in order, on the CPU.
 
     Cells are encoded in order of length (batches pad less) and the results put back in order."""
     order, inv = length_order(ds, indices)
     feats, cls, query = [], [], []
-    with evaluation_mode(model.net):
+    with evaluation_mode(model.net, precision):
         for batch in iter_batches(model, ds, batch_size, indices=order):
             out = model.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
             feats.append(out.features.float().cpu())
@@ -85,11 +89,16 @@ def encode_dataset(model, ds: CellTextDataset, batch_size: int = 64, *, indices:
     return CellFeatures(torch.cat(feats)[inv], torch.cat(cls)[inv], torch.cat(query)[inv])
 
 
-def encode_texts(model, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """Text features ``(T, embed_dim)``, L2-normalised, on the CPU."""
+def encode_texts(model, texts: Sequence[str], batch_size: int = 64, *, precision: str | Precision = "auto"
+                 ) -> torch.Tensor:
+    """Text features ``(T, embed_dim)``, L2-normalised, on the CPU; each distinct text is encoded once."""
     device = model.device
+    distinct = list(dict.fromkeys(texts))
+    if len(distinct) < len(texts):
+        where = {t: i for i, t in enumerate(distinct)}
+        return encode_texts(model, distinct, batch_size, precision=precision)[[where[t] for t in texts]]
     out = []
-    with evaluation_mode(model.net):
+    with evaluation_mode(model.net, precision):
         for start in range(0, len(texts), batch_size):
             ids, mask = model.tokenize_texts(texts[start:start + batch_size])
             out.append(model.net.encode_text(ids.to(device), mask.to(device)).float().cpu())
@@ -97,7 +106,7 @@ def encode_texts(model, texts: Sequence[str], batch_size: int = 64) -> torch.Ten
 
 
 def embed_to_disk(model, ds: CellTextDataset, out, *, cell_out=None, batch_size: int = 64, num_workers: int = 0,
-                  chunk: int = 16384):
+                  chunk: int = 16384, precision: str | Precision = "auto"):
     """Embed every cell of ``ds`` into ``.npy`` files, streaming: cells come from the dataset (e.g.
     memory-mapped shards) ``chunk`` at a time, sorted by length within each chunk, and results go
     straight to memory-mapped files, so memory does not grow with the number of cells.
@@ -126,7 +135,7 @@ def embed_to_disk(model, ds: CellTextDataset, out, *, cell_out=None, batch_size:
     lengths = ds.lengths()
     collate = model.collator()
     try:
-        with evaluation_mode(model.net):
+        with evaluation_mode(model.net, precision):
             for start in range(0, n, chunk):
                 idx = start + np.argsort(lengths[start:start + chunk], kind="stable")
                 batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]

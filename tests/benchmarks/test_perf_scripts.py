@@ -34,16 +34,28 @@ def test_naive_reference_matches_ours_and_flops_are_counted(perf, tmp_path):
     rec = perf.main(_small(tmp_path))
     assert json.loads((tmp_path / "perf.json").read_text()) == json.loads(json.dumps(rec))
     (row,) = rec["results"]
-    # padding every cell to max_genes and file order change the speed, not the result
+    # padding every cell to max_genes and file order change the speed, not the result; bf16 the last bits
     assert row["embed_max_abs_diff"] < 1e-4
+    assert row["embed_bf16_min_cosine"] > 0.999
     for key in ("embed_cells_per_s", "stage1_cells_per_s", "stage2_cells_per_s", "describe_tokens_per_s"):
         v = row[key]
-        assert v["naive"] > 0 and v["ours"] > 0 and v["ratio"] == pytest.approx(v["ours"] / v["naive"])
-    assert row["generate_cells_per_s"]["ours"] > 0
+        assert min(v["naive"], v["fp32"], v["bf16"]) > 0
+        assert v["ratio_fp32"] == pytest.approx(v["fp32"] / v["naive"])
+        assert v["ratio_bf16"] == pytest.approx(v["bf16"] / v["naive"])
+    assert row["generate_cells_per_s"]["bf16"] > 0
     # stage 2 runs the LM over the description as well: more FLOPs per cell than stage 1
-    f1, f2 = row["stage1_flops"], row["stage2_flops"]
-    assert f2["model_flops"] > f1["model_flops"] > 1e9
-    assert f1["mfu"] is None                        # no peak on CPU
+    for v in ("fp32", "bf16"):
+        f1, f2 = row["stage1_flops"][v], row["stage2_flops"][v]
+        assert f2["model_flops"] > f1["model_flops"] > 1e9
+        assert f1["mfu"] is None                    # no data-sheet peak on CPU
+        assert 0 < f1["share_of_measured_peak"] == pytest.approx(f1["flops_per_s"] / rec["matmul_peak_flops"][v])
+    # the same FLOPs whatever the precision (autocast changes dtypes, not work)
+    assert row["stage1_flops"]["bf16"]["model_flops"] == pytest.approx(row["stage1_flops"]["fp32"]["model_flops"],
+                                                                       rel=0.01)
+    assert rec["matmul_peak_flops"]["fp32"] > 1e9 and rec["matmul_peak_flops"]["bf16"] > 1e9
+    assert rec["profile_stage1_bf16"]["ops"] and rec["profile_stage1_bf16"]["ms_per_step"] > 0
+    lines = perf.table_lines(rec)
+    assert any("ours-bf16" in line for line in lines) and any("share of measured peak" in line for line in lines)
     assert rec["machine"]["git_commit"] and rec["device"] == "cpu"
 
 

@@ -74,6 +74,10 @@ def test_pretrain_and_finetune_cli(tmp_path, capsys):
 
     resolved = yaml.safe_load((s1 / "run_config.yaml").read_text())
     assert resolved["train"]["lr_new"] == 3e-3 and resolved["model"]["qformer"]["n_layers"] == 2
+    # the precision that ran ("auto" resolved for this machine), in the run config and the summary
+    from scmmgpt.utils.precision import resolve_precision
+
+    assert resolved["train"]["precision"] == r1["precision"] == resolve_precision("auto", "cpu").name
     assert (s1 / "checkpoint-3" / "train_config.json").is_file()
     assert main(["pretrain", "--stage", "2", "--model", str(s1 / "model"), "--out", str(s2), *common,
                  "--set", "train.max_steps=2", "--set", "train.batch_size=4"]) == 0

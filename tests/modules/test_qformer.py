@@ -43,3 +43,19 @@ def test_query_and_match_paths(bert):
     enc = tok(["B cell", "T cell"], padding=True, return_tensors="pt")
     match = q.forward_match(cell, pad, enc["input_ids"], enc["attention_mask"])
     assert match.shape == (2, 4, cfg.hidden_size)
+
+
+def test_match_path_with_cell_rows_equals_repeated_cells(bert):
+    """Pairing texts with cells by index (keys/values projected once per cell) is the same
+    computation as repeating each cell's states for every text it is paired with."""
+    cfg, model, tok = bert
+    q = QFormer(cfg, cell_dim=32, n_query=4, cross_attention_freq=1, n_layers=2).eval()
+    cell = torch.randn(3, 7, 32)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[2, 3:] = True
+    enc = tok(["B cell", "NK cell", "monocyte", "T cell", "B cell"], padding=True, return_tensors="pt")
+    rows = torch.tensor([0, 2, 1, 2, 0])
+    with torch.no_grad():
+        by_index = q.forward_match(cell, pad, enc["input_ids"], enc["attention_mask"], rows)
+        repeated = q.forward_match(cell[rows], pad[rows], enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(by_index, repeated, rtol=1e-5, atol=1e-5)

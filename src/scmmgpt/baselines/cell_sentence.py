@@ -16,6 +16,7 @@ cell tokens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -114,6 +115,9 @@ class CellSentenceLM:
 
         self.config = config or CellSentenceConfig()
         torch.manual_seed(self.config.seed)
+        # the baseline trains and generates in fp32 (no autocast), so its LM weights are fp32 too
+        if lm_config.dtype == "auto":
+            lm_config = dataclasses.replace(lm_config, dtype="float32")
         self.lm, self.tok = load_lm(ModelConfig(lm=lm_config))
         self.lm.to(device)
         self.device = torch.device(device)

@@ -207,6 +207,8 @@ def _add_model_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
                         "`scmmgpt demo --set-default`)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--batch-size", type=int, default=None, help="cells per batch")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 where the CPU/GPU has native bf16 matmul, else fp32")
     if data:
         p.add_argument("data", help="input .h5ad (embed: or a shard folder from `scmmgpt shard`)")
         p.add_argument("-o", "--output", default=None,
@@ -253,7 +255,8 @@ def _write(adata, path: Path) -> None:
 
 
 def _data_kwargs(args) -> dict:
-    kw = dict(layer=args.layer, use_raw=args.use_raw, gene_symbol_key=args.gene_symbol_key, progress=True)
+    kw = dict(layer=args.layer, use_raw=args.use_raw, gene_symbol_key=args.gene_symbol_key, progress=True,
+              precision=args.precision)
     if args.batch_size is not None:
         kw["batch_size"] = args.batch_size
     return kw
@@ -386,7 +389,8 @@ def _embed_shards(args) -> int:
                              f"`scmmgpt shard ... --model {args.model or 'MODEL'} --out NEW_FOLDER`.")
     ds = CellTextDataset(ShardedCells(shards), cls_id=model.vocab.cls_id, max_genes=model.config.max_genes)
     aligned = None if args.no_aligned else out.with_name(out.stem + "_aligned.npy")
-    embed_to_disk(model, ds, aligned, cell_out=out, batch_size=args.batch_size or 64)
+    embed_to_disk(model, ds, aligned, cell_out=out, batch_size=args.batch_size or 64,
+                  precision=model.precision(args.precision))
     print(f"wrote {out}" + (f" and {aligned}" if aligned else "") + f" ({len(ds)} cells; row i is the i-th cell "
           "of scmmgpt.data.shards.load_shard_descriptions)")
     return 0
@@ -485,6 +489,7 @@ def _generate():
 
         library = args.library_size if args.library_size is not None else (5000 if args.n_per_text > 1 else None)
         kw = {"batch_size": args.batch_size} if args.batch_size is not None else {}
+        kw["precision"] = args.precision
         gen = tl.generate(_load_model(args, with_lm=True), args.texts, n_per_text=args.n_per_text,
                           library_size=library, expand=not args.no_expand, seed=args.seed, **kw)
         out = Path(args.output)

@@ -67,8 +67,10 @@ class LMConfig:
     """Module names for LoRA (``None``: peft's default for the architecture)."""
     max_text_len: int = 96
     """Description tokens kept for CDGen/PCGen."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights dtype of the base LM."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype of the frozen base LM (its LoRA adapters stay fp32). ``auto``: bfloat16 where
+    the device the model is loaded on has native bf16 matmul (:func:`scmmgpt.utils.precision.native_bf16`),
+    else float32; training resolves it to its ``train.precision``."""
     prompt: str = "Cell:"
     """Text before the cell tokens in CDGen."""
     answer_prompt: str = " Description:"

@@ -11,6 +11,7 @@ computes that stage's losses.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -20,13 +21,48 @@ from torch import nn
 from ..data.dataset import CellBatch
 from ..errors import ConfigError
 from ..modules.cell_encoder import CellEncoder
-from ..modules.losses import cdgen_loss, ctc_loss, ctm_loss, pcgen_loss, sample_hard_negatives, similarity
+from ..modules.losses import (
+    cdgen_loss,
+    ctc_loss,
+    ctm_loss,
+    gather_with_grad,
+    pcgen_loss,
+    sample_hard_negatives,
+    similarity,
+)
 from ..modules.qformer import QFormer
 from ..modules.text_to_cell import CellDecoder, TextToCellProjector
 from .config import ModelConfig
 from .stages import StageSpec, stage_spec
 
-__all__ = ["ScMMGPTNetwork", "CellOutput", "AlignOutput", "GenOutput"]
+__all__ = ["ScMMGPTNetwork", "CellOutput", "AlignOutput", "GenOutput", "distinct", "text_codes"]
+
+
+def distinct(texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, inverse)``: the row of each distinct text's first occurrence, and for every row
+    the index of its text among the distinct ones (``texts[i] == texts[first[inverse[i]]]``)."""
+    index: dict[str, int] = {}
+    first: list[int] = []
+    inverse = []
+    for i, t in enumerate(texts):
+        if t not in index:
+            index[t] = len(first)
+            first.append(i)
+        inverse.append(index[t])
+    return torch.tensor(first, device=device), torch.tensor(inverse, device=device)
+
+
+def text_codes(texts: list[str], device) -> torch.Tensor:
+    """(B,) int64 codes equal exactly where the texts are equal, the same in every process (a 63-bit
+    BLAKE2 digest), so descriptions can be matched across gathered batches."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") >> 1
+                         for t in texts], dtype=torch.long, device=device)
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @dataclass
@@ -163,38 +199,48 @@ class ScMMGPTNetwork(nn.Module):
         # step 2: queries cross-attend to gene states -> (B, Q, d_qformer)
         query = self.qformer.forward_query(states, padding)
         # step 3: contrastive features -> (B, Q, embed_dim), unit norm
-        feats = F.normalize(self.cell_proj(query), dim=-1)
+        feats = F.normalize(self.cell_proj(query).float(), dim=-1)
         return CellOutput(states, padding, states[:, 0], query, feats)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text features ``(B, embed_dim)``, unit norm, from the ``[CLS]`` output."""
         h = self.qformer.forward_text(input_ids, attention_mask)
-        return F.normalize(self.text_proj(h[:, 0]), dim=-1)
+        return F.normalize(self.text_proj(h[:, 0]).float(), dim=-1)
 
     def match_logits(self, states: torch.Tensor, padding: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor) -> torch.Tensor:
-        """CTM logits ``(B, 2)`` for aligned (cell_i, text_i) pairs; index 1 = matched."""
-        q = self.qformer.forward_match(states, padding, input_ids, attention_mask)
+                     attention_mask: torch.Tensor, cell_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """CTM logits ``(B, 2)`` for aligned (cell_i, text_i) pairs, or (cell ``cell_rows[i]``, text_i);
+        index 1 = matched."""
+        q = self.qformer.forward_match(states, padding, input_ids, attention_mask, cell_rows)
         return self.ctm_head(q).mean(1)
 
     # ------------------------------------------------------------------------------- stage 1
-    @staticmethod
-    def same_text(texts: list[str], device) -> torch.Tensor:
-        """(B, B) bool: True where two cells share a description."""
-        codes = {t: i for i, t in enumerate(dict.fromkeys(texts))}
-        c = torch.tensor([codes[t] for t in texts], device=device)
-        return c[:, None] == c[None, :]
-
     def forward_align(self, batch: CellBatch, generator: torch.Generator | None = None,
                       losses: tuple[str, ...] = ("ctc", "ctm")) -> AlignOutput:
-        """CTC + CTM (paper eq. 2-4); ``losses`` may leave one out (it is then reported as 0)."""
+        """CTC + CTM (paper eq. 2-4); ``losses`` may leave one out (it is then reported as 0).
+
+        Each distinct description of the batch goes through the text tower once (a batch of 16
+        PBMCs holds 5-9). Training under several processes gathers the contrastive features of every
+        process (with gradients), so CTC's negatives are the whole global batch; hard negatives for
+        CTM are drawn within the process's own batch.
+        """
         cell = self.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
-        text = self.encode_text(batch.text_input_ids, batch.text_attention_mask)
+        first, inverse = distinct(batch.texts, cell.features.device)
+        text = self.encode_text(batch.text_input_ids[first], batch.text_attention_mask[first])[inverse]
         # step 4: similarities (B, B) and symmetric InfoNCE with same-description positives
+        codes = text_codes(batch.texts, text.device)
+        same = codes[:, None] == codes[None, :]
         sim = similarity(cell.features, text)
-        same = self.same_text(batch.texts, sim.device)
         zero = sim.new_zeros(())
-        l_ctc = ctc_loss(sim, self.temperature, same) if "ctc" in losses else zero
+        l_ctc = zero
+        if "ctc" in losses:
+            if self.training and torch.is_grad_enabled() and world_size() > 1:
+                all_cells, all_text, all_codes = (gather_with_grad(t) for t in (cell.features, text, codes))
+                l_ctc = ctc_loss(similarity(cell.features, all_text), self.temperature,
+                                 codes[:, None] == all_codes[None, :],
+                                 sim_t2c=similarity(all_cells, text).t(), same_t2c=codes[:, None] == all_codes[None, :])
+            else:
+                l_ctc = ctc_loss(sim, self.temperature, same)
         l_ctm = zero
         if "ctm" in losses:
             # step 5: hard negatives; positives + cell->neg text + text->neg cell through the matching path
@@ -205,8 +251,9 @@ class ScMMGPTNetwork(nn.Module):
             cell_rows = torch.cat([idx, idx[ok_t], neg_c[ok_c]])
             text_rows = torch.cat([idx, neg_t[ok_t], idx[ok_c]])
             labels = torch.cat([torch.ones(B), torch.zeros(int(ok_t.sum()) + int(ok_c.sum()))]).long().to(sim.device)
-            logits = self.match_logits(cell.states[cell_rows], cell.padding[cell_rows],
-                                       batch.text_input_ids[text_rows], batch.text_attention_mask[text_rows])
+            # each cell's keys/values are projected once for its 3 pairs
+            logits = self.match_logits(cell.states, cell.padding, batch.text_input_ids[text_rows],
+                                       batch.text_attention_mask[text_rows], cell_rows)
             l_ctm = ctm_loss(logits, labels)
         return AlignOutput(loss=l_ctc + l_ctm, loss_ctc=l_ctc, loss_ctm=l_ctm, sim=sim.detach())
 
@@ -269,8 +316,15 @@ class ScMMGPTNetwork(nn.Module):
         return self.cell_decoder(cell_feats, gene_emb)
 
     def forward_pcgen(self, batch: CellBatch, measured: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """PCGen (eq. 6): ``(loss, pred)``."""
-        pred = self.decode_cells(self.text_to_cell_features(batch.lm_input_ids, batch.lm_attention_mask))
+        """PCGen (eq. 6): ``(loss, pred)``. Each distinct description goes through the LM and the
+        projector once (one dropout draw per description); its pseudo-cell is then compared with every
+        cell it describes."""
+        ids, mask = batch.lm_input_ids, batch.lm_attention_mask
+        if batch.texts is not None:
+            first, inverse = distinct(batch.texts, ids.device)
+            pred = self.decode_cells(self.text_to_cell_features(ids[first], mask[first]))[inverse]
+        else:
+            pred = self.decode_cells(self.text_to_cell_features(ids, mask))
         return pcgen_loss(pred, batch.target, measured), pred
 
     def forward_gen(self, batch: CellBatch, measured: torch.Tensor | None = None, *, cdgen: bool = True,

@@ -36,6 +36,7 @@ from ..errors import CheckpointError, ConfigError
 from ..modules.cell_encoder import CellEncoder
 from ..modules.losses import similarity
 from ..modules.qformer import QFormer
+from ..utils.precision import Precision, native_bf16, resolve_precision
 from .config import RUNTIME_KEYS, ModelConfig
 from .network import AlignOutput, CellOutput, GenOutput, ScMMGPTNetwork
 
@@ -169,7 +170,7 @@ class ScMMGPT:
         bert_tok = AutoTokenizer.from_pretrained(bert_path)
         lm = lm_tok = prompt = answer = None
         if with_lm:
-            lm, lm_tok = load_lm(config)
+            lm, lm_tok = load_lm(config, device)
             prompt = lm_tok(config.lm.prompt, add_special_tokens=False)["input_ids"]
             answer = lm_tok(config.lm.answer_prompt, add_special_tokens=False)["input_ids"]
         net = ScMMGPTNetwork(config, cell_encoder, qformer, lm, prompt, answer).to(device)
@@ -223,20 +224,27 @@ class ScMMGPT:
         return [g for g in ({"params": old, "lr": lr}, {"params": new, "lr": lr_new}) if g["params"]]
 
     # ------------------------------------------------------------------------------- verbs
-    def encode(self, ds: CellTextDataset, *, batch_size: int = 64, indices: Sequence[int] | None = None):
+    def precision(self, requested: str | Precision = "auto", *, quiet: bool = False) -> Precision:
+        """``requested`` (``auto | fp32 | bf16 | fp16``) resolved for this model's device."""
+        return resolve_precision(requested, self.device, quiet=quiet)
+
+    def encode(self, ds: CellTextDataset, *, batch_size: int = 64, indices: Sequence[int] | None = None,
+               precision: str | Precision = "auto"):
         """:class:`~scmmgpt.inference.CellFeatures` of every cell of ``ds`` (or of ``indices``), in order."""
         from ..inference import encode_dataset
 
-        return encode_dataset(self, ds, batch_size, indices=indices)
+        return encode_dataset(self, ds, batch_size, indices=indices, precision=precision)
 
-    def encode_texts(self, texts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
+    def encode_texts(self, texts: Sequence[str], *, batch_size: int = 64, precision: str | Precision = "auto"
+                     ) -> torch.Tensor:
         """Text features ``(T, embed_dim)``, unit norm, on the CPU."""
         from ..inference import encode_texts
 
-        return encode_texts(self, texts, batch_size)
+        return encode_texts(self, texts, batch_size, precision=precision)
 
     def iter_label_scores(self, batches: Iterator[CellBatch], candidates: Candidates, *, alpha: float = 0.0,
-                          rerank_top: int = 10, chunk: int = 2048) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                          rerank_top: int = 10, chunk: int = 2048, precision: str | Precision = "auto"
+                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Per batch: ``(batch.index, scores (B, T))``. Scores are the CTC similarity (cosine of cell
         and text features, max over the Q-Former queries; paper eq. 2), computed over label chunks
         to bound the (B, Q, T) intermediate. With ``alpha > 0`` each cell's ``rerank_top`` best
@@ -245,8 +253,8 @@ class ScMMGPT:
         Li et al. 2023)."""
         from ..inference import evaluation_mode
 
-        text = self.encode_texts(candidates.texts)
-        with evaluation_mode(self.net):
+        text = self.encode_texts(candidates.texts, precision=precision)
+        with evaluation_mode(self.net, precision):
             for batch in batches:
                 out = self.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
                 feats = out.features.float().cpu()
@@ -261,9 +269,8 @@ class ScMMGPT:
         cand = sim.topk(top, dim=1).indices                                    # (B, top)
         device = out.states.device
         ids, mask = self.tokenize_texts([texts[int(j)] for j in cand.flatten()])
-        states = out.states.repeat_interleave(top, dim=0)
-        padding = out.padding.repeat_interleave(top, dim=0)
-        logits = self.net.match_logits(states, padding, ids.to(device), mask.to(device))
+        rows = torch.arange(B, device=device).repeat_interleave(top)
+        logits = self.net.match_logits(out.states, out.padding, ids.to(device), mask.to(device), rows)
         p = logits.float().softmax(-1)[:, 1].cpu().view(B, top)
         final = (1 - alpha) * sim
         final.scatter_add_(1, cand, alpha * p)
@@ -271,7 +278,7 @@ class ScMMGPT:
 
     def score_labels(self, ds: CellTextDataset, labels: Sequence[str] | Mapping[str, str] | Candidates, *, alpha: float = 0.0,
                      rerank_top: int = 10, context: str | None = None, batch_size: int = 64,
-                     indices: Sequence[int] | None = None) -> LabelScores:
+                     indices: Sequence[int] | None = None, precision: str | Precision = "auto") -> LabelScores:
         """Zero-shot scores of the cells of ``ds`` (or of ``indices``) against candidate ``labels``.
 
         ``labels`` are names or CL ids, each read as :func:`~scmmgpt.data.label_texts.candidate_labels`
@@ -286,23 +293,27 @@ class ScMMGPT:
             cands = candidate_labels(labels=labels if isinstance(labels, Mapping) else list(labels), context=context)
         order, inv = length_order(ds, indices)
         chunks = [sim for _, sim in self.iter_label_scores(iter_batches(self, ds, batch_size, indices=order), cands,
-                                                           alpha=alpha, rerank_top=rerank_top)]
+                                                           alpha=alpha, rerank_top=rerank_top, precision=precision)]
         scores = torch.cat(chunks)[inv]
         return LabelScores(scores.numpy(), cands)
 
     def describe(self, batch: CellBatch, *, max_new_tokens: int = 64, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
+                 temperature: float = 1.0, top_p: float = 1.0, precision: str | Precision = "auto") -> list[str]:
         """Descriptions of the cells of ``batch`` (greedy, or nucleus sampling from torch's RNG)."""
+        from ..inference import evaluation_mode
+
         if self.lm is None:
             raise ConfigError("describe needs the text LM: load the model with with_lm=True (a stage-2 model).")
         tok = self.lm_tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        ids = self.net.generate_ids(batch, eos_token_id=tok.eos_token_id, pad_token_id=pad,
-                                    max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                    top_p=top_p)
+        with evaluation_mode(self.net, precision):
+            ids = self.net.generate_ids(batch, eos_token_id=tok.eos_token_id, pad_token_id=pad,
+                                        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                        top_p=top_p)
         return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
 
-    def generate_cells(self, texts: Sequence[str], *, batch_size: int = 16) -> np.ndarray:
+    def generate_cells(self, texts: Sequence[str], *, batch_size: int = 16, precision: str | Precision = "auto"
+                       ) -> np.ndarray:
         """Pseudo-cells from descriptions (used as written): ``(len(texts), V)`` eq.-1 values of
         every vocabulary token, clipped at 0."""
         from ..inference import evaluation_mode
@@ -312,7 +323,7 @@ class ScMMGPT:
         ids, mask = tokenize_for_lm(self.lm_tokenizer, list(texts), self.config.lm.max_text_len)
         dev = self.device
         out = []
-        with evaluation_mode(self.net):
+        with evaluation_mode(self.net, precision):
             for s in range(0, len(texts), batch_size):
                 out.append(self.net.generate_cells(ids[s:s + batch_size].to(dev),
                                                    mask[s:s + batch_size].to(dev)).float().cpu())
@@ -372,12 +383,20 @@ class ScMMGPT:
         return model
 
 
-def load_lm(config: ModelConfig):
-    """Load the causal LM and tokenizer by name/path, wrap with LoRA when configured."""
+def lm_dtype(config: ModelConfig, device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype the base LM's weights are held in on ``device`` (``lm.dtype``, ``auto`` resolved)."""
+    if config.lm.dtype == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return getattr(torch, config.lm.dtype)
+
+
+def load_lm(config: ModelConfig, device: str | torch.device = "cpu"):
+    """Load the causal LM and tokenizer by name/path (weights in :func:`lm_dtype`), wrap with LoRA
+    when configured."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = assets.resolve_lm(config.lm.name)
-    dtype = getattr(torch, config.lm.dtype)
+    dtype = lm_dtype(config, device)
     try:
         tok = AutoTokenizer.from_pretrained(path)
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

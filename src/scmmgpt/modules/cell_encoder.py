@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .attention import attention
 
 __all__ = ["CellEncoderConfig", "GeneEncoder", "ContinuousValueEncoder", "CategoryValueEncoder", "SelfAttention", "EncoderLayer",
            "CellEncoder"]
@@ -122,8 +123,7 @@ class SelfAttention(nn.Module):
         # (B, L, 3D) -> 3 x (B, H, L, D/H)
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.n_heads, D // self.n_heads) \
             .permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = attention(q, k, v, attn_mask, self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, D))
 
 

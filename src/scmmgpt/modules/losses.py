@@ -2,7 +2,8 @@
 
 * CTC, eq. 2: symmetric InfoNCE over cosine similarities / temperature. Cells whose descriptions
   are identical are positives of each other (targets spread over them, as BLIP does for
-  image-text pairs sharing an id), never negatives.
+  image-text pairs sharing an id), never negatives. Under several processes the features are
+  gathered (BLIP-2), so every cell sees the texts of the whole global batch as negatives.
 * CTM, eq. 3: matched / unmatched classification on Q-Former outputs; one hard negative text per
   cell and one hard negative cell per text, sampled in proportion to similarity (BLIP-2), with
   same-description pairs excluded.
@@ -13,41 +14,89 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["similarity", "ctc_loss", "sample_hard_negatives", "ctm_loss", "cdgen_loss", "pcgen_loss"]
+__all__ = ["similarity", "ctc_loss", "gather_with_grad", "sample_hard_negatives", "ctm_loss", "cdgen_loss", "pcgen_loss"]
 
 
 def similarity(cell_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
-    """Cell-text cosine similarity, max over query tokens (BLIP-2).
+    """Cell-text cosine similarity, max over query tokens (BLIP-2), in fp32 (also under autocast:
+    bf16 would round cosines to ~4e-3, i.e. ~0.06 in logits at temperature 0.07).
 
     ``cell_feats`` (Bc, Q, D) and ``text_feats`` (Bt, D), both L2-normalised -> (Bc, Bt).
     """
-    return torch.einsum("cqd,td->ctq", cell_feats, text_feats).amax(-1)
+    with torch.autocast(cell_feats.device.type, enabled=False):
+        return torch.einsum("cqd,td->ctq", cell_feats.float(), text_feats.float()).amax(-1)
 
 
-def ctc_loss(sim: torch.Tensor, temperature: torch.Tensor | float, same: torch.Tensor | None = None) -> torch.Tensor:
+def _soft_target_nll(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the cross-entropy against a target spread uniformly over ``pos``."""
+    pos = pos.float()
+    return -(F.log_softmax(logits.float(), dim=1) * pos / pos.sum(1, keepdim=True)).sum(1).mean()
+
+
+def ctc_loss(sim: torch.Tensor, temperature: torch.Tensor | float, same: torch.Tensor | None = None, *,
+             sim_t2c: torch.Tensor | None = None, same_t2c: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE (paper eq. 2) on a cell x text similarity matrix.
 
     Parameters
     ----------
     sim
-        (B, B) cosine similarities, ``sim[i, j] = cos(cell_i, text_j)``.
+        (Bc, Bt) cosine similarities, ``sim[i, j] = cos(cell_i, text_j)``.
     temperature
         tau.
     same
-        (B, B) bool, True where cell i and text j share a description (diagonal included). Such
+        (Bc, Bt) bool, True where cell i and text j share a description (diagonal included). Such
         pairs are all positives: the target distribution is uniform over them.
+    sim_t2c, same_t2c
+        The text -> cell direction when it is not ``sim.t()``: with features gathered across
+        processes (BLIP-2), each process scores its own cells against every text (``sim``) and its
+        own texts against every cell (``sim_t2c``), so the mean of the processes' losses is the
+        loss of the whole batch.
     """
-    B = sim.shape[0]
     if same is None:
-        same = torch.eye(B, dtype=torch.bool, device=sim.device)
-    pos = same.float()
-    logits = sim / temperature
-    c2t = -(F.log_softmax(logits, dim=1) * pos / pos.sum(1, keepdim=True)).sum(1).mean()
-    t2c = -(F.log_softmax(logits.t(), dim=1) * pos.t() / pos.t().sum(1, keepdim=True)).sum(1).mean()
-    return 0.5 * (c2t + t2c)
+        same = torch.eye(*sim.shape, dtype=torch.bool, device=sim.device)
+    if sim_t2c is None:
+        sim_t2c, same_t2c = sim.t(), same.t()
+    elif same_t2c is None:
+        raise ValueError("ctc_loss: sim_t2c needs same_t2c.")
+    return 0.5 * (_soft_target_nll(sim / temperature, same) + _soft_target_nll(sim_t2c / temperature, same_t2c))
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each process the summed gradient of its own rows (an
+    all-reduce, then this process's slice), which every backend supports (gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        ctx.rows, ctx.rank = t.shape[0], dist.get_rank()
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` over every process along dim 0 (equal shapes on every process), with
+    gradients: the loss of every process reaches each process's own rows (BLIP-2's gathered
+    contrastive features, Li et al. 2023)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    return _GatherWithGrad.apply(t)  # type: ignore[no-untyped-call]
 
 
 def sample_hard_negatives(sim: torch.Tensor, same: torch.Tensor, generator: torch.Generator | None = None

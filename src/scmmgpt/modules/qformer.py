@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention
+
 __all__ = ["QFormer", "QFormerLayer", "Attention"]
 
 
@@ -38,16 +40,22 @@ class Attention(nn.Module):
         self.LayerNorm = nn.LayerNorm(d, eps=eps)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor | None,
+                kv_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``kv_rows`` (B,): row ``i`` of ``x`` attends to ``kv[kv_rows[i]]``; keys and values are
+        projected once per distinct ``kv`` row (the matching path pairs each cell with several texts)."""
         B, Lq, D = x.shape
         H = self.n_heads
 
         def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(B, -1, H, D // H).transpose(1, 2)
+            return t.reshape(B, -1, H, D // H).transpose(1, 2)
 
+        k, v = self.key(kv), self.value(kv)
+        if kv_rows is not None:
+            k, v = k[kv_rows], v[kv_rows]
+            key_mask = None if key_mask is None else key_mask[kv_rows]
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(kv)), split(self.value(kv)),
-                                             attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        out = attention(split(self.query(x)), split(k), split(v), mask, self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, Lq, D)
         return self.LayerNorm(x + F.dropout(self.dense(out), self.dropout, self.training))
 
@@ -77,12 +85,12 @@ class QFormerLayer(nn.Module):
         self.ffn_query = FeedForward(d, d_ff, dropout, eps)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, n_query: int, cell: torch.Tensor | None,
-                cell_mask: torch.Tensor | None) -> torch.Tensor:
+                cell_mask: torch.Tensor | None, cell_rows: torch.Tensor | None = None) -> torch.Tensor:
         x = self.attention(x, x, mask)
         q, t = x[:, :n_query], x[:, n_query:]
         if n_query:
             if self.crossattention is not None and cell is not None:
-                q = self.crossattention(q, cell, cell_mask)
+                q = self.crossattention(q, cell, cell_mask, cell_rows)
             q = self.ffn_query(q)
         if t.shape[1]:
             t = self.ffn(t)
@@ -166,9 +174,9 @@ class QFormer(nn.Module):
         return [cast(QFormerLayer, layer) for layer in self.layers]
 
     def _run(self, x: torch.Tensor, mask: torch.Tensor | None, n_query: int, cell: torch.Tensor | None,
-             cell_mask: torch.Tensor | None) -> torch.Tensor:
+             cell_mask: torch.Tensor | None, cell_rows: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x, mask, n_query, cell, cell_mask)
+            x = layer(x, mask, n_query, cell, cell_mask, cell_rows)
         return x
 
     def forward_query(self, cell_states: torch.Tensor, cell_padding: torch.Tensor) -> torch.Tensor:
@@ -182,10 +190,11 @@ class QFormer(nn.Module):
         return self._run(self.embed_text(input_ids), attention_mask.bool(), 0, None, None)
 
     def forward_match(self, cell_states: torch.Tensor, cell_padding: torch.Tensor, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor) -> torch.Tensor:
-        """Query+text path for matching: returns the query outputs ``(B, n_query, d)``."""
+                      attention_mask: torch.Tensor, cell_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Query+text path for matching: returns the query outputs ``(B, n_query, d)``. Text ``i`` is
+        paired with cell ``i``, or with cell ``cell_rows[i]`` of the given states when that is given."""
         B = input_ids.shape[0]
         q = self.embed_queries(B)
         x = torch.cat([q, self.embed_text(input_ids)], dim=1)
         mask = torch.cat([torch.ones(B, self.n_query, dtype=torch.bool, device=x.device), attention_mask.bool()], 1)
-        return self._run(x, mask, self.n_query, cell_states, ~cell_padding)[:, : self.n_query]
+        return self._run(x, mask, self.n_query, cell_states, ~cell_padding, cell_rows)[:, : self.n_query]

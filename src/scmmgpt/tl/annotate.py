@@ -24,8 +24,8 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
              rerank_top: int = 10, top_k: int = 3, min_score: float | None = None, min_margin: float | None = None,
              unassigned: str = "unassigned", key_added: str = "scmmgpt_label", store_scores: bool | None = None,
              batch_size: int = 64, layer: str | None = None, use_raw: bool = False,
-             gene_symbol_key: str | None = None, device: str | None = None, progress: bool = False,
-             max_labels: int = MAX_LABELS, copy: bool = False):
+             gene_symbol_key: str | None = None, device: str | None = None, precision: str = "auto",
+             progress: bool = False, max_labels: int = MAX_LABELS, copy: bool = False):
     """Zero-shot annotation: score every cell against every candidate label's description.
 
     Candidate labels come from exactly one of ``labels`` (names or CL ids), ``labels_key`` (the
@@ -89,9 +89,11 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
         warnings.warn(f"{len(mc.rows)} cells x {T} labels: the full score matrix is not stored (pass "
                       "store_scores=True to keep it); top-k labels and scores are.", stacklevel=2)
     k = min(top_k, T)
+    prec = model.precision(precision)
     all_scores, top_idx, top_val, second, index = [], [], [], [], []
     for idx, sim in model.iter_label_scores(batches(model, mc.dataset, batch_size, progress=progress,
-                                                    desc="annotate"), cands, alpha=alpha, rerank_top=rerank_top):
+                                                    desc="annotate"), cands, alpha=alpha, rerank_top=rerank_top,
+                                            precision=prec):
         best = sim.topk(min(max(k, 2), T), dim=1)
         top_idx.append(best.indices[:, :k])
         top_val.append(best.values[:, :k])
@@ -125,7 +127,7 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
         "params": {"alpha": alpha, "rerank_top": rerank_top, "top_k": k,
                    "min_score": "none" if min_score is None else min_score,
                    "min_margin": "none" if min_margin is None else min_margin, "unassigned": unassigned,
-                   "context": context or ""},
+                   "context": context or "", "precision": prec.name},
         "n_unassigned": int(reject.sum()), **mc.report(),
     }
     return adata if copy else None

@@ -16,10 +16,10 @@ from ._common import batches, full_rows, in_order, model_cells, resolve_model, s
 __all__ = ["embed", "search"]
 
 
-def _cell_features(model, mc, batch_size: int, progress: bool, desc: str):
+def _cell_features(model, mc, batch_size: int, progress: bool, desc: str, precision):
     """Per kept cell: ``<cls>`` embedding (N, d_cell), query features (N, Q, D) as float32 CPU tensors."""
     cls, feats, index = [], [], []
-    with evaluation_mode(model.net):
+    with evaluation_mode(model.net, precision):
         for batch in batches(model, mc.dataset, batch_size, progress=progress, desc=desc):
             out = model.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
             cls.append(out.cell_embedding.float().cpu())
@@ -30,7 +30,7 @@ def _cell_features(model, mc, batch_size: int, progress: bool, desc: str):
 
 def embed(adata, model, *, aligned: bool = True, key_added: str = "X_scmmgpt", batch_size: int = 64,
           layer: str | None = None, use_raw: bool = False, gene_symbol_key: str | None = None,
-          device: str | None = None, progress: bool = False, copy: bool = False):
+          device: str | None = None, precision: str = "auto", progress: bool = False, copy: bool = False):
     """Embed cells with the model's cell encoder and Q-Former.
 
     Parameters
@@ -47,6 +47,9 @@ def embed(adata, model, *, aligned: bool = True, key_added: str = "X_scmmgpt", b
         ``.obsm`` key of the embedding.
     layer, use_raw, gene_symbol_key
         Which matrix and which gene names to read.
+    precision
+        ``auto | fp32 | bf16 | fp16`` (:mod:`scmmgpt.utils.precision`; ``auto`` is bf16 where the
+        hardware has native bf16 matmul). The choice made is stored with the parameters.
 
     Returns
     -------
@@ -61,18 +64,21 @@ def embed(adata, model, *, aligned: bool = True, key_added: str = "X_scmmgpt", b
     adata = start(adata, copy)
     model = resolve_model(model, device=device, with_lm=False)
     mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key)
-    cls, feats = _cell_features(model, mc, batch_size, progress, "embed")
+    prec = model.precision(precision)
+    cls, feats = _cell_features(model, mc, batch_size, progress, "embed", prec)
     adata.obsm[key_added] = full_rows(cls.numpy(), mc.rows, mc.n_obs)
     if aligned:
         al = torch.nn.functional.normalize(feats.mean(1), dim=-1).numpy()
         adata.obsm[key_added + "_aligned"] = full_rows(al, mc.rows, mc.n_obs)
-    adata.uns.setdefault("scmmgpt", {})["embed"] = {"key_added": key_added, "aligned": aligned, **mc.report()}
+    adata.uns.setdefault("scmmgpt", {})["embed"] = {"key_added": key_added, "aligned": aligned, "precision": prec.name,
+                                                **mc.report()}
     return adata if copy else None
 
 
 def search(adata, model, query: str | Sequence[str], *, top_k: int = 10, expand: bool = True,
            key_added: str | None = None, batch_size: int = 64, layer: str | None = None, use_raw: bool = False,
-           gene_symbol_key: str | None = None, device: str | None = None, progress: bool = False) -> pd.DataFrame:
+           gene_symbol_key: str | None = None, device: str | None = None, precision: str = "auto",
+           progress: bool = False) -> pd.DataFrame:
     """The cells that best match free-text queries.
 
     Each query is compared with every cell by the CTC similarity (cosine, max over the Q-Former
@@ -96,7 +102,8 @@ def search(adata, model, query: str | Sequence[str], *, top_k: int = 10, expand:
     mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key)
     sims, index = [], []
     for idx, sim in model.iter_label_scores(batches(model, mc.dataset, batch_size, progress=progress, desc="search"),
-                                            Candidates(list(queries), [""] * len(queries), texts)):
+                                            Candidates(list(queries), [""] * len(queries), texts),
+                                            precision=model.precision(precision)):
         sims.append(sim)
         index.append(idx)
     sim = in_order(sims, index).numpy()                       # (kept cells, queries)

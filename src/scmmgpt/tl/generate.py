@@ -10,7 +10,6 @@ import pandas as pd
 
 from ..data.label_texts import query_texts
 from ..errors import InputDataError
-from ..inference import evaluation_mode
 from ..utils.seed import seeded
 from ._common import batches, full_rows, in_order, model_cells, require_lm, resolve_model, start
 
@@ -20,7 +19,7 @@ __all__ = ["describe", "generate"]
 def describe(adata, model, *, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 0.9, seed: int | None = 0, key_added: str = "scmmgpt_description", batch_size: int = 16,
              layer: str | None = None, use_raw: bool = False, gene_symbol_key: str | None = None,
-             device: str | None = None, progress: bool = False, copy: bool = False):
+             device: str | None = None, precision: str = "auto", progress: bool = False, copy: bool = False):
     """Generate a text description of every cell (paper §3.3, CDGen direction).
 
     The cell's Q-Former query outputs, projected into the LM's embedding space, prefix a prompt; the
@@ -44,16 +43,17 @@ def describe(adata, model, *, max_new_tokens: int = 64, do_sample: bool = False,
     require_lm(model, "describe", ("lm_proj.",))
     mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key)
     texts, index = [], []
-    with evaluation_mode(model.net), seeded(seed):
+    prec = model.precision(precision)
+    with seeded(seed):
         for batch in batches(model, mc.dataset, batch_size, progress=progress, desc="describe"):
             texts.append(model.describe(batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                             temperature=temperature, top_p=top_p))
+                                        temperature=temperature, top_p=top_p, precision=prec))
             index.append(batch.index)
     texts = in_order(texts, index)
     adata.obs[key_added] = full_rows(np.asarray(texts, dtype=object), mc.rows, mc.n_obs, fill="")
     adata.uns.setdefault("scmmgpt", {})["describe"] = {
         "max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature, "top_p": top_p,
-        "seed": "none" if seed is None else seed, **mc.report()}
+        "seed": "none" if seed is None else seed, "precision": prec.name, **mc.report()}
     return adata if copy else None
 
 
@@ -70,7 +70,7 @@ def sample_cells(values: np.ndarray, target_sum: float, library_size: int, rng: 
 
 def generate(model, texts: str | Sequence[str], *, n_per_text: int = 1, library_size: int | None = None,
              expand: bool = True, seed: int = 0, batch_size: int = 16, device: str | None = None,
-             progress: bool = False):
+             precision: str = "auto", progress: bool = False):
     """Generate pseudo-cells from text descriptions (paper §3.3, PCGen direction).
 
     The description (with ``expand=True``, a text that is exactly a Cell Ontology id, label or
@@ -115,7 +115,8 @@ def generate(model, texts: str | Sequence[str], *, n_per_text: int = 1, library_
                "Lower n_per_text (CLI: -n) or the number of texts, or generate in parts and join them with "
                "anndata.concat.")
     genes = model.vocab.gene_mask()
-    expected = model.generate_cells(model_texts, batch_size=batch_size)[:, genes]
+    prec = model.precision(precision)
+    expected = model.generate_cells(model_texts, batch_size=batch_size, precision=prec)[:, genes]
     expected = np.repeat(expected, n_per_text, axis=0)
     obs = pd.DataFrame({"prompt": np.repeat(prompts, n_per_text), "model_text": np.repeat(model_texts, n_per_text),
                         "copy": np.tile(np.arange(n_per_text), len(prompts))},
@@ -128,5 +129,6 @@ def generate(model, texts: str | Sequence[str], *, n_per_text: int = 1, library_
         layers["counts"], X = sample_cells(expected, target_sum, library_size, np.random.default_rng(seed))
     gen = ad.AnnData(X=X, obs=obs, var=var, layers=layers)
     gen.uns["scmmgpt"] = {"generate": {"n_per_text": n_per_text, "library_size": library_size or "none",
-                                       "seed": seed, "target_sum": target_sum, "expand": expand}}
+                                       "seed": seed, "target_sum": target_sum, "expand": expand,
+                                       "precision": prec.name}}
     return gen

@@ -35,8 +35,11 @@ class TrainConfig:
     """Linear warm-up steps, then linear decay to 0 at ``max_steps``."""
     clip_grad: float | None = 1.0
     """Gradient norm clipping (``None``: off)."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast precision (bf16 on GPU, as the paper)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute precision (:mod:`scmmgpt.utils.precision`): ``auto`` is bf16 mixed precision where the
+    hardware has native bf16 matmul (a recent GPU; a CPU with AMX-BF16 or AVX512-BF16), else fp32.
+    Trained weights and the optimiser state stay fp32. The resolved choice is what the run's
+    ``train_config.json`` and ``run_config.yaml`` record."""
     seed: int = 0
     deterministic: bool = False
     """Deterministic kernels (``torch.use_deterministic_algorithms``): runs, and a resumed run vs an
@@ -83,6 +86,8 @@ class TrainConfig:
             raise ConfigError("lr and lr_new must be > 0 and warmup_steps >= 0.")
         if self.t2c_warmup_steps < 0 or self.t2c_warmup_batch < 1:
             raise ConfigError("t2c_warmup_steps must be >= 0 and t2c_warmup_batch >= 1.")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"Unknown train.precision {self.precision!r}; choose from auto, fp32, bf16, fp16.")
         stages = ("stage1", "stage2", "annotate", "describe", "generate")
         if self.stage not in stages:
             raise ConfigError(f"Unknown stage {self.stage!r}; choose from {stages}.")
@@ -92,5 +97,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        if "mixed_precision" in d:
+            raise ConfigError("train.mixed_precision is now train.precision: auto | fp32 | bf16 | fp16 "
+                              f"(mixed_precision={d['mixed_precision']!r} -> precision="
+                              f"{ {'no': 'fp32'}.get(d['mixed_precision'], d['mixed_precision'])!r}).")
         check_config_keys(cls, d, "training")
         return cls(**d)

@@ -34,6 +34,7 @@ __all__ = ["RunConfig", "load_run_config", "run_training"]
 
 #: ``model`` keys a run from a saved model (``init``) may change: they do not touch stored weights.
 INIT_OVERRIDES = RUNTIME_KEYS
+_LM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -179,6 +180,12 @@ def _check_checkpoint_keys(rc: RunConfig, config: ModelConfig) -> None:
                           f"configuration asks for {shown}. Drop the model.cell keys.")
 
 
+def _with_lm_dtype(config: ModelConfig, lm_keys: dict) -> ModelConfig:
+    if not lm_keys:
+        return config
+    return dataclasses.replace(config, lm=dataclasses.replace(config.lm, dtype=lm_keys["lm.dtype"]))
+
+
 def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
     """Run one training stage or fine-tuning task; save the model to ``{out_dir}/model``.
 
@@ -193,30 +200,32 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
 
     from ..models.scmmgpt import ScMMGPT
     from ..models.stages import stage_spec
-    from .loop import fit
+    from .loop import fit, resolve_train_precision
 
-    cfg = rc.train
-    if not cfg.out_dir:
+    if not rc.train.out_dir:
         raise ConfigError("train.out_dir is required (where checkpoints and the model go); pass --out.")
+    cfg = resolve_train_precision(rc.train, quiet=True)
     spec = stage_spec(cfg.stage)
+    # the frozen LM is held in the training precision unless model.lm.dtype says otherwise
+    lm_keys = {"lm.dtype": _LM_DTYPES[cfg.precision]} if rc.model_keys.get("lm.dtype", "auto") == "auto" else {}
     model = None
     # the same seed gives the same initial weights (new model, or the fresh LM side of stage 2); the
     # caller's global RNG is left as it was
     with seeded(cfg.seed):
         if rc.init:
             model = ScMMGPT.from_pretrained(rc.init, with_lm=spec.needs_lm, overrides={
-                k: v for k, v in rc.model_keys.items() if k in INIT_OVERRIDES})
+                **{k: v for k, v in rc.model_keys.items() if k in INIT_OVERRIDES}, **lm_keys})
             _check_init_keys(rc, model.config)
         elif cfg.stage != "stage1":
             raise ConfigError(f"{cfg.stage!r} starts from a trained model (stage 2 from the stage-1 model, "
                               "fine-tuning from a pre-trained one): pass --model DIR.")
         elif rc.model.cell_checkpoint is not None:
-            model = ScMMGPT.build(rc.model, None, with_lm=spec.needs_lm)   # its vocabulary is the checkpoint's
+            model = ScMMGPT.build(_with_lm_dtype(rc.model, lm_keys), None, with_lm=spec.needs_lm)   # its vocabulary is the checkpoint's
             _check_checkpoint_keys(rc, model.config)
         lab = load_labelled(rc.data, vocab=model.vocab if model is not None else None,
                             target_sum=(model.config if model is not None else rc.model).target_sum)
         if model is None:
-            model = ScMMGPT.build(rc.model, lab.vocab, with_lm=spec.needs_lm)
+            model = ScMMGPT.build(_with_lm_dtype(rc.model, lm_keys), lab.vocab, with_lm=spec.needs_lm)
     mc = model.config
     train = lab.dataset("train", max_genes=mc.max_genes, with_targets=spec.needs_lm, n_bins=model.value_bins)
     val = (lab.dataset("val", max_genes=mc.max_genes, with_targets=spec.needs_lm, n_bins=model.value_bins)
@@ -225,7 +234,9 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
     out = Path(cfg.out_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        ran = dataclasses.replace(rc, model=mc)        # the model that trains, not the request
+        # the model and precision that train, not the request; the LM's dtype as the saved model loads it
+        saved = dataclasses.replace(mc, lm=dataclasses.replace(mc.lm, dtype="auto")) if lm_keys else mc
+        ran = dataclasses.replace(rc, model=saved, train=cfg)
         atomic_write_text(out / "run_config.yaml", yaml.safe_dump(json.loads(json.dumps(ran.to_dict())),
                                                                    sort_keys=False))
         names = lab.cells.obs_names
@@ -235,8 +246,10 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
     result = fit(model, train, cfg, val=val, val_labels=lab.types("val") if val is not None else None,
                  label_terms=lab.label_set(), measured=lab.cells.measured, resume=resume)
     if main:
+        if lm_keys:     # the LM's dtype followed this run's precision; the saved model loads it as "auto"
+            model.net.config = dataclasses.replace(model.config, lm=dataclasses.replace(model.config.lm, dtype="auto"))
         model.save_pretrained(out / "model")
     PartialState().wait_for_everyone()
     return {"model": str(out / "model"), "steps": result["steps"], "validation": result["validation"],
             "cells_per_s": round(result["cells_per_s"], 2), "split": {k: int(len(v)) for k, v in lab.split.items()},
-            "train_types": lab.train_types}
+            "train_types": lab.train_types, "precision": result["precision"]}
