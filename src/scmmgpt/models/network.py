@@ -226,7 +226,7 @@ class ScMMGPTNetwork(nn.Module):
         """
         cell = self.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
         first, inverse = distinct(batch.texts, cell.features.device)
-        text = self.encode_text(batch.text_input_ids[first], batch.text_attention_mask[first])[inverse]
+        text = self.encode_text(batch.text_input_ids[first], batch.text_attention_mask[first]).index_select(0, inverse)
         # step 4: similarities (B, B) and symmetric InfoNCE with same-description positives
         codes = text_codes(batch.texts, text.device)
         same = codes[:, None] == codes[None, :]
@@ -322,7 +322,7 @@ class ScMMGPTNetwork(nn.Module):
         ids, mask = batch.lm_input_ids, batch.lm_attention_mask
         if batch.texts is not None:
             first, inverse = distinct(batch.texts, ids.device)
-            pred = self.decode_cells(self.text_to_cell_features(ids[first], mask[first]))[inverse]
+            pred = self.decode_cells(self.text_to_cell_features(ids[first], mask[first])).index_select(0, inverse)
         else:
             pred = self.decode_cells(self.text_to_cell_features(ids, mask))
         return pcgen_loss(pred, batch.target, measured), pred

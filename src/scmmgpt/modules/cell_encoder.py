@@ -43,6 +43,11 @@ class CellEncoderConfig:
     """Feed-forward width."""
     dropout: float = 0.1
     """Dropout in embeddings and layers."""
+    attn_dropout: float | None = None
+    """Dropout on the attention weights; ``None``: ``dropout`` (``nn.TransformerEncoderLayer``'s and
+    scGPT's semantics). Any non-zero value needs the attention weights materialised (no fused kernel
+    applies dropout on a CPU): at 2048 genes that was about two thirds of a CPU stage-1 step
+    (``benchmarks/perf.py``'s profile), so the CPU configs set 0."""
     pad_id: int = 0
     """Index of ``<pad>`` in the vocabulary."""
     input_style: Literal["continuous", "category"] = "continuous"
@@ -59,6 +64,8 @@ class CellEncoderConfig:
             raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}.")
         if self.input_style == "category" and not self.n_bins:
             raise ConfigError("input_style='category' needs n_bins (scGPT uses 51).")
+        if not 0 <= self.dropout < 1 or (self.attn_dropout is not None and not 0 <= self.attn_dropout < 1):
+            raise ConfigError("dropout and attn_dropout must be in [0, 1).")
         if min(self.d_model, self.n_layers, self.n_heads, self.d_ff) < 1:
             raise ConfigError("d_model, n_layers, n_heads and d_ff must be positive.")
 
@@ -130,9 +137,10 @@ class SelfAttention(nn.Module):
 class EncoderLayer(nn.Module):
     """Post-norm transformer encoder layer with ReLU (``nn.TransformerEncoderLayer`` semantics)."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float) -> None:
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, attn_dropout: float | None = None
+                 ) -> None:
         super().__init__()
-        self.self_attn = SelfAttention(d_model, n_heads, dropout)
+        self.self_attn = SelfAttention(d_model, n_heads, dropout if attn_dropout is None else attn_dropout)
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
         self.norm1 = nn.LayerNorm(d_model)
@@ -175,7 +183,9 @@ class CellEncoder(nn.Module):
         else:
             self.value_encoder = ContinuousValueEncoder(config.d_model, config.dropout, config.max_value)
         self.transformer_encoder = _Layers(
-            [EncoderLayer(config.d_model, config.n_heads, config.d_ff, config.dropout) for _ in range(config.n_layers)]
+            [EncoderLayer(config.d_model, config.n_heads, config.d_ff, config.dropout,
+                          config.dropout if config.attn_dropout is None else config.attn_dropout)
+             for _ in range(config.n_layers)]
         )
         self.gradient_checkpointing = False
 

