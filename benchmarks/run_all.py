@@ -9,6 +9,7 @@ writes its JSON under ``benchmarks/results/``; this script also writes
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -27,6 +28,8 @@ def main(argv=None) -> None:
     p.add_argument("--results", default=str(HERE / "results"), help="folder for the JSON and perf.md")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--skip-streaming", action="store_true")
+    p.add_argument("--reuse-perf", action="store_true",
+                   help="take perf.json from --results instead of measuring it again (tables only)")
     args = p.parse_args(argv)
     out = Path(args.results)
     perf_args = ["--out", str(out / "perf.json"), "--model", args.model]
@@ -34,7 +37,7 @@ def main(argv=None) -> None:
         ["--batch-size", str(args.batch_size)] if args.batch_size else [])
     if args.quick:
         perf_args += ["--max-genes", "256", "--cells", "128", "--steps", "2"]
-    rp = perf.main(perf_args)
+    rp = json.loads((out / "perf.json").read_text()) if args.reuse_perf else perf.main(perf_args)
     rs = None if args.skip_streaming else streaming.main(
         ["--out", str(out / "streaming.json")] + (["--sizes", "10000", "50000"] if args.quick else []))
     m = rp["machine"]

@@ -161,3 +161,19 @@ def test_gathered_ctc_equals_one_process_on_the_whole_batch(tmp_path):
     assert losses[0] != pytest.approx(losses[1], rel=1e-3)
     for k, g in full_grads.items():
         torch.testing.assert_close(grads[k], g, rtol=1e-3, atol=1e-6)
+
+
+def test_repeated_texts_are_encoded_and_generated_once(data, monkeypatch):
+    vocab, _, _ = data
+    model = _model(vocab, with_lm=True)
+    texts = ["a B cell", "a natural killer cell", "a B cell", "a B cell"]
+    feats = model.encode_texts(texts, precision="fp32")
+    torch.testing.assert_close(feats, model.encode_texts(["a B cell", "a natural killer cell"],
+                                                         precision="fp32")[[0, 1, 0, 0]])
+    rows = []
+    orig = model.net.generate_cells
+    monkeypatch.setattr(model.net, "generate_cells", lambda ids, mask: rows.append(len(ids)) or orig(ids, mask))
+    cells = model.generate_cells(texts, precision="fp32")
+    assert rows == [2] and cells.shape[0] == 4
+    np.testing.assert_array_equal(cells[0], cells[2])
+    assert not np.array_equal(cells[0], cells[1])

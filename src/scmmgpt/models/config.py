@@ -17,8 +17,9 @@ __all__ = ["CellEncoderConfig", "QFormerConfig", "LMConfig", "TextToCellConfig",
 
 #: Named cell encoder sizes. ``scgpt-whole-human`` is the paper's (12 x 512, 8 heads, ~51M params).
 CELL_ENCODER_PRESETS: dict[str, dict] = {
-    "tiny": dict(d_model=32, n_layers=2, n_heads=2, d_ff=64),
-    "small": dict(d_model=256, n_layers=4, n_heads=4, d_ff=512),
+    # fresh encoders for CPUs: no dropout on attention weights (it forces the unfused CPU kernel)
+    "tiny": dict(d_model=32, n_layers=2, n_heads=2, d_ff=64, attn_dropout=0.0),
+    "small": dict(d_model=256, n_layers=4, n_heads=4, d_ff=512, attn_dropout=0.0),
     "scgpt-whole-human": dict(d_model=512, n_layers=12, n_heads=8, d_ff=512),
 }
 

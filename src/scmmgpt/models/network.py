@@ -59,6 +59,19 @@ def text_codes(texts: list[str], device) -> torch.Tensor:
                          for t in texts], dtype=torch.long, device=device)
 
 
+NARROW_CELL_ENCODER = 128
+"""Cell encoders narrower than this compute in fp32 under bf16/fp16 autocast. Measured with the
+32-wide ``tiny`` encoder (``cpu-small``): in bf16 it gained 4% in embedding speed at 2048 genes,
+and in 60-step stage-1 runs over 3 seeds CTC stayed on its initial plateau (ln B) in bf16 while
+with the encoder in fp32 all 3 left it; early on, cells differ by less than bf16 resolves."""
+
+
+def _fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` in fp32, also under autocast."""
+    with torch.autocast(x.device.type, enabled=False):
+        return layer(x.float())
+
+
 def world_size() -> int:
     import torch.distributed as dist
 
@@ -194,18 +207,20 @@ class ScMMGPTNetwork(nn.Module):
         return self.log_temp.exp().clamp(0.001, 0.5)
 
     def encode_cells(self, gene_ids: torch.Tensor, values: torch.Tensor, padding: torch.Tensor) -> CellOutput:
-        # step 1: cell encoder -> (B, L, d_cell)
-        states = self.cell_encoder(gene_ids, values, padding)
+        # step 1: cell encoder -> (B, L, d_cell); a narrow one in fp32 (see NARROW_CELL_ENCODER)
+        with torch.autocast(gene_ids.device.type, enabled=self.cell_encoder.d_model >= NARROW_CELL_ENCODER):
+            states = self.cell_encoder(gene_ids, values, padding)
         # step 2: queries cross-attend to gene states -> (B, Q, d_qformer)
         query = self.qformer.forward_query(states, padding)
-        # step 3: contrastive features -> (B, Q, embed_dim), unit norm
-        feats = F.normalize(self.cell_proj(query).float(), dim=-1)
+        # step 3: contrastive features -> (B, Q, embed_dim), unit norm; the projection heads run in
+        # fp32 under autocast: early in training the cells' features differ by less than bf16 resolves
+        feats = F.normalize(_fp32_linear(self.cell_proj, query), dim=-1)
         return CellOutput(states, padding, states[:, 0], query, feats)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text features ``(B, embed_dim)``, unit norm, from the ``[CLS]`` output."""
         h = self.qformer.forward_text(input_ids, attention_mask)
-        return F.normalize(self.text_proj(h[:, 0]).float(), dim=-1)
+        return F.normalize(_fp32_linear(self.text_proj, h[:, 0]), dim=-1)
 
     def match_logits(self, states: torch.Tensor, padding: torch.Tensor, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor, cell_rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -47,7 +47,7 @@ class CellEncoderConfig:
     """Dropout on the attention weights; ``None``: ``dropout`` (``nn.TransformerEncoderLayer``'s and
     scGPT's semantics). Any non-zero value needs the attention weights materialised (no fused kernel
     applies dropout on a CPU): at 2048 genes that was about two thirds of a CPU stage-1 step
-    (``benchmarks/perf.py``'s profile), so the CPU configs set 0."""
+    (``benchmarks/perf.py``'s profile), so the ``tiny`` and ``small`` presets set 0."""
     pad_id: int = 0
     """Index of ``<pad>`` in the vocabulary."""
     input_style: Literal["continuous", "category"] = "continuous"

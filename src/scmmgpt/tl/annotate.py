@@ -42,6 +42,9 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
     A cell whose best score is below ``min_score``, or beats the second best by less than
     ``min_margin``, is ``unassigned`` (open-set annotation).
 
+    ``precision`` (``auto | fp32 | bf16 | fp16``; :mod:`scmmgpt.utils.precision`) is resolved for the
+    model's device (``auto``: bf16 where it has native bf16 matmul) and stored with the parameters.
+
     Returns
     -------
     ``None``, or the annotated copy with ``copy=True``. Writes

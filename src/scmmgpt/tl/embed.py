@@ -86,6 +86,9 @@ def search(adata, model, query: str | Sequence[str], *, top_k: int = 10, expand:
     synonym (``"B cell"``, ``"CL:0000236"``) is replaced by the same description the model was
     trained on; any other text is used as it is.
 
+    ``precision`` (``auto | fp32 | bf16 | fp16``; :mod:`scmmgpt.utils.precision`) is resolved for the
+    model's device (``auto``: bf16 where it has native bf16 matmul) and used for every score.
+
     Returns
     -------
     DataFrame with one row per hit, best first within each query: ``query``, ``rank`` (1-based),

@@ -28,6 +28,9 @@ def describe(adata, model, *, max_new_tokens: int = 64, do_sample: bool = False,
     ``seed`` the output is the same on every run (same settings and device); the caller's global
     RNG is left as it was.
 
+    ``precision`` (``auto | fp32 | bf16 | fp16``; :mod:`scmmgpt.utils.precision`) is resolved for the
+    model's device (``auto``: bf16 where it has native bf16 matmul) and stored with the parameters.
+
     Returns
     -------
     ``None``, or the annotated copy with ``copy=True``. Writes ``.obs[key_added]`` (``""`` for cells
@@ -82,6 +85,9 @@ def generate(model, texts: str | Sequence[str], *, n_per_text: int = 1, library_
     made a realistic cell: reads are drawn from the profile's gene proportions (multinomial,
     ``seed``), stored as counts in ``.layers["counts"]`` and normalised into ``.X``; without it the
     copies are identical.
+
+    ``precision`` (``auto | fp32 | bf16 | fp16``; :mod:`scmmgpt.utils.precision`) is resolved for the
+    model's device (``auto``: bf16 where it has native bf16 matmul) and stored with the parameters.
 
     Returns
     -------
