@@ -30,6 +30,8 @@ def main(argv=None) -> None:
     p.add_argument("--skip-streaming", action="store_true")
     p.add_argument("--reuse-perf", action="store_true",
                    help="take perf.json from --results instead of measuring it again (tables only)")
+    p.add_argument("--reuse-streaming", action="store_true",
+                   help="take streaming.json from --results instead of measuring it again")
     args = p.parse_args(argv)
     out = Path(args.results)
     perf_args = ["--out", str(out / "perf.json"), "--model", args.model]
@@ -38,7 +40,8 @@ def main(argv=None) -> None:
     if args.quick:
         perf_args += ["--max-genes", "256", "--cells", "128", "--steps", "2"]
     rp = json.loads((out / "perf.json").read_text()) if args.reuse_perf else perf.main(perf_args)
-    rs = None if args.skip_streaming else streaming.main(
+    rs = None if args.skip_streaming else json.loads((out / "streaming.json").read_text()) if args.reuse_streaming \
+        else streaming.main(
         ["--out", str(out / "streaming.json")] + (["--sizes", "10000", "50000"] if args.quick else []))
     m = rp["machine"]
     lines = [f"# Performance ({rp['date'][:10]}; {m['platform']}, {m['cpu_count']} CPUs, device {rp['device']}, "
