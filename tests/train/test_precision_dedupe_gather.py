@@ -110,29 +110,8 @@ def test_pcgen_reads_each_description_once(data, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------- gathered CTC
-def _rank(rank: int, world: int, init: str, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        loss, grads = _ctc_step(rank * 8, 8)
-        for g in grads.values():
-            dist.all_reduce(g)
-            g /= world                      # what DDP does with the gradients
-        if rank == 0:
-            torch.save(grads, out + ".grads")
-        losses = [torch.zeros(()) for _ in range(world)]
-        dist.all_gather(losses, torch.tensor(loss))
-        if rank == 0:
-            with open(out, "w") as f:
-                json.dump({"losses": [float(x) for x in losses]}, f)
-        dist.barrier()          # neither process leaves while the other still talks to it
-    finally:
-        dist.destroy_process_group()
-
-
-def _ctc_step(start: int, n: int):
+def ctc_step(start: int, n: int):
+    """CTC loss of cells ``start .. start + n`` of 64 PBMCs, and its gradients on three heads."""
     vocab, cells, texts = _data(64)
     model = _model(vocab)
     net = model.net
@@ -148,13 +127,24 @@ def _ctc_step(start: int, n: int):
 
 
 def test_gathered_ctc_equals_one_process_on_the_whole_batch(tmp_path):
-    import torch.multiprocessing as mp
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
 
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     out = str(tmp_path / "rank0.json")
-    mp.spawn(_rank, args=(2, f"file://{tmp_path / 'store'}", out), nprocs=2, join=True)
-    losses = json.load(open(out))["losses"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "tests.train.gather_worker", out]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    losses = json.loads(Path(out).read_text())["losses"]
     grads = torch.load(out + ".grads")
-    full_loss, full_grads = _ctc_step(0, 16)
+    full_loss, full_grads = ctc_step(0, 16)
     # each process scores its 8 cells against all 16 texts (and its texts against all cells): the
     # mean of the two losses is the loss of the 16-cell batch, and DDP's averaged gradients its gradients
     assert np.mean(losses) == pytest.approx(full_loss, rel=1e-4)
