@@ -23,8 +23,9 @@ def test_embed_annotate_describe_search(trained, h5ad, tmp_path, capsys):
     labels = tmp_path / "labels.txt"
     labels.write_text("B cell\nCD14-positive monocyte\nnatural killer cell\n")
     assert main(["annotate", str(out), "--model", m, "--labels-file", str(labels), "--inplace",
-                 "--min-margin", "0.0"]) == 0
+                 "--min-margin", "0.0", "--precision", "fp32"]) == 0
     a = ad.read_h5ad(out)
+    assert a.uns["scmmgpt_label"]["params"]["precision"] == "fp32"      # --precision reaches tl and is recorded
     assert set(a.obs["scmmgpt_label"].astype(str)) <= {"B cell", "CD14-positive monocyte", "natural killer cell"}
     assert a.obsm["scmmgpt_label_topk"].shape == (40, 3) and "X_scmmgpt" in a.obsm   # earlier results kept
     assert main(["describe", str(h5ad), "--model", m, "--max-new-tokens", "6"]) == 0
