@@ -51,6 +51,10 @@ def test_cpu_attention_under_bf16_matches_fp32(lq, lk):
     assert (out.float() - ref).abs().max() < 0.05
     assert F.cosine_similarity(gq.flatten(), gq_ref.flatten(), dim=0) > 0.999
     assert (lq * lk <= SHORT) == (lq < 100)   # the two shapes exercise both paths
+    # inference (no autograd) uses the fused kernel in bf16 directly
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = attention(q, k, v, mask)
+    assert fast.dtype is torch.bfloat16 and (fast.float() - ref).abs().max() < 0.05
 
 
 def test_attention_outside_autocast_is_sdpa():
