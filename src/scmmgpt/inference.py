@@ -18,6 +18,7 @@ import torch
 
 from .data.dataset import CellBatch, CellTextDataset
 from .eval.annotation import topk_accuracy  # re-exported: validation and the demo use it
+from .utils.distinct import distinct
 from .utils.precision import Precision, resolve_precision
 
 __all__ = ["CellFeatures", "iter_batches", "length_order", "encode_dataset", "embed_to_disk", "encode_texts", "topk_accuracy",
@@ -93,16 +94,14 @@ def encode_texts(model, texts: Sequence[str], batch_size: int = 64, *, precision
                  ) -> torch.Tensor:
     """Text features ``(T, embed_dim)``, L2-normalised, on the CPU; each distinct text is encoded once."""
     device = model.device
-    distinct = list(dict.fromkeys(texts))
-    if len(distinct) < len(texts):
-        where = {t: i for i, t in enumerate(distinct)}
-        return encode_texts(model, distinct, batch_size, precision=precision)[[where[t] for t in texts]]
+    first, inverse = distinct(texts)
+    unique = [texts[i] for i in first]
     out = []
     with evaluation_mode(model.net, precision):
-        for start in range(0, len(texts), batch_size):
-            ids, mask = model.tokenize_texts(texts[start:start + batch_size])
+        for start in range(0, len(unique), batch_size):
+            ids, mask = model.tokenize_texts(unique[start:start + batch_size])
             out.append(model.net.encode_text(ids.to(device), mask.to(device)).float().cpu())
-    return torch.cat(out)
+    return torch.cat(out)[inverse]
 
 
 def embed_to_disk(model, ds: CellTextDataset, out, *, cell_out=None, batch_size: int = 64, num_workers: int = 0,

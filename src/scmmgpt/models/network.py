@@ -32,23 +32,16 @@ from ..modules.losses import (
 )
 from ..modules.qformer import QFormer
 from ..modules.text_to_cell import CellDecoder, TextToCellProjector
+from ..utils.distinct import distinct
 from .config import ModelConfig
 from .stages import StageSpec, stage_spec
 
-__all__ = ["ScMMGPTNetwork", "CellOutput", "AlignOutput", "GenOutput", "distinct", "text_codes"]
+__all__ = ["ScMMGPTNetwork", "CellOutput", "AlignOutput", "GenOutput", "text_codes"]
 
 
-def distinct(texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(first, inverse)``: the row of each distinct text's first occurrence, and for every row
-    the index of its text among the distinct ones (``texts[i] == texts[first[inverse[i]]]``)."""
-    index: dict[str, int] = {}
-    first: list[int] = []
-    inverse = []
-    for i, t in enumerate(texts):
-        if t not in index:
-            index[t] = len(first)
-            first.append(i)
-        inverse.append(index[t])
+def _distinct_rows(texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~scmmgpt.utils.distinct.distinct` of ``texts`` as index tensors on ``device``."""
+    first, inverse = distinct(texts)
     return torch.tensor(first, device=device), torch.tensor(inverse, device=device)
 
 
@@ -240,7 +233,7 @@ class ScMMGPTNetwork(nn.Module):
         CTM are drawn within the process's own batch.
         """
         cell = self.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
-        first, inverse = distinct(batch.texts, cell.features.device)
+        first, inverse = _distinct_rows(batch.texts, cell.features.device)
         text = self.encode_text(batch.text_input_ids[first], batch.text_attention_mask[first]).index_select(0, inverse)
         # step 4: similarities (B, B) and symmetric InfoNCE with same-description positives
         codes = text_codes(batch.texts, text.device)
@@ -251,9 +244,9 @@ class ScMMGPTNetwork(nn.Module):
         if "ctc" in losses:
             if self.training and torch.is_grad_enabled() and world_size() > 1:
                 all_cells, all_text, all_codes = (gather_with_grad(t) for t in (cell.features, text, codes))
-                l_ctc = ctc_loss(similarity(cell.features, all_text), self.temperature,
-                                 codes[:, None] == all_codes[None, :],
-                                 sim_t2c=similarity(all_cells, text).t(), same_t2c=codes[:, None] == all_codes[None, :])
+                same_all = codes[:, None] == all_codes[None, :]       # local rows x global columns
+                l_ctc = ctc_loss(similarity(cell.features, all_text), self.temperature, same_all,
+                                 sim_t2c=similarity(all_cells, text).t(), same_t2c=same_all)
             else:
                 l_ctc = ctc_loss(sim, self.temperature, same)
         l_ctm = zero
@@ -336,7 +329,7 @@ class ScMMGPTNetwork(nn.Module):
         cell it describes."""
         ids, mask = batch.lm_input_ids, batch.lm_attention_mask
         if batch.texts is not None:
-            first, inverse = distinct(batch.texts, ids.device)
+            first, inverse = _distinct_rows(batch.texts, ids.device)
             pred = self.decode_cells(self.text_to_cell_features(ids[first], mask[first])).index_select(0, inverse)
         else:
             pred = self.decode_cells(self.text_to_cell_features(ids, mask))

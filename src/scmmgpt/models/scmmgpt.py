@@ -36,6 +36,7 @@ from ..errors import CheckpointError, ConfigError
 from ..modules.cell_encoder import CellEncoder
 from ..modules.losses import similarity
 from ..modules.qformer import QFormer
+from ..utils.distinct import distinct
 from ..utils.precision import Precision, native_bf16, resolve_precision
 from .config import RUNTIME_KEYS, ModelConfig
 from .network import AlignOutput, CellOutput, GenOutput, ScMMGPTNetwork
@@ -323,18 +324,15 @@ class ScMMGPT:
         if self.lm is None:
             raise ConfigError("generate needs the text LM: load the model with with_lm=True (a stage-2 model).")
         texts = list(texts)
-        distinct = list(dict.fromkeys(texts))
-        if len(distinct) < len(texts):
-            where = {t: i for i, t in enumerate(distinct)}
-            return self.generate_cells(distinct, batch_size=batch_size, precision=precision)[[where[t] for t in texts]]
-        ids, mask = tokenize_for_lm(self.lm_tokenizer, texts, self.config.lm.max_text_len)
+        first, inverse = distinct(texts)
+        ids, mask = tokenize_for_lm(self.lm_tokenizer, [texts[i] for i in first], self.config.lm.max_text_len)
         dev = self.device
         out = []
         with evaluation_mode(self.net, precision):
-            for s in range(0, len(texts), batch_size):
+            for s in range(0, len(first), batch_size):
                 out.append(self.net.generate_cells(ids[s:s + batch_size].to(dev),
                                                    mask[s:s + batch_size].to(dev)).float().cpu())
-        return torch.cat(out).numpy()
+        return torch.cat(out)[inverse].numpy()
 
     def cut_text(self, text: str, n_tokens: int) -> str:
         """``text`` cut to its first ``n_tokens`` LM tokens (references are compared with generated

@@ -183,8 +183,7 @@ class CellEncoder(nn.Module):
         else:
             self.value_encoder = ContinuousValueEncoder(config.d_model, config.dropout, config.max_value)
         self.transformer_encoder = _Layers(
-            [EncoderLayer(config.d_model, config.n_heads, config.d_ff, config.dropout,
-                          config.dropout if config.attn_dropout is None else config.attn_dropout)
+            [EncoderLayer(config.d_model, config.n_heads, config.d_ff, config.dropout, config.attn_dropout)
              for _ in range(config.n_layers)]
         )
         self.gradient_checkpointing = False

@@ -29,7 +29,7 @@ from ..data.labelled import DataConfig, load_labelled
 from ..eval.annotation import topk_accuracy
 from ..eval.cells import expression_pca, knn_accuracy
 from ..eval.text import text_metrics, type_named
-from ..inference import evaluation_mode, iter_batches
+from ..inference import iter_batches
 from ..train.run import load_run_config
 from ..utils.io import atomic_write_text
 from ..utils.seed import seeded
@@ -174,9 +174,8 @@ def _descriptions(model, test_ds, truth_names, references: list[str], s: DemoSet
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(test_ds), size=min(s.n_describe, len(test_ds)), replace=False))
     generated: list[str] = []
-    with evaluation_mode(model.net):
-        for batch in iter_batches(model, test_ds, 8, indices=sample):
-            generated += model.describe(batch, max_new_tokens=s.max_new_tokens)
+    for batch in iter_batches(model, test_ds, 8, indices=sample):      # describe runs in evaluation mode
+        generated += model.describe(batch, max_new_tokens=s.max_new_tokens)
     refs = [model.cut_text(references[i], s.max_new_tokens) for i in sample]
     names = [str(truth_names[i]) for i in sample]
     metrics = {**text_metrics(generated, refs), "type_named": type_named(generated, names), "n": len(sample)}

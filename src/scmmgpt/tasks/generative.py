@@ -86,13 +86,12 @@ class GenerativeBenchmark:
 
 def _describe(model, lab, idx: np.ndarray, max_genes: int, max_new_tokens: int) -> list[str]:
     from ..data.dataset import CellTextDataset
-    from ..inference import evaluation_mode, iter_batches
+    from ..inference import iter_batches
 
     ds = CellTextDataset(lab.cells.subset(idx), cls_id=lab.vocab.cls_id, max_genes=max_genes, n_bins=model.value_bins)
     out: list[str] = []
-    with evaluation_mode(model.net):
-        for batch in iter_batches(model, ds, 8):
-            out += model.describe(batch, max_new_tokens=max_new_tokens)
+    for batch in iter_batches(model, ds, 8):       # describe runs in evaluation mode
+        out += model.describe(batch, max_new_tokens=max_new_tokens)
     return out
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import ConfigError, check_config_keys
+from ..utils.precision import PRECISIONS
 
 __all__ = ["TrainConfig"]
 
@@ -86,8 +87,8 @@ class TrainConfig:
             raise ConfigError("lr and lr_new must be > 0 and warmup_steps >= 0.")
         if self.t2c_warmup_steps < 0 or self.t2c_warmup_batch < 1:
             raise ConfigError("t2c_warmup_steps must be >= 0 and t2c_warmup_batch >= 1.")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"Unknown train.precision {self.precision!r}; choose from auto, fp32, bf16, fp16.")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"Unknown train.precision {self.precision!r}; choose from {', '.join(PRECISIONS)}.")
         stages = ("stage1", "stage2", "annotate", "describe", "generate")
         if self.stage not in stages:
             raise ConfigError(f"Unknown stage {self.stage!r}; choose from {stages}.")

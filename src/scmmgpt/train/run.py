@@ -230,13 +230,13 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
     train = lab.dataset("train", max_genes=mc.max_genes, with_targets=spec.needs_lm, n_bins=model.value_bins)
     val = (lab.dataset("val", max_genes=mc.max_genes, with_targets=spec.needs_lm, n_bins=model.value_bins)
            if len(lab.split["val"]) else None)
+    # the LM's dtype followed this run's precision; the saved model (and its record) loads it as "auto"
+    saved = dataclasses.replace(mc, lm=dataclasses.replace(mc.lm, dtype="auto")) if lm_keys else mc
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     out = Path(cfg.out_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        # the model and precision that train, not the request; the LM's dtype as the saved model loads it
-        saved = dataclasses.replace(mc, lm=dataclasses.replace(mc.lm, dtype="auto")) if lm_keys else mc
-        ran = dataclasses.replace(rc, model=saved, train=cfg)
+        ran = dataclasses.replace(rc, model=saved, train=cfg)   # the model and precision that train
         atomic_write_text(out / "run_config.yaml", yaml.safe_dump(json.loads(json.dumps(ran.to_dict())),
                                                                    sort_keys=False))
         names = lab.cells.obs_names
@@ -246,8 +246,7 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
     result = fit(model, train, cfg, val=val, val_labels=lab.types("val") if val is not None else None,
                  label_terms=lab.label_set(), measured=lab.cells.measured, resume=resume)
     if main:
-        if lm_keys:     # the LM's dtype followed this run's precision; the saved model loads it as "auto"
-            model.net.config = dataclasses.replace(model.config, lm=dataclasses.replace(model.config.lm, dtype="auto"))
+        model.net.config = saved
         model.save_pretrained(out / "model")
     PartialState().wait_for_everyone()
     return {"model": str(out / "model"), "steps": result["steps"], "validation": result["validation"],
