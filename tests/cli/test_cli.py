@@ -53,6 +53,8 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
               m["generation"]["knn_accuracy"]):
         assert 0.0 <= v <= 1.0
     assert m["annotation"]["acc3"] >= m["annotation"]["acc1"]
+    # the supervised reference is fitted on the same training cells and printed beside the figure
+    assert m["reference"]["logistic_regression"]["acc1"] > 0.6 and "reference: logistic regression" in printed
     assert m["training"]["stage1"]["steps"] == 8 and m["training"]["stage2"]["steps"] == 4
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3

@@ -215,3 +215,34 @@ def test_scgpt_checkpoint_refuses_another_vocabulary(lab, tmp_path):
     cfg = dataclasses.replace(ModelConfig.from_preset("tiny"), cell_checkpoint=str(ckpt))
     with pytest.warns(UserWarning), pytest.raises(ConfigError, match="brings its own gene vocabulary"):
         ScMMGPT.build(cfg, lab.vocab, with_lm=False)
+
+
+def test_text_pooling_mean_separates_descriptions_from_the_start(setup, lab, tmp_path):
+    """With the bundled MiniLM, fresh text features from [CLS] are all but identical across PBMC
+    descriptions (CTC's gradient vanishes); mean pooling keeps them apart. A saved model whose config
+    predates the key loads with the pooling it was trained with, ``cls``."""
+    model, batch, _ = setup
+    net = model.net
+    assert net.config.qformer.text_pooling == "mean"
+    first = [batch.texts.index(t) for t in dict.fromkeys(batch.texts)]
+    assert len(first) >= 3
+    ids, mask = batch.text_input_ids[first], batch.text_attention_mask[first]
+
+    def mean_offdiag_cos(pooling):
+        net.config.qformer.text_pooling = pooling
+        with torch.no_grad():
+            f = net.encode_text(ids, mask)
+        c = f @ f.t()
+        return float((c.sum() - c.diag().sum()) / (len(c) ** 2 - len(c)))
+
+    try:
+        cls_cos, mean_cos = mean_offdiag_cos("cls"), mean_offdiag_cos("mean")
+    finally:
+        net.config.qformer.text_pooling = "mean"
+    assert cls_cos > 0.999 and mean_cos < 0.99, (cls_cos, mean_cos)
+    cfg = net.config.to_dict()
+    del cfg["qformer"]["text_pooling"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert ModelConfig.load(tmp_path / "config.json").qformer.text_pooling == "cls"
+    with pytest.raises(ConfigError, match="text_pooling"):
+        ModelConfig.from_dict({**cfg, "qformer": {**cfg["qformer"], "text_pooling": "max"}})

@@ -48,3 +48,33 @@ def test_packaged_config_builds_and_steps(name, lab):
     out.loss.backward()
     grads = [p.grad for p in net.parameters() if p.requires_grad]
     assert torch.isfinite(out.loss) and grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_numbers_without_a_dot_in_overrides_and_files_are_floats(tmp_path):
+    """YAML 1.1 reads ``1e-3`` as a string; the run configuration reads it as the number it spells."""
+    f = tmp_path / "run.yaml"
+    f.write_text("train:\n  lr: 2e-5\n  lr_new: 3E-3\n  max_steps: 10\n")
+    rc = load_run_config(f, ["train.weight_decay=1e-2"])
+    assert (rc.train.lr, rc.train.lr_new, rc.train.weight_decay, rc.train.max_steps) == (2e-5, 3e-3, 1e-2, 10)
+    assert isinstance(rc.train.lr, float)
+
+
+def test_a_preset_is_compared_with_a_saved_model_by_its_shapes_only():
+    """``--model OLD --config cpu-small``: a model saved before the tiny preset set attn_dropout=0
+    (it has None) is the preset's size and trains on; a model of another size is refused by name."""
+    import dataclasses
+
+    from scmmgpt.errors import ConfigError
+    from scmmgpt.models.config import ModelConfig
+    from scmmgpt.train.run import _check_init_keys
+
+    rc = load_run_config("cpu-small")
+    rc.init = "old-model"
+    old = ModelConfig.from_preset("tiny", max_genes=256)
+    old.cell = dataclasses.replace(old.cell, attn_dropout=None)
+    old.qformer = dataclasses.replace(old.qformer, **rc.model.to_dict()["qformer"])
+    old.lm = dataclasses.replace(old.lm, max_text_len=rc.model.lm.max_text_len)
+    _check_init_keys(rc, old)
+    bigger = dataclasses.replace(old, cell=dataclasses.replace(old.cell, d_model=64))
+    with pytest.raises(ConfigError, match=r"model.cell.d_model=32 \(the model has 64\)"):
+        _check_init_keys(rc, bigger)

@@ -117,7 +117,10 @@ def _demo():
         a, d, g = m["annotation"], m["description"], m["generation"]
         print(f"scMMGPT demo on {m['data']}: {m['split']['test']} held-out test cells, {a['n_labels']} cell types "
               f"(chance Acc@1 {m['chance_acc1']:.3f})")
+        lr = m["reference"]["logistic_regression"]
         print(f"  zero-shot annotation  Acc@1 {a['acc1']:.3f}  Acc@3 {a['acc3']:.3f}  macro-F1 {a['macro_f1']:.3f}")
+        print(f"    reference: logistic regression on the same training cells (supervised)  "
+              f"Acc@1 {lr['acc1']:.3f}  macro-F1 {lr['macro_f1']:.3f}")
         print(f"  cell -> text          BLEU-2 {d['bleu2']:.3f}  ROUGE-2 {d['rouge2']:.3f}  "
               f"right type named {d['type_named']:.3f}")
         print(f"  text -> cell          k-NN accuracy {g['knn_accuracy']:.3f} ({g['n_generated']} pseudo-cells)")

@@ -42,6 +42,13 @@ class QFormerConfig:
     """Use only the first ``n_layers`` BERT layers (``None``: all)."""
     init_temperature: float = 0.07
     """Initial CTC temperature (learnable, clamped to [0.001, 0.5])."""
+    text_pooling: Literal["mean", "cls"] = "mean"
+    """How the text tower's token states become the CTC text feature: ``cls``, BLIP-2's ``[CLS]``
+    output, or ``mean``, the mean over the description's tokens (how sentence-transformers trained
+    the bundled MiniLM). With MiniLM's ``[CLS]`` every PBMC description starts at cosine 0.99999 to
+    every other, so CTC's gradient vanishes and stage 1 sits on its ln(B) plateau; mean-pooled
+    states of the same texts have cosine ~0.87 (``benchmarks/results/recipe/``). Saved models
+    without this key were trained with ``cls`` and load with it."""
     dropout: float | None = None
     """Hidden and attention dropout (``None``: the BERT's own, 0.1). 0 makes short CPU runs ~1.5x
     faster (no dropout masks, fused attention)."""
@@ -51,6 +58,8 @@ class QFormerConfig:
             raise ConfigError("n_query, cross_attention_freq and embed_dim must be positive.")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ConfigError(f"qformer.dropout must be in [0, 1), got {self.dropout}.")
+        if self.text_pooling not in ("mean", "cls"):
+            raise ConfigError(f"qformer.text_pooling must be 'mean' or 'cls', got {self.text_pooling!r}.")
 
 
 @dataclass
@@ -168,4 +177,9 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """A saved model's config. Keys added since a model was saved take the value its weights were
+        trained with, not today's default (``qformer.text_pooling``: ``cls``)."""
+        d = json.loads(Path(path).read_text())
+        if isinstance(d.get("qformer"), dict):
+            d["qformer"].setdefault("text_pooling", "cls")
+        return cls.from_dict(d)

@@ -211,9 +211,15 @@ class ScMMGPTNetwork(nn.Module):
         return CellOutput(states, padding, states[:, 0], query, feats)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Text features ``(B, embed_dim)``, unit norm, from the ``[CLS]`` output."""
+        """Text features ``(B, embed_dim)``, unit norm, from the ``[CLS]`` output or the mean over the
+        text's tokens (``config.qformer.text_pooling``)."""
         h = self.qformer.forward_text(input_ids, attention_mask)
-        return F.normalize(_fp32_linear(self.text_proj, h[:, 0]), dim=-1)
+        if self.config.qformer.text_pooling == "cls":
+            pooled = h[:, 0]
+        else:
+            m = attention_mask.to(h.dtype)[..., None]
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        return F.normalize(_fp32_linear(self.text_proj, pooled), dim=-1)
 
     def match_logits(self, states: torch.Tensor, padding: torch.Tensor, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor, cell_rows: torch.Tensor | None = None) -> torch.Tensor:

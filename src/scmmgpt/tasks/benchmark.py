@@ -115,22 +115,16 @@ def _baselines(lab, labels, truth, ids, truth_ids, ks, seed, train_idx, seen) ->
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
 
+    from ..baselines.reference import classifier_scores
+
     x = lab.cells.expr[:, lab.cells.measured]
     y = lab.descriptions["cell_type"].astype(str).to_numpy()
     xtr, ytr, xte = x[train_idx], y[train_idx], x[lab.split["test"]]
     out = {"random": _split_metrics(np.random.default_rng(seed).random((xte.shape[0], len(labels))), labels, truth,
                                      ids, truth_ids, ks, seen)}
-    for name, clf in (("logreg", LogisticRegression(max_iter=2000, C=1.0)),
+    for name, clf in (("logreg", LogisticRegression(max_iter=2000, random_state=seed)),
                       ("knn", KNeighborsClassifier(n_neighbors=min(15, len(ytr))))):
-        scores = np.full((xte.shape[0], len(labels)), -1.0)      # types without training cells rank last
-        classes = sorted(set(ytr))
-        if len(classes) == 1:                                     # one training type: it is every call
-            scores[:, labels.index(classes[0])] = 1.0
-        else:
-            clf.fit(xtr, ytr)
-            p = clf.predict_proba(xte)
-            for j, c in enumerate(clf.classes_):
-                scores[:, labels.index(c)] = p[:, j]
+        scores = classifier_scores(clf, xtr, ytr, xte, labels)
         out[name] = _split_metrics(scores, labels, truth, ids, truth_ids, ks, seen)
     return out
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -72,6 +73,21 @@ def _set(tree: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _numbers(value):
+    """YAML 1.1 reads ``1e-4`` (no dot in the mantissa) as a string; every such scalar becomes the
+    float it spells, in a whole tree."""
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
+
+
 def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
                     **defaults) -> RunConfig:
     """Read a YAML run configuration (a path, or the name of a packaged one such as ``stage1``),
@@ -92,7 +108,7 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] 
                 raise ConfigError(f"Config {path!r} is neither a file nor a packaged config "
                                   f"({sorted(f.stem for f in Path(str(resources.files('scmmgpt') / 'configs')).glob('*.yaml'))}).")
             p = packaged
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = _numbers(yaml.safe_load(p.read_text()) or {})
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p} must hold a mapping with data/model/train sections.")
         for section, body in loaded.items():
@@ -104,7 +120,7 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] 
         if "=" not in item:
             raise ConfigError(f"Override {item!r} must look like section.key=value (e.g. train.lr=1e-4).")
         key, raw = item.split("=", 1)
-        _set(tree, key.strip(), yaml.safe_load(raw))
+        _set(tree, key.strip(), _numbers(yaml.safe_load(raw)))
     unknown = set(tree) - {"data", "model", "train", "init", "cell_preset"}
     if unknown:
         raise ConfigError(f"Unknown config sections {sorted(unknown)}; use data, model, train, init, cell_preset.")
@@ -158,13 +174,19 @@ def _conflicts(keys: dict, config: ModelConfig) -> str:
     return ", ".join(f"model.{k}={v!r} (the model has {m!r})" for k, (v, m) in list(bad.items())[:6])
 
 
+_SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff")
+"""Cell encoder preset keys that set the weights' shapes."""
+
+
 def _check_init_keys(rc: RunConfig, config: ModelConfig) -> None:
     """A run from a saved model trains that model: ``model`` keys (and a ``cell_preset``) that
     disagree with it would be recorded but not used, so they are refused, each named; equal ones are
-    harmless."""
+    harmless. A ``cell_preset`` names a size: only its shape keys are compared (a model saved before
+    the ``tiny`` preset gained ``attn_dropout=0`` still trains on under ``cpu-small``)."""
     keys = {k: v for k, v in rc.model_keys.items() if k not in INIT_OVERRIDES}
     if rc.cell_preset:
-        keys = {**{f"cell.{k}": v for k, v in CELL_ENCODER_PRESETS[rc.cell_preset].items()}, **keys}
+        keys = {**{f"cell.{k}": v for k, v in CELL_ENCODER_PRESETS[rc.cell_preset].items() if k in _SHAPE_KEYS},
+                **keys}
     shown = _conflicts(keys, config)
     if shown:
         raise ConfigError(f"A run from a saved model (--model {rc.init}) trains that model as it is; the configuration "
