@@ -114,21 +114,21 @@ def main() -> None:
     for v in a.variant:
         name, _, ov = v.partition(":")
         variants[name] = [o for o in ov.split(",") if o]
-    results = {}
-    for name, ov in variants.items():
-        results[name] = {"overrides": ov, "runs": [run_one(ov, s, a.data, a.val_every, a.init_stats) for s in a.seeds]}
-        runs = results[name]["runs"]
-        acc = np.array([r["final_acc1"] for r in runs])
-        results[name]["acc1_mean"], results[name]["acc1_sd"] = float(acc.mean()), float(acc.std(ddof=1) if len(acc) > 1 else 0)
-        print(f"{name:24s} Acc@1 {acc.mean():.3f} ± {results[name]['acc1_sd']:.3f}  per seed {acc.tolist()}  "
-              f"LR {[r['logistic_regression'] for r in runs]}", flush=True)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {"experiment": a.name, "command": " ".join(["python", "benchmarks/recipe.py", *sys.argv[1:]]),
               "data": a.data or "pbmc68k_reduced", "seeds": a.seeds, "commit": commit,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "variants": results}
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "variants": {}}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{a.name}.json").write_text(json.dumps(record, indent=1))
+    for name, ov in variants.items():
+        runs = [run_one(ov, s, a.data, a.val_every, a.init_stats) for s in a.seeds]
+        acc = np.array([r["final_acc1"] for r in runs])
+        sd = float(acc.std(ddof=1)) if len(acc) > 1 else 0.0
+        record["variants"][name] = {"overrides": ov, "runs": runs, "acc1_mean": float(acc.mean()), "acc1_sd": sd}
+        print(f"{name:24s} Acc@1 {acc.mean():.3f} ± {sd:.3f}  per seed {acc.tolist()}  "
+              f"LR {[r['logistic_regression'] for r in runs]}", flush=True)
+        # written after every variant: an interrupted experiment keeps what it measured
+        (out / f"{a.name}.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

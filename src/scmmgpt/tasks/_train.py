@@ -24,7 +24,7 @@ def train_two_stages(model, lab, rc, *, stage1_steps: int, stage2_steps: int, st
     mc = model.config
     cfg1 = type(rc.train).from_dict(rc.train.to_dict())
     cfg1.stage, cfg1.max_steps, cfg1.progress, cfg1.val_every = "stage1", stage1_steps, progress, None
-    cfg1.warmup_steps = min(cfg1.warmup_steps, max(1, stage1_steps // 10))
+    cfg1.warmup_steps = min(cfg1.warmup_steps, max(1, stage1_steps // 6))
     cfg1.out_dir = None if out_dir is None else str(Path(out_dir) / "train-stage1")
     nb = model.value_bins
     val1 = lab.dataset("val", max_genes=mc.max_genes, n_bins=nb) if validate and len(lab.split["val"]) else None
