@@ -45,6 +45,7 @@ def init_stats(model, ds, n: int = 16) -> dict:
     import torch
 
     from scmmgpt.inference import iter_batches
+    from scmmgpt.modules.attention import masked_mean
     from scmmgpt.modules.losses import similarity
 
     net = model.net
@@ -54,26 +55,16 @@ def init_stats(model, ds, n: int = 16) -> dict:
         b = next(iter(iter_batches(model, ds, n, with_text=True, indices=idx)))
         cell = net.encode_cells(b.gene_ids, b.values, b.padding_mask)
         h = net.qformer.forward_text(b.text_input_ids, b.text_attention_mask)
-        m = b.text_attention_mask[..., None].float()
         text = net.encode_text(b.text_input_ids, b.text_attention_mask)
         sim = similarity(cell.features, text)
     return {"cell_query": _offdiag_cos(cell.query), "cell_features": _offdiag_cos(cell.features),
-            "text_cls_state": _offdiag_cos(h[:, 0]), "text_mean_state": _offdiag_cos((h * m).sum(1) / m.sum(1)),
+            "text_cls_state": _offdiag_cos(h[:, 0]), "text_mean_state": _offdiag_cos(masked_mean(h, b.text_attention_mask.bool())),
             "text_features": _offdiag_cos(text), "sim_sd_over_texts": float(sim.std(1).mean()),
             "distinct_texts": len(set(b.texts))}
 
 
-def logistic_reference(lab) -> float:
-    from sklearn.linear_model import LogisticRegression
-
-    def x(part):
-        return lab.cells.rows_csr(lab.split[part]).toarray()[:, lab.cells.measured]
-
-    clf = LogisticRegression(max_iter=3000).fit(x("train"), lab.types("train"))
-    return float((clf.predict(x("test")) == lab.types("test")).mean())
-
-
 def run_one(overrides: list[str], seed: int, data: str | None, val_every: int, stats: bool) -> dict:
+    from scmmgpt.baselines.reference import logistic_regression_reference
     from scmmgpt.data.labelled import DataConfig, load_labelled
     from scmmgpt.models.scmmgpt import ScMMGPT
     from scmmgpt.train.loop import fit
@@ -96,7 +87,7 @@ def run_one(overrides: list[str], seed: int, data: str | None, val_every: int, s
     out.update(seconds=round(time.perf_counter() - t0, 1),
                acc1=[(h["step"], round(h["val_acc1"], 4)) for h in r["history"] if "val_acc1" in h],
                ctc=[(h["step"], round(h["ctc"], 4)) for h in r["history"] if "ctc" in h],
-               final_acc1=round(r["validation"]["val_acc1"], 4), logistic_regression=round(logistic_reference(lab), 4))
+               final_acc1=round(r["validation"]["val_acc1"], 4), logistic_regression=round(logistic_regression_reference(lab, seed=seed)["acc1"], 4))
     return out
 
 

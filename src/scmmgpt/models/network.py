@@ -20,6 +20,7 @@ from torch import nn
 
 from ..data.dataset import CellBatch
 from ..errors import ConfigError
+from ..modules.attention import masked_mean
 from ..modules.cell_encoder import CellEncoder
 from ..modules.losses import (
     cdgen_loss,
@@ -214,11 +215,7 @@ class ScMMGPTNetwork(nn.Module):
         """Text features ``(B, embed_dim)``, unit norm, from the ``[CLS]`` output or the mean over the
         text's tokens (``config.qformer.text_pooling``)."""
         h = self.qformer.forward_text(input_ids, attention_mask)
-        if self.config.qformer.text_pooling == "cls":
-            pooled = h[:, 0]
-        else:
-            m = attention_mask.to(h.dtype)[..., None]
-            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        pooled = h[:, 0] if self.config.qformer.text_pooling == "cls" else masked_mean(h, attention_mask.bool())
         return F.normalize(_fp32_linear(self.text_proj, pooled), dim=-1)
 
     def match_logits(self, states: torch.Tensor, padding: torch.Tensor, input_ids: torch.Tensor,

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention"]
+__all__ = ["attention", "masked_mean"]
 
 _LOW = (torch.bfloat16, torch.float16)
 SHORT = 8192
@@ -48,3 +48,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
                                                  dropout_p=dropout_p)
         return out.to(dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+
+
+def masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` (B, L, D) over the positions where ``keep`` (B, L) is true -> (B, D); a row
+    with nothing kept gives 0."""
+    w = keep.to(x.dtype)[..., None]
+    return (x * w).sum(1) / w.sum(1).clamp(min=1)

@@ -24,6 +24,8 @@ import math
 import torch
 from torch import nn
 
+from .attention import masked_mean
+
 __all__ = ["TextToCellProjector", "CellDecoder"]
 
 
@@ -61,9 +63,9 @@ class TextToCellProjector(nn.Module):
         kv = self.in_proj(states.to(self.cell_queries.dtype))
         # the queries start from the (masked) mean of the projected states: every query carries the
         # text's content from the first step, instead of waiting for attention to become selective
-        keep = torch.ones(kv.shape[:2], dtype=kv.dtype, device=kv.device) if key_padding_mask is None \
-            else (~key_padding_mask).to(kv.dtype)
-        pooled = (kv * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
+        keep = torch.ones(kv.shape[:2], dtype=torch.bool, device=kv.device) if key_padding_mask is None \
+            else ~key_padding_mask
+        pooled = masked_mean(kv, keep)
         q = self.cell_queries[None] + pooled[:, None]
         for block in self.blocks:
             q = block(q, kv, key_padding_mask)
