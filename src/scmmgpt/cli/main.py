@@ -67,6 +67,9 @@ def _shard():
         p.add_argument("--layer", default=None, help="matrix to read (default: X)")
         p.add_argument("--use-raw", action="store_true", help="read adata.raw.X")
         p.add_argument("--cells-per-shard", type=int, default=50_000)
+        p.add_argument("--min-coverage", type=float, default=0.5,
+                       help="refuse a file whose genes in the vocabulary hold less than this fraction of its "
+                            "expression (default 0.5)")
         p.add_argument("--workers", type=int, default=1, help="processes on this machine")
         p.add_argument("--rank", type=int, default=None, help="this node's rank (default: $RANK)")
         p.add_argument("--world-size", type=int, default=None, help="number of nodes (default: $WORLD_SIZE)")
@@ -83,7 +86,7 @@ def _shard():
         m = write_shards(args.data, args.out, vocab=vocab, label_key=args.label_key, text_key=args.text_key,
                          layer=args.layer, use_raw=args.use_raw, target_sum=target_sum,
                          cells_per_shard=args.cells_per_shard, workers=args.workers, rank=args.rank,
-                         world_size=args.world_size, progress=True)
+                         world_size=args.world_size, min_coverage=args.min_coverage, progress=True)
         done = [s for s in m["shards"] if s]
         print(json.dumps({"out": args.out, "shards": len(done), "of": len(m["shards"]), "cells": m["n_cells"],
                           "complete": len(done) == len(m["shards"])}, indent=2))
@@ -220,6 +223,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
         p.add_argument("--layer", default=None, help="matrix to read (default: X)")
         p.add_argument("--use-raw", action="store_true", help="read adata.raw.X")
         p.add_argument("--gene-symbol-key", default=None, help="var column with gene symbols")
+        p.add_argument("--min-coverage", type=float, default=0.5,
+                       help="refuse data whose genes in the model's vocabulary hold less than this fraction of "
+                            "the expression (default 0.5)")
 
 
 def _load_model(args, *, with_lm: bool):
@@ -258,7 +264,8 @@ def _write(adata, path: Path) -> None:
 
 
 def _data_kwargs(args) -> dict:
-    kw = dict(layer=args.layer, use_raw=args.use_raw, gene_symbol_key=args.gene_symbol_key, progress=True,
+    kw = dict(layer=args.layer, use_raw=args.use_raw, gene_symbol_key=args.gene_symbol_key,
+              min_coverage=args.min_coverage, progress=True,
               precision=args.precision)
     if args.batch_size is not None:
         kw["batch_size"] = args.batch_size

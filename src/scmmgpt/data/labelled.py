@@ -132,7 +132,9 @@ def load_labelled(data: DataConfig, *, vocab: GeneVocab | None = None, target_su
         adata, source = read_h5ad(data.path), str(data.path)
     if vocab is None:
         vocab = vocab_from_adata(adata, layer=layer, use_raw=use_raw)
-    cells = prepare_cells(adata, vocab, layer=layer, use_raw=use_raw, target_sum=target_sum)
+    cells = prepare_cells(adata, vocab, layer=layer, use_raw=use_raw, target_sum=target_sum,
+                          coverage_fixes="Train from a model whose vocabulary covers these genes, or a new model "
+                                         "(without --model: its vocabulary is the data's genes).")
     desc = DescriptionBuilder(DescriptionConfig(cell_type_key=data.label_key, text_key=data.text_key,
                                                 label_map=label_map)).build(adata.obs.iloc[cells.cell_index])
     return _labelled(cells, desc.reset_index(drop=True), data, vocab, source)

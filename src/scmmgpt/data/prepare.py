@@ -157,6 +157,7 @@ def prepare_cells(
     gene_symbol_key: str | None = None,
     min_coverage: float = 0.5,
     chunk_size: int = 20_000,
+    coverage_fixes: str = "Pass gene_symbol_key=, the right organism=, or lower min_coverage= to proceed.",
 ) -> CellData:
     """Map genes, check values, normalise (eq. 1) and move cells into vocabulary space.
 
@@ -180,6 +181,9 @@ def prepare_cells(
         A ``var`` column with gene symbols to use instead of ``var_names``.
     min_coverage
         Fail when mapped genes hold less than this fraction of the expression.
+    coverage_fixes
+        The remedies the low-coverage error names: a caller with other parameters (``tl.annotate``,
+        the CLI) names its own, so the error only suggests what exists where it is raised.
 
     Raises
     ------
@@ -200,7 +204,7 @@ def prepare_cells(
     unmapped = [str(v) for v, i in zip(var_names[:2000], ids[:2000]) if i < 0][:10]
     match = GeneMatch(n_genes=X.shape[1], n_mapped=int(keep_cols.size), coverage=mapped_totals / totals,
                       organism=organism, id_type=id_type, unmapped_examples=unmapped)
-    _check_coverage(match, min_coverage, where)
+    _check_coverage(match, min_coverage, where, coverage_fixes)
     expr, keep_rows, measured = _into_vocabulary(sub, ids[keep_cols], len(vocab), where)
     return CellData(expr=expr, measured=measured, obs_names=np.asarray(adata.obs_names)[keep_rows],
                     cell_index=keep_rows, value_kind=kind, gene_match=match,
@@ -268,7 +272,7 @@ def _normalise_chunks(X: Any, keep_cols: np.ndarray, value_kind: str, target_sum
     return sub, kind, totals, mapped_totals
 
 
-def _check_coverage(match: GeneMatch, min_coverage: float, where: str) -> None:
+def _check_coverage(match: GeneMatch, min_coverage: float, where: str, fixes: str) -> None:
     """Refuse data whose genes are not (or too little) in the vocabulary."""
     if match.n_mapped == 0:
         raise InputDataError(
@@ -279,8 +283,7 @@ def _check_coverage(match: GeneMatch, min_coverage: float, where: str) -> None:
     if match.coverage < min_coverage:
         raise InputDataError(
             f"Only {match.summary()}, below min_coverage={min_coverage:.0%}. Unmapped examples: "
-            f"{match.unmapped_examples[:5]}. Pass gene_symbol_key=, the right organism=, or lower min_coverage to "
-            "proceed."
+            f"{match.unmapped_examples[:5]}. {fixes}"
         )
 
 

@@ -141,7 +141,10 @@ def _write_one(task: ShardTask, opt: _Options) -> dict[str, Any]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cells = prepare_cells(block, vocab, layer=opt.layer, use_raw=opt.use_raw, value_kind=cast(ValueKindArg, task.value_kind),
-                              target_sum=opt.target_sum, organism=task.organism, min_coverage=opt.min_coverage)
+                              target_sum=opt.target_sum, organism=task.organism, min_coverage=opt.min_coverage,
+                              coverage_fixes="Lower min_coverage= (CLI: scmmgpt shard --min-coverage) to proceed, "
+                                             "or write the shards with a vocabulary that covers these genes "
+                                             "(vocab=, CLI: --model).")
     desc = DescriptionBuilder(DescriptionConfig(cell_type_key=opt.label_key, text_key=opt.text_key)).build(
         block.obs.iloc[cells.cell_index])
     tmp = out / f".tmp-{name}"

@@ -195,11 +195,13 @@ class ScMMGPT:
                                 lm_max_text_len=self.config.lm.max_text_len)
 
     def match_cells(self, adata, *, layer: str | None = None, use_raw: bool = False,
-                    gene_symbol_key: str | None = None, min_coverage: float = 0.5) -> CellData:
+                    gene_symbol_key: str | None = None, min_coverage: float = 0.5,
+                    coverage_fixes: str = "Pass gene_symbol_key= or lower min_coverage= to proceed.") -> CellData:
         """Map an AnnData into this model's gene vocabulary and value scale (eq. 1 with the model's
         ``target_sum``); the result's ``gene_match`` is the coverage report."""
         return prepare_cells(adata, self.vocab, layer=layer, use_raw=use_raw, target_sum=self.config.target_sum,
-                             gene_symbol_key=gene_symbol_key, min_coverage=min_coverage)
+                             gene_symbol_key=gene_symbol_key, min_coverage=min_coverage,
+                             coverage_fixes=coverage_fixes)
 
     def dataset(self, cells, texts: Sequence[str] | None = None, *, with_targets: bool = False) -> CellTextDataset:
         """Cells (a :class:`~scmmgpt.data.CellSource`) as this model reads them: its ``max_genes``

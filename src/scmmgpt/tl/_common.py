@@ -67,6 +67,8 @@ class ModelCells:
     rows: np.ndarray
     """Row in the AnnData of each kept cell (empty cells are dropped)."""
     n_obs: int
+    min_coverage: float = 0.5
+    """The least gene coverage the call accepted."""
 
     @property
     def gene_match(self) -> GeneMatch:
@@ -76,15 +78,23 @@ class ModelCells:
         """What went into the model: for ``.uns``."""
         m = self.gene_match
         return {"n_genes": m.n_genes, "n_genes_in_vocab": m.n_mapped, "gene_coverage": round(m.coverage, 4),
+                "min_coverage": self.min_coverage,
                 "value_kind": self.cells.value_kind, "n_empty_cells": int(self.n_obs - len(self.rows))}
+
+
+COVERAGE_FIXES = ("Pass gene_symbol_key= (a var column of gene symbols), or lower min_coverage= to proceed "
+                  "(CLI: --gene-symbol-key, --min-coverage); or use a model whose vocabulary covers these genes.")
+"""The remedies a low gene coverage error names in the ``tl`` verbs and the CLI: both accept them."""
 
 
 def model_cells(adata, model, *, layer: str | None = None, use_raw: bool = False, gene_symbol_key: str | None = None,
                 min_coverage: float = 0.5, with_targets: bool = False) -> ModelCells:
     """Map ``adata`` into ``model``'s vocabulary; log and (when low) warn the gene coverage; warn
     about cells with no expression in vocabulary genes (they get no result)."""
+    if not 0.0 <= min_coverage <= 1.0:
+        raise ConfigError(f"min_coverage must be in [0, 1], got {min_coverage}.")
     cells = model.match_cells(adata, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key,
-                              min_coverage=min_coverage)
+                              min_coverage=min_coverage, coverage_fixes=COVERAGE_FIXES)
     m = cells.gene_match
     logger.info(m.summary())
     if m.coverage < COVERAGE_WARN:
@@ -96,7 +106,7 @@ def model_cells(adata, model, *, layer: str | None = None, use_raw: bool = False
         warnings.warn(f"{adata.n_obs - len(rows)} of {adata.n_obs} cells have no expression in the model's genes; "
                       "their results are left empty (NaN / '').", GeneCoverageWarning, stacklevel=3)
     ds = model.dataset(cells, with_targets=with_targets)
-    return ModelCells(cells, ds, rows, adata.n_obs)
+    return ModelCells(cells, ds, rows, adata.n_obs, min_coverage)
 
 
 def batches(model, ds: CellTextDataset, batch_size: int, *, progress: bool = False, desc: str = "") -> Iterator[CellBatch]:

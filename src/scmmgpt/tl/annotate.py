@@ -24,7 +24,8 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
              rerank_top: int = 10, top_k: int = 3, min_score: float | None = None, min_margin: float | None = None,
              unassigned: str = "unassigned", key_added: str = "scmmgpt_label", store_scores: bool | None = None,
              batch_size: int = 64, layer: str | None = None, use_raw: bool = False,
-             gene_symbol_key: str | None = None, device: str | None = None, precision: str = "auto",
+             gene_symbol_key: str | None = None, min_coverage: float = 0.5, device: str | None = None,
+             precision: str = "auto",
              progress: bool = False, max_labels: int = MAX_LABELS, copy: bool = False):
     """Zero-shot annotation: score every cell against every candidate label's description.
 
@@ -81,7 +82,8 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
                              max_labels=max_labels)
     T = len(cands.names)
     model = resolve_model(model, device=device, with_lm=False)
-    mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key)
+    mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key,
+                     min_coverage=min_coverage)
     keep_all = store_scores if store_scores is not None else len(mc.rows) * T <= MAX_SCORE_ENTRIES
     if keep_all:
         from ..utils.memory import check_fits

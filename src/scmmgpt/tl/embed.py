@@ -29,7 +29,7 @@ def _cell_features(model, mc, batch_size: int, progress: bool, desc: str, precis
 
 
 def embed(adata, model, *, aligned: bool = True, key_added: str = "X_scmmgpt", batch_size: int = 64,
-          layer: str | None = None, use_raw: bool = False, gene_symbol_key: str | None = None,
+          layer: str | None = None, use_raw: bool = False, gene_symbol_key: str | None = None, min_coverage: float = 0.5,
           device: str | None = None, precision: str = "auto", progress: bool = False, copy: bool = False):
     """Embed cells with the model's cell encoder and Q-Former.
 
@@ -47,6 +47,9 @@ def embed(adata, model, *, aligned: bool = True, key_added: str = "X_scmmgpt", b
         ``.obsm`` key of the embedding.
     layer, use_raw, gene_symbol_key
         Which matrix and which gene names to read.
+    min_coverage
+        Refuse data whose genes in the model's vocabulary hold less than this fraction of the
+        expression (default 0.5; lower it to proceed on a partly covered file, with a warning).
     precision
         ``auto | fp32 | bf16 | fp16`` (:mod:`scmmgpt.utils.precision`; ``auto`` is bf16 where the
         hardware has native bf16 matmul). The choice made is stored with the parameters.
@@ -63,7 +66,8 @@ def embed(adata, model, *, aligned: bool = True, key_added: str = "X_scmmgpt", b
     """
     adata = start(adata, copy)
     model = resolve_model(model, device=device, with_lm=False)
-    mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key)
+    mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key,
+                     min_coverage=min_coverage)
     prec = model.precision(precision)
     cls, feats = _cell_features(model, mc, batch_size, progress, "embed", prec)
     adata.obsm[key_added] = full_rows(cls.numpy(), mc.rows, mc.n_obs)
@@ -77,7 +81,8 @@ def embed(adata, model, *, aligned: bool = True, key_added: str = "X_scmmgpt", b
 
 def search(adata, model, query: str | Sequence[str], *, top_k: int = 10, expand: bool = True,
            key_added: str | None = None, batch_size: int = 64, layer: str | None = None, use_raw: bool = False,
-           gene_symbol_key: str | None = None, device: str | None = None, precision: str = "auto",
+           gene_symbol_key: str | None = None, min_coverage: float = 0.5, device: str | None = None,
+             precision: str = "auto",
            progress: bool = False) -> pd.DataFrame:
     """The cells that best match free-text queries.
 
@@ -102,7 +107,8 @@ def search(adata, model, query: str | Sequence[str], *, top_k: int = 10, expand:
         raise InputDataError("top_k must be >= 1.")
     model = resolve_model(model, device=device, with_lm=False)
     texts = query_texts(queries, expand=expand)
-    mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key)
+    mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key,
+                     min_coverage=min_coverage)
     sims, index = [], []
     for idx, sim in model.iter_label_scores(batches(model, mc.dataset, batch_size, progress=progress, desc="search"),
                                             Candidates(list(queries), [""] * len(queries), texts),

@@ -18,7 +18,7 @@ __all__ = ["describe", "generate"]
 
 def describe(adata, model, *, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 0.9, seed: int | None = 0, key_added: str = "scmmgpt_description", batch_size: int = 16,
-             layer: str | None = None, use_raw: bool = False, gene_symbol_key: str | None = None,
+             layer: str | None = None, use_raw: bool = False, gene_symbol_key: str | None = None, min_coverage: float = 0.5,
              device: str | None = None, precision: str = "auto", progress: bool = False, copy: bool = False):
     """Generate a text description of every cell (paper §3.3, CDGen direction).
 
@@ -44,7 +44,8 @@ def describe(adata, model, *, max_new_tokens: int = 64, do_sample: bool = False,
     adata = start(adata, copy)
     model = resolve_model(model, device=device)
     require_lm(model, "describe", ("lm_proj.",))
-    mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key)
+    mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key,
+                     min_coverage=min_coverage)
     texts, index = [], []
     prec = model.precision(precision)
     with seeded(seed):
