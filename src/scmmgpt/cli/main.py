@@ -95,6 +95,35 @@ def _shard():
     return add, run
 
 
+@command("corpus")
+def _corpus():
+    """Build a pre-training corpus from labelled datasets: labels harmonised to the Cell Ontology
+    (ambiguous and unmatched cells left out, counted), one gene vocabulary, each dataset's measured
+    genes recorded, written as shards; pass the folder as --data to pretrain."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("data", nargs="+", help=".h5ad files (obs: cell_type, cell_type_ontology_term_id), or "
+                                               "pbmc68k_reduced for the bundled PBMCs")
+        p.add_argument("--out", required=True, help="corpus folder")
+        p.add_argument("--label-key", default="cell_type", help="obs column with cell type labels")
+        p.add_argument("--organism", default="homo_sapiens", choices=("homo_sapiens", "mus_musculus"))
+        p.add_argument("--cells-per-shard", type=int, default=50_000)
+        p.add_argument("--workers", type=int, default=1, help="processes on this machine")
+
+    def run(args: argparse.Namespace) -> int:
+        from ..data.corpus import CorpusEntry, build_corpus
+
+        info = build_corpus([CorpusEntry(d, label_key=args.label_key) for d in args.data], args.out,
+                            organism=args.organism, cells_per_shard=args.cells_per_shard, workers=args.workers,
+                            progress=True)
+        print(json.dumps({"out": args.out, "cells": info["n_cells"], "genes": info["n_genes"],
+                          "datasets": {r["name"]: r.get("n_kept", r.get("skipped")) for r in info["datasets"]}},
+                         indent=2))
+        return 0
+
+    return add, run
+
+
 @command("demo")
 def _demo():
     """Train scMMGPT on the bundled PBMCs (or --data) on a CPU and report on held-out cells:
@@ -525,6 +554,8 @@ def _search():
         p.add_argument("--layer", default=None)
         p.add_argument("--use-raw", action="store_true")
         p.add_argument("--gene-symbol-key", default=None)
+        p.add_argument("--min-coverage", type=float, default=0.5,
+                       help="least share of the expression in the model's genes (default 0.5)")
         _add_model_args(p, data=False)
 
     def run(args: argparse.Namespace) -> int:

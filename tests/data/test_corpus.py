@@ -1,0 +1,91 @@
+"""The pre-training corpus (issue 18, item 2): labels harmonised to the Cell Ontology, ambiguous and
+other-organism cells left out and counted, one vocabulary over every dataset's genes, each dataset's
+measured genes recorded, shards that training reads."""
+
+import json
+
+import numpy as np
+import pytest
+
+from scmmgpt.data.corpus import CorpusEntry, build_corpus, harmonise_labels, load_corpus_info
+from scmmgpt.data.labelled import DataConfig, load_labelled
+from scmmgpt.errors import InputDataError
+from tests.conftest import PBMC3K
+
+
+def _pbmc3k_variant(tmp_path):
+    """The repository's pbmc3k subset with an ambiguous label, a mouse cell, an unmatched label and
+    a label known only by name (no id), written as a second dataset."""
+    import anndata as ad
+
+    a = ad.read_h5ad(PBMC3K)[:300].copy()
+    obs = a.obs
+    for col in ("cell_type", "cell_type_ontology_term_id", "organism"):
+        obs[col] = obs[col].astype(str)
+    obs.iloc[0, obs.columns.get_loc("cell_type")] = "?"
+    obs.iloc[1, obs.columns.get_loc("organism")] = "Mus musculus"
+    obs.iloc[2, obs.columns.get_loc("cell_type")] = "glorp cell"
+    obs.iloc[2, obs.columns.get_loc("cell_type_ontology_term_id")] = ""
+    obs.iloc[3, obs.columns.get_loc("cell_type")] = "B lymphocyte"          # a CL synonym
+    obs.iloc[3, obs.columns.get_loc("cell_type_ontology_term_id")] = ""
+    a = a[:, :2000].copy()                                                # measures fewer genes
+    f = tmp_path / "variant.h5ad"
+    a.write_h5ad(f)
+    return f
+
+
+def test_harmonise_labels_by_id_name_synonym_and_map():
+    import pandas as pd
+
+    obs = pd.DataFrame({"cell_type": ["whatever", "B lymphocyte", "unknown", "CD19+ B", "glorp"],
+                        "cell_type_ontology_term_id": ["CL:0000236", "", "", "", ""]})
+    t = harmonise_labels(obs, label_map={"CD19+ B": "CL:0000236"})
+    assert t["status"].tolist() == ["ok", "ok", "ambiguous", "ok", "unresolved"]
+    assert t["cl_id"].tolist()[:2] == ["CL:0000236", "CL:0000236"] and t["cl_name"][0] == "B cell"
+    with pytest.raises(InputDataError, match="no label column 'celltype'"):
+        harmonise_labels(obs, label_key="celltype")
+
+
+def test_build_corpus_from_two_datasets(tmp_path):
+    variant = _pbmc3k_variant(tmp_path)
+    out = tmp_path / "corpus"
+    info = build_corpus(["pbmc68k_reduced", CorpusEntry(str(variant), name="pbmc3k_part")], out,
+                        cells_per_shard=200)
+    assert info == load_corpus_info(out) == json.loads((out / "corpus.json").read_text())
+    rec = {r["name"]: r for r in info["datasets"]}
+    v = rec["pbmc3k_part"]
+    assert (v["left_out_ambiguous"], v["left_out_organism"], v["left_out_unresolved"]) == (1, 1, 1)
+    assert v["unresolved_labels"] == ["glorp cell"] and v["n_kept"] == 297
+    assert rec["pbmc68k_reduced"]["n_kept"] == 700 and rec["pbmc68k_reduced"]["left_out_ambiguous"] == 0
+    # pbmc68k's marker-style labels became CL names: both datasets speak one label language
+    assert "B cell" in rec["pbmc68k_reduced"]["types"] and "B cell" in v["types"]
+    # one vocabulary over both datasets' genes; each dataset's measured genes recorded
+    lab = load_labelled(DataConfig(path=str(out), label_key="cell_type"))
+    assert len(lab.cells) == 997 and info["n_cells"] == 997
+    m68, m3k = (np.load(out / "measured" / f"{n}.npy") for n in ("pbmc68k_reduced", "pbmc3k_part"))
+    assert m68.sum() == rec["pbmc68k_reduced"]["n_measured_genes"] <= 765
+    assert m3k.sum() == v["n_measured_genes"] <= 2000
+    assert (m68 | m3k).sum() == info["n_genes"] and (m68 & ~m3k).any() and (m3k & ~m68).any()
+    assert set(lab.descriptions["cell_type"].astype(str)) == set(rec["pbmc68k_reduced"]["types"]) | set(v["types"])
+    assert not lab.descriptions["ambiguous"].any()
+    # the cell labelled by a synonym only is read as its term
+    import anndata as ad
+
+    kept = ad.read_h5ad(out / v["input"])
+    third = kept.obs.iloc[0]             # rows 0-2 were left out; row 3 is the synonym
+    assert third["cell_type_original"] == "B lymphocyte" and third["cell_type"] == "B cell"
+    assert third["cell_type_ontology_term_id"] == "CL:0000236" and third["dataset"] == "pbmc3k_part"
+    # a second run on the same folder keeps what is there
+    again = build_corpus(["pbmc68k_reduced", CorpusEntry(str(variant), name="pbmc3k_part")], out,
+                         cells_per_shard=200)
+    assert again["n_cells"] == 997
+
+
+def test_corpus_refuses_clashing_names_and_skips_other_organisms(tmp_path):
+    with pytest.raises(InputDataError, match="share a name"):
+        build_corpus(["pbmc68k_reduced", "pbmc68k_reduced"], tmp_path / "c")
+    with pytest.raises(InputDataError, match="organism must be one of"):
+        build_corpus(["pbmc68k_reduced"], tmp_path / "c", organism="zebrafish")
+    # a dataset of another organism is skipped whole, with the reason
+    with pytest.raises(InputDataError, match="its genes are homo_sapiens, not mus_musculus"):
+        build_corpus(["pbmc68k_reduced"], tmp_path / "m", organism="mus_musculus")
