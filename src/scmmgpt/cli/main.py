@@ -67,9 +67,7 @@ def _shard():
         p.add_argument("--layer", default=None, help="matrix to read (default: X)")
         p.add_argument("--use-raw", action="store_true", help="read adata.raw.X")
         p.add_argument("--cells-per-shard", type=int, default=50_000)
-        p.add_argument("--min-coverage", type=float, default=0.5,
-                       help="refuse a file whose genes in the vocabulary hold less than this fraction of its "
-                            "expression (default 0.5)")
+        _add_min_coverage(p)
         p.add_argument("--workers", type=int, default=1, help="processes on this machine")
         p.add_argument("--rank", type=int, default=None, help="this node's rank (default: $RANK)")
         p.add_argument("--world-size", type=int, default=None, help="number of nodes (default: $WORLD_SIZE)")
@@ -236,6 +234,12 @@ def _finetune():
 
 
 # ---------------------------------------------------------------------------------- inference
+def _add_min_coverage(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-coverage", type=float, default=0.5,
+                   help="refuse data whose genes in the vocabulary hold less than this fraction of the "
+                        "expression (default 0.5)")
+
+
 def _add_model_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     p.add_argument("--model", default=None,
                    help="model folder (default: $SCMMGPT_MODEL, else the model of the last "
@@ -252,9 +256,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
         p.add_argument("--layer", default=None, help="matrix to read (default: X)")
         p.add_argument("--use-raw", action="store_true", help="read adata.raw.X")
         p.add_argument("--gene-symbol-key", default=None, help="var column with gene symbols")
-        p.add_argument("--min-coverage", type=float, default=0.5,
-                       help="refuse data whose genes in the model's vocabulary hold less than this fraction of "
-                            "the expression (default 0.5)")
+        _add_min_coverage(p)
 
 
 def _load_model(args, *, with_lm: bool):
@@ -554,8 +556,7 @@ def _search():
         p.add_argument("--layer", default=None)
         p.add_argument("--use-raw", action="store_true")
         p.add_argument("--gene-symbol-key", default=None)
-        p.add_argument("--min-coverage", type=float, default=0.5,
-                       help="least share of the expression in the model's genes (default 0.5)")
+        _add_min_coverage(p)
         _add_model_args(p, data=False)
 
     def run(args: argparse.Namespace) -> int:

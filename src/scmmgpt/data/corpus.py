@@ -104,7 +104,6 @@ def _read(entry: CorpusEntry) -> tuple[Any, dict[str, str]]:
 
         a = pbmc68k_reduced()
         full = ad.AnnData(X=a.raw.X.copy(), obs=a.obs.copy(), var=pd.DataFrame(index=a.raw.var_names))
-        full.obs["organism"] = "Homo sapiens"
         return full, PBMC68K_LABEL_MAP
     a = read_h5ad(entry.path)
     X, var_names, _ = select_matrix(a, layer=entry.layer, use_raw=entry.use_raw)
@@ -122,6 +121,7 @@ def build_corpus(entries: Sequence[CorpusEntry | str | os.PathLike[str]], out: s
     Re-running on the same folder finishes an interrupted run (complete shards are kept).
     """
     from .genes import detect_organism
+    from .pipeline import vocab_from_adata
     from .shards import write_shards
 
     if organism not in _ORGANISMS:
@@ -176,7 +176,7 @@ def build_corpus(entries: Sequence[CorpusEntry | str | os.PathLike[str]], out: s
             sub.write_h5ad(tmp)
             os.replace(tmp, path)
         written.append(path)
-        genes.update(_symbols(sub))
+        genes.update(vocab_from_adata(sub).tokens[len(SPECIAL_TOKENS):])
         rec.update({"n_kept": int(sub.n_obs), "types": sub.obs["cell_type"].value_counts().to_dict(),
                     "input": str(path.relative_to(out))})
         records.append(rec)
@@ -204,12 +204,6 @@ def build_corpus(entries: Sequence[CorpusEntry | str | os.PathLike[str]], out: s
             "entries": [{**asdict(e), "label_map": dict(e.label_map)} for e in items]}
     atomic_write_text(out / "corpus.json", json.dumps(info, indent=1))
     return info
-
-
-def _symbols(adata: Any) -> list[str]:
-    from .genes import to_symbols
-
-    return [g for g in to_symbols(adata.var_names) if g]
 
 
 def load_corpus_info(path: str | os.PathLike[str]) -> dict[str, Any]:
