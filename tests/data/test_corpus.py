@@ -46,11 +46,18 @@ def test_harmonise_labels_by_id_name_synonym_and_map():
         harmonise_labels(obs, label_key="celltype")
 
 
-def test_build_corpus_from_two_datasets(tmp_path):
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("corpus")
     variant = _pbmc3k_variant(tmp_path)
     out = tmp_path / "corpus"
     info = build_corpus(["pbmc68k_reduced", CorpusEntry(str(variant), name="pbmc3k_part")], out,
                         cells_per_shard=200)
+    return variant, out, info
+
+
+def test_build_corpus_from_two_datasets(corpus):
+    variant, out, info = corpus
     assert info == load_corpus_info(out) == json.loads((out / "corpus.json").read_text())
     rec = {r["name"]: r for r in info["datasets"]}
     v = rec["pbmc3k_part"]
@@ -89,3 +96,58 @@ def test_corpus_refuses_clashing_names_and_skips_other_organisms(tmp_path):
     # a dataset of another organism is skipped whole, with the reason
     with pytest.raises(InputDataError, match="its genes are homo_sapiens, not mus_musculus"):
         build_corpus(["pbmc68k_reduced"], tmp_path / "m", organism="mus_musculus")
+
+
+def test_corpus_cells_scored_on_their_own_datasets_genes(corpus):
+    """Each cell's PCGen mask is its source dataset's measured genes, not the union of the corpus."""
+    import torch
+
+    from scmmgpt.data.source import measured_genes
+    from scmmgpt.modules.losses import pcgen_loss
+    from scmmgpt.train.loop import _batch_measured, _measured_for
+
+    _, out, _ = corpus
+    lab = load_labelled(DataConfig(path=str(out), label_key="cell_type"))
+    mg = measured_genes(lab.cells)
+    assert mg.names == ("pbmc3k_part", "pbmc68k_reduced")
+    np.testing.assert_array_equal(mg.masks[0], np.load(out / "measured" / "pbmc3k_part.npy"))
+    np.testing.assert_array_equal(mg.masks[1], np.load(out / "measured" / "pbmc68k_reduced.npy"))
+    assert all(str(n).startswith(mg.names[g] + ":") for n, g in zip(lab.cells.obs_names, mg.group))
+    rows = np.array([5, 900, 3, 990])          # pbmc68k_reduced (700 cells) comes first
+    assert measured_genes(lab.cells.subset(rows)).group.tolist() == mg.group[rows].tolist() == [1, 0, 1, 0]
+    # a batch of cells from both: each scored on its own genes
+    ds = lab.dataset("train", max_genes=64)
+    masks, group = _measured_for("by_source", ds, "cpu")
+    assert masks.shape == (2, len(lab.vocab)) and group.shape == (len(ds),)
+
+    class _B:
+        index = torch.arange(len(ds))[:8]
+
+    m = _batch_measured(masks, group, _B())
+    pred, target = torch.randn(8, len(lab.vocab)), torch.randn(8, len(lab.vocab))
+    own = torch.from_numpy(mg.masks[measured_genes(ds.cells).group[:8]])
+    by_hand = torch.stack([((pred[i] - target[i])[own[i]] ** 2).mean() for i in range(8)]).mean()
+    assert torch.allclose(pcgen_loss(pred, target, m), by_hand)
+    assert not torch.allclose(pcgen_loss(pred, target, torch.from_numpy(mg.union)), by_hand)
+
+
+def test_corpus_training_balances_sources_and_types(corpus):
+    """Training on a corpus draws balanced batches by default (train.balance=auto)."""
+    from scmmgpt.errors import ConfigError
+    from scmmgpt.models.config import ModelConfig
+    from scmmgpt.models.scmmgpt import ScMMGPT
+    from scmmgpt.train.config import TrainConfig
+    from scmmgpt.train.loop import fit
+
+    _, out, _ = corpus
+    lab = load_labelled(DataConfig(path=str(out), label_key="cell_type"))
+    cfg = ModelConfig.from_preset("tiny", max_genes=32)
+    cfg.qformer.n_layers, cfg.qformer.n_query, cfg.qformer.cross_attention_freq = 1, 2, 1
+    model = ScMMGPT.build(cfg, lab.vocab, with_lm=False)
+    train = lab.dataset("train", max_genes=32)
+    tc = TrainConfig(stage="stage1", max_steps=2, batch_size=8, warmup_steps=1, progress=False, log_every=1)
+    r = fit(model, train, tc, measured="by_source", train_types=lab.types("train"))
+    assert r["balance"] == "source_type" and r["steps"] == 2 and np.isfinite(r["history"][-1]["loss"])
+    assert fit(model, train, tc, measured="by_source")["balance"] == "source"
+    with pytest.raises(ConfigError, match="needs each training cell's type"):
+        fit(model, train, TrainConfig(**{**tc.to_dict(), "balance": "type"}), measured="by_source")

@@ -92,3 +92,66 @@ def test_binned_dataset(pbmc68k):
     ds = CellTextDataset(cells, cls_id=vocab.cls_id, max_genes=64, n_bins=51)
     item = ds[0]
     assert item["values"][0] == 0 and item["values"][1:].max() <= 50 and item["values"][1:].min() >= 1
+
+
+def _two_sources():
+    """A large source A (types x: 800, y: 100) and a small one B (z: 95, w: 5)."""
+    sources = np.array(["A"] * 900 + ["B"] * 100)
+    types = np.array(["x"] * 800 + ["y"] * 100 + ["z"] * 95 + ["w"] * 5)
+    return sources, types
+
+
+def test_balance_weights_temper_sources_and_types():
+    from scmmgpt.data.dataset import balance_weights
+
+    sources, types = _two_sources()
+    stratum, p = balance_weights(sources, types, power=0.5)
+    share = {(s, t): p[stratum[i]] for i, (s, t) in enumerate(zip(sources, types))}
+    # sources: sqrt(900) : sqrt(100) = 3 : 1; types inside A: sqrt(800) : sqrt(100)
+    assert share["A", "x"] + share["A", "y"] == pytest.approx(0.75)
+    assert share["A", "x"] / share["A", "y"] == pytest.approx(np.sqrt(8))
+    assert share["B", "w"] == pytest.approx(0.25 * np.sqrt(5) / (np.sqrt(5) + np.sqrt(95)))
+    # power 1: as the data comes; power 0: every source and every type in it alike
+    _, p1 = balance_weights(sources, types, power=1.0)
+    assert sorted(p1) == pytest.approx(sorted(np.array([800, 100, 95, 5]) / 1000))
+    _, p0 = balance_weights(sources, types, power=0.0)
+    assert sorted(p0) == pytest.approx([0.25] * 4)
+    with pytest.raises(InputDataError, match="balance power must be in"):
+        balance_weights(sources, types, power=2.0)
+
+
+def test_balanced_sampler_shares_rare_types_and_resume():
+    from scmmgpt.data.dataset import BalancedBatchSampler, balance_weights
+
+    sources, types = _two_sources()
+    stratum, p = balance_weights(sources, types, power=0.5)
+    s = BalancedBatchSampler(stratum, p, 16, seed=3)
+    counts = np.zeros(len(types))
+    for epoch in range(5):
+        s.set_epoch(epoch)
+        batches = list(s)
+        assert len(batches) == len(s) == 1000 // 16 and all(len(b) == 16 for b in batches)
+        for b in batches:
+            np.add.at(counts, b, 1)
+    drawn = {t: counts[types == t].sum() / counts.sum() for t in "xyzw"}
+    expect = {t: p[stratum[np.flatnonzero(types == t)[0]]] for t in "xyzw"}
+    for t in "xyzw":
+        assert drawn[t] == pytest.approx(expect[t], abs=0.02), (drawn, expect)
+    assert drawn["x"] < 0.6 < 0.8            # the large type no longer fills the batches
+    assert drawn["w"] > 0.03 > 0.005         # the 5-cell type turns up ~9x as often as in the data
+    # a stratum hands out all of its cells before any of them again
+    w = counts[types == "w"]
+    assert w.max() - w.min() <= 5
+    # same seed and epoch: same batches; resuming with skip continues them; another epoch differs
+    s.set_epoch(2)
+    full = list(s)
+    s.set_epoch(2, skip=10)
+    assert list(s) == full[10:] and len(s) == len(full) - 10
+    s.set_epoch(3)
+    assert list(s) != full
+    # ranks: disjoint halves of the same batch list, equal length
+    ranks = [BalancedBatchSampler(stratum, p, 16, seed=3, num_replicas=2, rank=r) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(2)
+    b0, b1 = list(ranks[0]), list(ranks[1])
+    assert len(b0) == len(b1) == 31 and b0 == full[0:62:2] and b1 == full[1:62:2]

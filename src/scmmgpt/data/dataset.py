@@ -20,7 +20,7 @@ from .source import CellSource
 from .values import quantile_bin
 
 __all__ = ["tokenize_cell", "tokenize_for_bert", "tokenize_for_lm", "CellTextDataset", "CellBatch", "CellTextCollator", "LengthBucketSampler",
-           "stratified_split"]
+           "BalancedBatchSampler", "balance_weights", "stratified_split"]
 
 
 def tokenize_cell(gene_ids: np.ndarray, values: np.ndarray, *, cls_id: int, max_genes: int,
@@ -264,6 +264,91 @@ class LengthBucketSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return max(len(self._batches()) - self.skip, 0)
+
+
+def balance_weights(sources: Sequence[object] | np.ndarray, types: Sequence[object] | np.ndarray, *,
+                    power: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Sampling weights that temper both the size of each source dataset and of each cell type in it.
+
+    A source of ``n_d`` cells gets a share proportional to ``n_d ** power`` and, inside it, a type
+    of ``n_dt`` cells a share proportional to ``n_dt ** power`` (``power=1``: sample as the data
+    comes; ``0``: every source, and every type inside a source, equally often). This is the
+    temperature sampling of multilingual pre-training (Conneau et al., 2020, "Unsupervised
+    Cross-lingual Representation Learning at Scale", eq. for q_i with alpha = ``power``) applied at two levels.
+
+    Returns ``(stratum, p)``: each cell's stratum (a (source, type) pair) and each stratum's
+    probability of being drawn.
+    """
+    if not 0.0 <= power <= 1.0:
+        raise InputDataError(f"balance power must be in [0, 1], got {power}.")
+    src = np.asarray([str(v) for v in sources], dtype=object)
+    typ = np.asarray([str(v) for v in types], dtype=object)
+    if len(src) != len(typ):
+        raise InputDataError(f"{len(src)} sources for {len(typ)} types.")
+    pairs = np.char.add(np.char.add(src.astype(str), "\x1f"), typ.astype(str))
+    keys, stratum, counts = np.unique(pairs, return_inverse=True, return_counts=True)
+    key_src = np.array([k.split("\x1f", 1)[0] for k in keys], dtype=object)
+    src_names, src_of = np.unique(key_src.astype(str), return_inverse=True)
+    src_size = np.bincount(src_of, weights=counts)
+    src_share = src_size ** power / (src_size ** power).sum()
+    within = counts.astype(float) ** power
+    within /= np.bincount(src_of, weights=within)[src_of]
+    return stratum.astype(np.int64), src_share[src_of] * within
+
+
+class BalancedBatchSampler(Sampler[list[int]]):
+    """Batches whose cells are drawn stratum by stratum with the probabilities of
+    :func:`balance_weights`: a large dataset does not fill every batch and rare types keep turning up.
+
+    An epoch has as many full batches as the data has (``len // batch_size``). Each cell slot draws
+    a stratum; each stratum hands out its cells in a fresh random order, starting over when it has
+    used them all (so a rare type's cells repeat within an epoch and a common type's are not all
+    seen). The draw depends only on ``seed`` and the epoch, so resuming mid-epoch (``set_epoch(e,
+    skip)``) continues the same batches. With ``num_replicas > 1`` each rank takes every
+    ``num_replicas``-th batch.
+    """
+
+    def __init__(self, stratum: np.ndarray, p: np.ndarray, batch_size: int, *, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        if batch_size < 1:
+            raise InputDataError("batch_size must be >= 1.")
+        self.stratum = np.asarray(stratum, dtype=np.int64)
+        self.p = np.asarray(p, dtype=float) / float(np.sum(p))
+        self.members = [np.flatnonzero(self.stratum == k) for k in range(len(self.p))]
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.skip = 0
+        self.num_replicas = num_replicas
+        self.rank = rank
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch = epoch
+        self.skip = skip
+
+    def _n_batches(self) -> int:
+        per_rank = len(self.stratum) // self.batch_size // self.num_replicas
+        return per_rank * self.num_replicas
+
+    def _batches(self) -> list[list[int]]:
+        n_batches = self._n_batches()
+        rng = np.random.default_rng([self.seed, self.epoch])
+        draws = rng.choice(len(self.p), size=n_batches * self.batch_size, p=self.p)
+        cells = np.empty(len(draws), dtype=np.int64)
+        for k, members in enumerate(self.members):
+            slots = np.flatnonzero(draws == k)
+            if len(slots):
+                reps = -(-len(slots) // len(members))
+                order = np.concatenate([rng.permutation(members) for _ in range(reps)])
+                cells[slots] = order[:len(slots)]
+        batches = cells.reshape(n_batches, self.batch_size).tolist() if n_batches else []
+        return batches[self.rank::self.num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._batches()[self.skip:]
+
+    def __len__(self) -> int:
+        return max(self._n_batches() // self.num_replicas - self.skip, 0)
 
 
 def stratified_split(labels: Sequence[object] | np.ndarray, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), *, seed: int = 0,

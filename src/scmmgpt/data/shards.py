@@ -44,6 +44,7 @@ from .vocab import GeneVocab
 
 if TYPE_CHECKING:
     from .census import SomaSource
+    from .source import MeasuredGenes
 
 __all__ = ["ShardTask", "write_shards", "ShardedCells", "is_shard_dir", "load_shard_descriptions"]
 
@@ -338,6 +339,25 @@ class ShardedCells:
         indices = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
         data = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.float32)
         return sp.csr_matrix((data, indices, indptr), shape=(len(parts), n_genes))
+
+    def measured_genes(self) -> "MeasuredGenes":
+        """Each cell's source file (one group per distinct ``source`` of the manifest, named by its
+        stem) and the genes that source measured: the union of its shards' ``measured.npy``."""
+        from .source import MeasuredGenes
+
+        if "by_source" not in self._shared:
+            shards = self._shared["manifest"]["shards"]
+            sources = sorted({s["source"] for s in shards})
+            masks = np.zeros((max(len(sources), 1), len(self.measured)), dtype=bool)
+            shard_group = np.array([sources.index(s["source"]) for s in shards], dtype=np.int64)
+            for s, g in zip(shards, shard_group):
+                masks[g] |= np.load(self.path / s["name"] / "measured.npy")
+            all_rows = np.arange(int(self._shared["offsets"][-1]))
+            shard_of = np.searchsorted(self._shared["offsets"], all_rows, side="right") - 1
+            self._shared["by_source"] = (masks, shard_group[shard_of] if len(shards) else all_rows,
+                                         tuple(Path(s).stem for s in sources) or ("data",))
+        masks, group, names = self._shared["by_source"]
+        return MeasuredGenes(masks, group[self.rows], names)
 
     @property
     def manifest(self) -> dict[str, Any]:

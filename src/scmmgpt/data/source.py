@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import scipy.sparse as sp
 
 from .prepare import GeneMatch
 
-__all__ = ["CellSource"]
+__all__ = ["CellSource", "MeasuredGenes", "measured_genes"]
 
 
 @runtime_checkable
@@ -57,3 +58,47 @@ class CellSource(Protocol):
     def subset(self, rows: np.ndarray) -> "CellSource":
         """The cells at positions ``rows``."""
         ...
+
+
+@dataclass(frozen=True)
+class MeasuredGenes:
+    """Which genes each cell's source dataset measured: the PCGen loss and the generation metrics
+    score a cell only on those (a corpus joins datasets with different gene panels, and a gene one
+    dataset never measured is not a zero in its cells)."""
+
+    masks: np.ndarray
+    """(G, V) bool: the genes of each source."""
+    group: np.ndarray
+    """(N,) int: the source of each cell."""
+    names: tuple[str, ...]
+    """Name of each source."""
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def rows(self, idx: Any) -> np.ndarray:
+        """(len(idx), V) bool masks of the given cells."""
+        return self.masks[self.group[np.asarray(idx)]]
+
+    @property
+    def union(self) -> np.ndarray:
+        """(V,) bool: genes any source measured."""
+        return np.asarray(self.masks.any(axis=0), dtype=bool)
+
+
+def measured_genes(cells: CellSource) -> MeasuredGenes:
+    """Per-source measured genes of ``cells``: a shard folder knows the source file of each shard
+    (:meth:`~scmmgpt.data.shards.ShardedCells.measured_genes`); any other source is one dataset."""
+    by_source = getattr(cells, "measured_genes", None)
+    if callable(by_source):
+        result = by_source()
+        assert isinstance(result, MeasuredGenes)
+        return result
+    return MeasuredGenes(np.asarray(cells.measured, dtype=bool)[None], np.zeros(len(cells), dtype=np.int64),
+                         ("data",))
+
+
+def source_names(cells: CellSource) -> Sequence[str]:
+    """The source (dataset) name of each cell."""
+    m = measured_genes(cells)
+    return [m.names[g] for g in m.group]

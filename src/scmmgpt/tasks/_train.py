@@ -31,13 +31,13 @@ def train_two_stages(model, lab, rc, *, stage1_steps: int, stage2_steps: int, st
     t0 = time.perf_counter()
     r1 = fit(model, lab.dataset("train", max_genes=mc.max_genes, n_bins=nb), cfg1, val=val1,
              val_labels=lab.types("val") if val1 is not None else None, label_terms=lab.label_set(),
-             measured=lab.cells.measured)
+             measured="by_source", train_types=lab.types("train"))
     r1["seconds"] = time.perf_counter() - t0
     cfg2 = type(cfg1).from_dict({**cfg1.to_dict(), "stage": "stage2", "max_steps": stage2_steps,
                                  "batch_size": stage2_batch, "lr_new": 2e-3, "t2c_warmup_steps": t2c_warmup_steps,
                                  "warmup_steps": max(1, stage2_steps // 10), "log_every": 5,
                                  "out_dir": None if out_dir is None else str(Path(out_dir) / "train-stage2")})
     r2 = fit(model, lab.dataset("train", max_genes=mc.max_genes, with_targets=True, n_bins=nb), cfg2,
-             measured=lab.cells.measured)
+             measured="by_source", train_types=lab.types("train"))
     r2["seconds"] = time.perf_counter() - t0 - r1["seconds"]
     return r1, r2

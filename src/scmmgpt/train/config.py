@@ -58,6 +58,15 @@ class TrainConfig:
     """Batch cells of similar length (less padding). ``None``: off for the contrastive stages
     (stage1/annotate), whose in-batch negatives need mixed batches — cell length follows cell type,
     so length-sorted batches hold one type and CTC learns little — and on for the others."""
+    balance: Literal["auto", "none", "type", "source", "source_type"] = "auto"
+    """How batches are drawn (:class:`~scmmgpt.data.dataset.BalancedBatchSampler`): ``none`` takes
+    cells as the data comes; ``source`` tempers the share of each source dataset of a shard folder
+    (a corpus) by ``balance_power``, ``type`` that of each cell type, ``source_type`` both (a type's
+    share inside its source). ``auto``: ``source_type`` when the training cells come from more than
+    one source, else ``none``. Needs the cells' types (``fit(train_types=...)``) for the type kinds."""
+    balance_power: float = 0.5
+    """Exponent of :func:`~scmmgpt.data.dataset.balance_weights`: 1 samples as the data comes,
+    0 makes every source (and every type in it) equally likely."""
     val_every: int | None = None
     """Validate every N steps (and at the end) when a validation set is given."""
     val_max_cells: int = 512
@@ -89,6 +98,11 @@ class TrainConfig:
             raise ConfigError("t2c_warmup_steps must be >= 0 and t2c_warmup_batch >= 1.")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"Unknown train.precision {self.precision!r}; choose from {', '.join(PRECISIONS)}.")
+        if self.balance not in ("auto", "none", "type", "source", "source_type"):
+            raise ConfigError(f"Unknown train.balance {self.balance!r}; choose from auto, none, type, source, "
+                              "source_type.")
+        if not 0.0 <= self.balance_power <= 1.0:
+            raise ConfigError(f"train.balance_power must be in [0, 1], got {self.balance_power}.")
         stages = ("stage1", "stage2", "annotate", "describe", "generate")
         if self.stage not in stages:
             raise ConfigError(f"Unknown stage {self.stage!r}; choose from {stages}.")

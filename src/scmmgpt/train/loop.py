@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..data.dataset import CellTextDataset, LengthBucketSampler
+from ..data.dataset import BalancedBatchSampler, CellTextDataset, LengthBucketSampler, balance_weights
+from ..data.source import measured_genes
 from ..errors import CheckpointError, ConfigError, OutputError
 from ..eval.annotation import topk_accuracy
 from ..inference import evaluation_mode, iter_batches
@@ -47,6 +48,31 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
+def _measured_for(measured, ds: CellTextDataset, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(masks, group)`` for ``ds``: a (V,) mask and no group, or with ``"by_source"`` the (G, V)
+    masks of the cells' source datasets and each cell's source (one source: its (V,) mask)."""
+    if measured is None:
+        return None, None
+    if isinstance(measured, str):
+        if measured != "by_source":
+            raise ConfigError(f"measured must be a (V,) mask, 'by_source' or None, got {measured!r}.")
+        m = measured_genes(ds.cells)
+        masks = torch.from_numpy(m.masks).to(device)
+        if len(m.masks) == 1:
+            return masks[0], None
+        return masks, torch.from_numpy(m.group).to(device)
+    if isinstance(measured, torch.Tensor):
+        return measured.to(device), None
+    return torch.from_numpy(np.asarray(measured, dtype=bool)).to(device), None
+
+
+def _batch_measured(masks: torch.Tensor | None, group: torch.Tensor | None, batch) -> torch.Tensor | None:
+    """The PCGen mask of a batch: the shared (V,) mask, or each cell's source's (B, V)."""
+    if masks is None or group is None:
+        return masks
+    return masks.index_select(0, group.index_select(0, batch.index.to(group.device)))
+
+
 def validate(model, val: CellTextDataset, stage: str | StageSpec, *, batch_size: int, measured=None,
              max_cells: int = 512, seed: int = 0, labels: Sequence[str] | None = None,
              label_terms: Mapping[str, str] | None = None, precision: str = "auto") -> dict:
@@ -60,11 +86,12 @@ def validate(model, val: CellTextDataset, stage: str | StageSpec, *, batch_size:
     gen = torch.Generator().manual_seed(seed)
     totals: dict[str, float] = {}
     n_batches = 0
+    masks, group = _measured_for(measured, val, model.device)
     with evaluation_mode(model.net, precision):
         for batch in iter_batches(model, val, batch_size, with_text=True, indices=idx):
             if len(batch) < 2:
                 continue
-            out = model.net(batch, spec, measured, gen)
+            out = model.net(batch, spec, _batch_measured(masks, group, batch), gen)
             for k, v in {"loss": out.loss, **out.parts()}.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             n_batches += 1
@@ -196,7 +223,8 @@ class _Log:
 
 def fit(model, train: CellTextDataset, cfg: TrainConfig, *, val: CellTextDataset | None = None,
         val_labels: Sequence[str] | None = None, label_terms: Mapping[str, str] | None = None,
-        measured: np.ndarray | None = None, resume: bool = False, stop_after: int | None = None) -> dict:
+        measured: np.ndarray | str | None = None, train_types: Sequence[str] | None = None, resume: bool = False,
+        stop_after: int | None = None) -> dict:
     """Train ``model`` on ``train`` for ``cfg.max_steps`` optimiser steps.
 
     Parameters
@@ -211,7 +239,11 @@ def fit(model, train: CellTextDataset, cfg: TrainConfig, *, val: CellTextDataset
         Cell type of each ``val`` cell: alignment stages then report zero-shot Acc@1 over them (each
         type read with its Cell Ontology term from ``label_terms``, as ``LabelledCells.label_set()``).
     measured
-        (V,) bool genes the training data measured (PCGen mask).
+        (V,) bool genes the training data measured (PCGen mask), or ``"by_source"``: each cell is
+        scored on the genes its own source dataset measured (:func:`~scmmgpt.data.source.measured_genes`;
+        a corpus of shards from several datasets).
+    train_types
+        Cell type of each ``train`` cell, for ``cfg.balance`` by type.
     resume
         Continue from the newest checkpoint in ``cfg.out_dir``.
     stop_after
@@ -223,8 +255,8 @@ def fit(model, train: CellTextDataset, cfg: TrainConfig, *, val: CellTextDataset
     Returns
     -------
     dict with ``steps``, ``history`` (logged records), ``validation`` (last validation record),
-    ``t2c_warmup``, ``cells_per_s`` and ``precision`` (``cfg.precision`` resolved: ``bf16`` /
-    ``fp32`` / ``fp16``).
+    ``t2c_warmup``, ``cells_per_s``, ``precision`` (``cfg.precision`` resolved: ``bf16`` /
+    ``fp32`` / ``fp16``) and ``balance`` (``cfg.balance`` resolved).
     """
     if train.texts is None:
         raise ConfigError("Training needs a description for every cell (CellTextDataset(texts=...)).")
@@ -240,7 +272,7 @@ def fit(model, train: CellTextDataset, cfg: TrainConfig, *, val: CellTextDataset
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         try:
-            run = _setup(model, train, cfg, measured, resume)
+            run = _setup(model, train, cfg, measured, resume, train_types)
             return _train(run, model, cfg, val, val_labels, label_terms, stop_after)
         finally:
             torch.use_deterministic_algorithms(previous)
@@ -258,12 +290,17 @@ class _Run:
     """The unwrapped network."""
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    sampler: LengthBucketSampler
+    sampler: LengthBucketSampler | BalancedBatchSampler
+    balance: str
+    """``cfg.balance`` resolved (``none``, ``type``, ``source``, ``source_type``)."""
     loader: DataLoader
     params: list
     gen: torch.Generator
     """Hard-negative sampling."""
     measured: torch.Tensor | None
+    """(V,) PCGen mask, or (G, V) per source with ``measured_group``."""
+    measured_group: torch.Tensor | None
+    """(N,) source of each training cell (``measured="by_source"`` over several sources)."""
     out_dir: Path | None
     warmup: dict | None
     precision: Precision
@@ -283,7 +320,31 @@ def resolve_train_precision(cfg: TrainConfig, *, quiet: bool = False) -> TrainCo
     return dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device, quiet=quiet).name)
 
 
-def _setup(model, train: CellTextDataset, cfg: TrainConfig, measured, resume: bool) -> _Run:
+def _sampler(train: CellTextDataset, cfg: TrainConfig, train_types, spec: StageSpec, accelerator
+             ) -> tuple[LengthBucketSampler | BalancedBatchSampler, str]:
+    """The batch sampler ``cfg.balance`` asks for, and the balance it resolved to."""
+    sources = measured_genes(train.cells)
+    kind = cfg.balance
+    if kind == "auto":
+        kind = "none" if len(sources.names) == 1 else ("source_type" if train_types is not None else "source")
+    if kind != "none":
+        if "type" in kind and train_types is None:
+            raise ConfigError(f"train.balance={kind} needs each training cell's type (fit(train_types=...)); "
+                              "use train.balance=source or none.")
+        if train_types is not None and len(train_types) != len(train):
+            raise ConfigError(f"{len(train_types)} train_types for {len(train)} training cells.")
+        src = sources.group if "source" in kind else np.zeros(len(train), dtype=np.int64)
+        typ = np.asarray(train_types, dtype=object) if "type" in kind else np.zeros(len(train), dtype=np.int64)
+        stratum, p = balance_weights(src, typ, power=cfg.balance_power)
+        return BalancedBatchSampler(stratum, p, cfg.batch_size, seed=cfg.seed, num_replicas=accelerator.num_processes,
+                                    rank=accelerator.process_index), kind
+    random_batches = cfg.length_bucketing is False or (cfg.length_bucketing is None and spec.random_batches)
+    return LengthBucketSampler(train.lengths(), cfg.batch_size, seed=cfg.seed, drop_last=True,
+                               pool_batches=1 if random_batches else 50,
+                               num_replicas=accelerator.num_processes, rank=accelerator.process_index), kind
+
+
+def _setup(model, train: CellTextDataset, cfg: TrainConfig, measured, resume: bool, train_types=None) -> _Run:
     """Accelerator, trainable set, warm-up, optimiser, sampler, loader, and a resumed state."""
     from accelerate import Accelerator
 
@@ -305,23 +366,21 @@ def _setup(model, train: CellTextDataset, cfg: TrainConfig, measured, resume: bo
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     ckpt = latest_checkpoint(out_dir) if resume and out_dir is not None else None
     warmup = None
+    masks, group = _measured_for(measured, train, accelerator.device)
     if cfg.t2c_warmup_steps and spec.warm_up_text_to_cell and ckpt is None:
         # before DDP wraps the network (its construction broadcasts rank 0's weights to every rank)
         net.to(accelerator.device)
         warmup = warm_up_text_to_cell(
             model, train, steps=cfg.t2c_warmup_steps, batch_size=cfg.t2c_warmup_batch,
             lr=cfg.lr_new or cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, device=accelerator.device,
-            measured=torch.from_numpy(measured) if measured is not None else None)
+            measured=masks, measured_group=group)
     groups = model.param_groups(cfg.lr, cfg.lr_new)
     params = [p for g in groups for p in g["params"]]
     # fused AdamW: one kernel for every parameter (on a CPU ~8x faster than the per-tensor loop)
     fused = accelerator.device.type in ("cuda", "cpu")
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     scheduler = linear_schedule(optimizer, cfg.warmup_steps, cfg.max_steps)
-    random_batches = cfg.length_bucketing is False or (cfg.length_bucketing is None and spec.random_batches)
-    sampler = LengthBucketSampler(train.lengths(), cfg.batch_size, seed=cfg.seed, drop_last=True,
-                                  pool_batches=1 if random_batches else 50,
-                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    sampler, balance = _sampler(train, cfg, train_types, spec, accelerator)
     if len(sampler) == 0:
         raise ConfigError(f"{len(train)} training cells give no full batch of {cfg.batch_size} per process; "
                           "lower batch_size.")
@@ -333,9 +392,8 @@ def _setup(model, train: CellTextDataset, cfg: TrainConfig, measured, resume: bo
     core = accelerator.unwrap_model(wrapped)
     gen = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
     check_batch_memory(model, cfg.batch_size, training=True, with_lm=spec.needs_lm, device=accelerator.device)
-    meas = torch.from_numpy(measured).to(accelerator.device) if measured is not None else None
-    run = _Run(spec, accelerator, wrapped, core, optimizer, scheduler, sampler, loader, params, gen, meas, out_dir,
-               warmup, precision, scaler)
+    run = _Run(spec, accelerator, wrapped, core, optimizer, scheduler, sampler, balance, loader, params, gen, masks,
+               group, out_dir, warmup, precision, scaler)
     if ckpt is not None:
         state = _load(ckpt, core, optimizer, scheduler, gen, cfg)
         run.step, run.epoch, run.skip = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -366,7 +424,8 @@ def _train(run: _Run, model, cfg: TrainConfig, val, val_labels, label_terms, sto
             batch = batch.to(acc.device)
             with acc.accumulate(run.net):
                 with run.precision.autocast():
-                    out = run.net(batch, run.spec, run.measured, run.gen)
+                    out = run.net(batch, run.spec, _batch_measured(run.measured, run.measured_group, batch),
+                                  run.gen)
                 acc.backward(out.loss if run.scaler is None else run.scaler.scale(out.loss))
                 if acc.sync_gradients and cfg.clip_grad:
                     if run.scaler is not None:
@@ -394,7 +453,8 @@ def _train(run: _Run, model, cfg: TrainConfig, val, val_labels, label_terms, sto
                        "lr": run.scheduler.get_last_lr()[-1], "cells_per_s": n_cells / (time.perf_counter() - t0)}
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", cells_s=f"{rec['cells_per_s']:.1f}")
                 if want_val:
-                    last_val = validate(model, val, run.spec, batch_size=cfg.batch_size, measured=run.measured,
+                    last_val = validate(model, val, run.spec, batch_size=cfg.batch_size,
+                                        measured="by_source" if run.measured_group is not None else run.measured,
                                         max_cells=cfg.val_max_cells, seed=cfg.seed, labels=val_labels,
                                         label_terms=label_terms, precision=cfg.precision)
                     rec.update(last_val)
@@ -415,4 +475,5 @@ def _train(run: _Run, model, cfg: TrainConfig, val, val_labels, label_terms, sto
     # what was trained here is no longer at initialisation (as after save + reload)
     model.fresh_parameters -= {n for n, p in run.core.named_parameters() if p.requires_grad}
     return {"steps": run.step, "history": history, "validation": last_val, "t2c_warmup": run.warmup,
-            "cells_per_s": n_cells / max(time.perf_counter() - t0, 1e-9), "precision": cfg.precision}
+            "cells_per_s": n_cells / max(time.perf_counter() - t0, 1e-9), "precision": cfg.precision,
+            "balance": run.balance}

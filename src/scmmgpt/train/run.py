@@ -266,11 +266,11 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
             "source": lab.source, "train_types": lab.train_types,
             **{k: np.asarray(names[v]).astype(str).tolist() for k, v in lab.split.items()}}))
     result = fit(model, train, cfg, val=val, val_labels=lab.types("val") if val is not None else None,
-                 label_terms=lab.label_set(), measured=lab.cells.measured, resume=resume)
+                 label_terms=lab.label_set(), measured="by_source", train_types=lab.types("train"), resume=resume)
     if main:
         model.net.config = saved
         model.save_pretrained(out / "model")
     PartialState().wait_for_everyone()
     return {"model": str(out / "model"), "steps": result["steps"], "validation": result["validation"],
             "cells_per_s": round(result["cells_per_s"], 2), "split": {k: int(len(v)) for k, v in lab.split.items()},
-            "train_types": lab.train_types, "precision": result["precision"]}
+            "train_types": lab.train_types, "precision": result["precision"], "balance": result["balance"]}

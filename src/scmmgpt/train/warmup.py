@@ -46,10 +46,14 @@ def _cache_states(model, texts: list[str], device, chunk: int = 16) -> tuple[tor
 
 
 def warm_up_text_to_cell(model, train: CellTextDataset, *, steps: int, batch_size: int = 32, lr: float = 1e-3,
-                         weight_decay: float = 0.001, measured: torch.Tensor | None = None, seed: int = 0,
+                         weight_decay: float = 0.001, measured: torch.Tensor | None = None,
+                         measured_group: torch.Tensor | None = None, seed: int = 0,
                          max_texts: int = 2048, device: str | torch.device | None = None) -> dict:
     """Train the text-to-cell projector (not its dummy embeddings, which feed the LM) and the cell
     decoder for ``steps`` PCGen steps on cached LM states of ``train``'s descriptions.
+
+    ``measured`` is the (V,) PCGen mask, or with ``measured_group`` ((N,) source of each training
+    cell) the (G, V) masks of the sources.
 
     Both must already be trainable: the stage's entry in :data:`~scmmgpt.models.stages.STAGES`
     (``warm_up_text_to_cell``) says so, and ``set_trainable`` made them so; nothing is unfrozen here.
@@ -77,6 +81,7 @@ def warm_up_text_to_cell(model, train: CellTextDataset, *, steps: int, batch_siz
         uniq = uniq[keep]
     states, padding = _cache_states(model, [str(t) for t in uniq], device)
     meas = measured.to(device) if measured is not None else None
+    group = measured_group.to(device) if measured_group is not None else None
 
     params = [p for n, p in net.text_to_cell.named_parameters() if n != "dummy_embeds"]
     params += list(net.cell_decoder.parameters())
@@ -94,7 +99,9 @@ def warm_up_text_to_cell(model, train: CellTextDataset, *, steps: int, batch_siz
         t_idx = torch.from_numpy(inverse[pick]).to(device)
         target = torch.from_numpy(train.cells.rows_csr(pick).toarray()).to(device)
         feats = net.text_to_cell(states[t_idx], key_padding_mask=None if padding is None else padding[t_idx])
-        loss = pcgen_loss(net.cell_decoder(feats, gene_emb), target, meas)
+        rows = meas if meas is None or group is None else meas.index_select(
+            0, group.index_select(0, torch.from_numpy(pick).to(device)))
+        loss = pcgen_loss(net.cell_decoder(feats, gene_emb), target, rows)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
