@@ -14,11 +14,13 @@ __version__ = "0.1.0"
 __all__ = ["tl", "pl", "load_model", "__version__"]
 
 
-def load_model(path, *, with_lm=None, device="cpu"):
-    """Load a model folder written by ``save_pretrained`` (or a training run's ``model/``)."""
+def load_model(path, *, with_lm=None, device="cpu", revision=None):
+    """Load a model: a folder written by ``save_pretrained`` (or a training run's ``model/``), the
+    shipped pre-trained ``"pbmc-small"``, or a Hugging Face Hub repository ``"owner/name@<commit>"``
+    (see :meth:`~scmmgpt.models.scmmgpt.ScMMGPT.from_pretrained`)."""
     from .models.scmmgpt import ScMMGPT
 
-    return ScMMGPT.from_pretrained(path, with_lm=with_lm, device=device)
+    return ScMMGPT.from_pretrained(path, with_lm=with_lm, device=device, revision=revision)
 
 
 def __getattr__(name):

@@ -201,7 +201,7 @@ def _pretrain():
 
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("--stage", type=int, choices=(1, 2), required=True)
-        p.add_argument("--model", default=None, help="model folder to start from (required for stage 2)")
+        p.add_argument("--model", default=None, help="model to start from: a folder, pbmc-small or owner/name@COMMIT (required for stage 2)")
         p.add_argument("--cell-checkpoint", default=None,
                        help="stage 1: a scGPT checkpoint directory (args.json, vocab.json, best_model.pt) to start "
                             "the cell encoder from; its gene vocabulary, sizes, pad value and binning are used")
@@ -224,7 +224,8 @@ def _finetune():
 
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("--task", choices=("annotate", "describe", "generate"), required=True)
-        p.add_argument("--model", required=True, help="model folder to start from")
+        p.add_argument("--model", required=True,
+                       help="model to start from: a folder, pbmc-small or owner/name@COMMIT")
         _add_training_args(p)
 
     def run(args: argparse.Namespace) -> int:
@@ -242,7 +243,8 @@ def _add_min_coverage(p: argparse.ArgumentParser) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     p.add_argument("--model", default=None,
-                   help="model folder (default: $SCMMGPT_MODEL, else the model of the last "
+                   help="model folder, the shipped pre-trained `pbmc-small`, or a Hugging Face Hub repository "
+                        "owner/name@COMMIT (default: $SCMMGPT_MODEL, else the model of the last "
                         "`scmmgpt demo --set-default`)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--batch-size", type=int, default=None, help="cells per batch")

@@ -171,6 +171,8 @@ class ScMMGPTNetwork(nn.Module):
     # ------------------------------------------------------------------------------- policy
     def submodule_params(self, group: str) -> list[nn.Parameter]:
         """Parameters of one group of :data:`~scmmgpt.models.stages.SUBMODULES`."""
+        if group == "qformer" and not self.config.qformer.train_word_embeddings:
+            return [p for n, p in self.qformer.named_parameters() if not n.startswith("word_embeddings.")]
         if group in ("cell_encoder", "qformer"):
             return list(getattr(self, group).parameters())
         if group == "align_heads":
@@ -378,8 +380,12 @@ class ScMMGPTNetwork(nn.Module):
         return self.decode_cells(self.text_to_cell_features(lm_input_ids, lm_attention_mask)).clamp(min=0)
 
     def trained_state_dict(self, *, full: bool = False) -> dict[str, torch.Tensor]:
-        """Weights to store: everything except the frozen base LM (its LoRA adapters are kept)."""
+        """Weights to store: everything except the frozen base LM (its LoRA adapters are kept) and,
+        with ``qformer.train_word_embeddings=False``, the BERT's token embeddings (the bundled BERT
+        holds them)."""
         state = self.state_dict()
         if full:
             return state
-        return {k: v for k, v in state.items() if not k.startswith("lm.") or "lora_" in k}
+        frozen_words = not self.config.qformer.train_word_embeddings
+        return {k: v for k, v in state.items() if (not k.startswith("lm.") or "lora_" in k)
+                and not (frozen_words and k == "qformer.word_embeddings.weight")}

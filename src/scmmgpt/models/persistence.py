@@ -37,9 +37,17 @@ def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def write_model_folder(path: str | os.PathLike, config: ModelConfig, vocab: GeneVocab,
-                       state: dict[str, torch.Tensor], *, full: bool = False) -> None:
-    """Write ``config.json``, ``vocab.json``, ``model.safetensors`` and, last, ``manifest.json``."""
+                       state: dict[str, torch.Tensor], *, full: bool = False, dtype: str | None = None) -> None:
+    """Write ``config.json``, ``vocab.json``, ``model.safetensors`` and, last, ``manifest.json``.
+
+    ``dtype`` (``float16``, ``bfloat16``; ``None``: as held) stores the floating-point weights in
+    that precision, for a model shipped in little space; they load back into the model's own dtype."""
+    if dtype is not None and dtype not in _STORE_DTYPES:
+        raise CheckpointError(f"Unknown storage dtype {dtype!r}; choose from {sorted(_STORE_DTYPES)}.")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     manifest = path / "manifest.json"
@@ -48,6 +56,8 @@ def write_model_folder(path: str | os.PathLike, config: ModelConfig, vocab: Gene
     config.save(path / "config.json")
     vocab.save(path / "vocab.json")
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    if dtype is not None:
+        state = {k: v.to(_STORE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
     # tied weights share storage; safetensors needs distinct tensors
     seen: dict[int, str] = {}
     for k, v in list(state.items()):
@@ -57,7 +67,8 @@ def write_model_folder(path: str | os.PathLike, config: ModelConfig, vocab: Gene
         seen.setdefault(ptr, k)
     with atomic_path(path / "model.safetensors", suffix=".safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "full": str(full)})
-    info = {"files": {name: sha256(path / name) for name in FILES}, "full": full, "format": "scmmgpt-1"}
+    info = {"files": {name: sha256(path / name) for name in FILES}, "full": full, "format": "scmmgpt-1",
+            **({"stored_dtype": dtype} if dtype is not None else {})}
     atomic_write_text(manifest, json.dumps(info, indent=2))
 
 

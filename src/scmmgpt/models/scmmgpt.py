@@ -344,23 +344,47 @@ class ScMMGPT:
         return cut_to_tokens(self.lm_tokenizer, text, n_tokens)
 
     # ------------------------------------------------------------------------------- persistence
-    def save_pretrained(self, path: str | os.PathLike, *, full: bool = False) -> None:
+    def save_pretrained(self, path: str | os.PathLike, *, full: bool = False, dtype: str | None = None) -> None:
         """Write ``config.json``, ``vocab.json``, ``model.safetensors`` and ``manifest.json``
-        (the base LM is referenced by name unless ``full=True``)."""
+        (the base LM is referenced by name unless ``full=True``). ``dtype="float16"`` stores the
+        weights in half the space (they load back as the model's dtype)."""
         from .persistence import write_model_folder
 
-        write_model_folder(path, self.config, self.vocab, self.net.trained_state_dict(full=full), full=full)
+        write_model_folder(path, self.config, self.vocab, self.net.trained_state_dict(full=full), full=full,
+                           dtype=dtype)
+
+    def push_to_hub(self, repo_id: str, *, branch: str | None = None, private: bool | None = None,
+                    token: str | None = None, commit_message: str | None = None, card: str | None = None,
+                    dtype: str | None = None, api=None) -> str:
+        """Write the model folder (:meth:`save_pretrained`) with its model card (``README.md``:
+        ``card``, or :func:`~scmmgpt.models.hub.model_card`'s) and upload it to the Hugging Face Hub
+        repository ``repo_id`` as one commit. Returns the commit sha: load exactly these weights with
+        ``from_pretrained(f"{repo_id}@{sha}")``. ``api``: a ``huggingface_hub.HfApi``."""
+        from .hub import model_card, push_folder_to_hub, staging_dir
+
+        with staging_dir() as tmp:
+            folder = Path(tmp) / "model"
+            self.save_pretrained(folder, dtype=dtype)
+            (folder / "README.md").write_text(card if card is not None else
+                                              model_card(self.config, len(self.vocab), repo_id=repo_id))
+            return push_folder_to_hub(folder, repo_id, branch=branch, private=private, token=token,
+                                      commit_message=commit_message, api=api)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, with_lm: bool | None = None,
-                        device: str | torch.device = "cpu", overrides: dict | None = None) -> "ScMMGPT":
-        """Load a model written by :meth:`save_pretrained` (checksums verified). ``with_lm=None``
-        loads the LM side when the folder has one; ``True`` on a stage-1 model adds a fresh one.
-        ``overrides``: dotted config keys that do not touch stored weights (``{"lm.dtype": "bfloat16"}``;
-        :data:`~scmmgpt.models.config.RUNTIME_KEYS`)."""
+                        device: str | torch.device = "cpu", overrides: dict | None = None,
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> "ScMMGPT":
+        """Load a model written by :meth:`save_pretrained` (checksums verified): a folder, a model
+        shipped with the package (``"pbmc-small"``) or a Hugging Face Hub repository id
+        (``"owner/name@<commit>"``, or ``revision=``; read through the Hub cache in ``cache_dir``,
+        so ``HF_HUB_OFFLINE=1`` loads a cached revision with no network; :func:`~scmmgpt.models.hub.resolve_model`).
+        ``with_lm=None`` loads the LM side when the folder has one; ``True`` on a stage-1 model adds a
+        fresh one. ``overrides``: dotted config keys that do not touch stored weights
+        (``{"lm.dtype": "bfloat16"}``; :data:`~scmmgpt.models.config.RUNTIME_KEYS`)."""
+        from .hub import resolve_model
         from .persistence import LM_SIDE, read_model_folder
 
-        path = Path(path)
+        path = resolve_model(path, revision=revision, cache_dir=cache_dir)
         config, vocab, state, info = read_model_folder(path)
         for key, value in (overrides or {}).items():
             section, _, name = key.partition(".")
