@@ -98,11 +98,23 @@ def test_baselines_with_a_single_training_type():
 
 def test_annotation_benchmark_smoke(tmp_path, capsys):
     """The annotation protocol (Table 3) through the CLI on the repository's PBMCs, tiny schedules:
-    its table and record, scMMGPT beside its baselines in one run."""
-    out = tmp_path / "ann"
+    its table and record, scMMGPT beside its baselines in one run. Pre-trained on a corpus that
+    holds the evaluation dataset too: that dataset is left out of pre-training."""
+    from scmmgpt.data.corpus import build_corpus
+
+    build_corpus(["pbmc68k_reduced", str(PBMC3K)], tmp_path / "corpus", cells_per_shard=1000)
+    # pre-training on the evaluation file itself is refused: the zero-shot figure would not be zero-shot
     assert main(["benchmark", "annotation", "--fast", "--data", str(PBMC3K), "--pretrain-data", str(PBMC3K),
-                 "--fractions", "0.3", "--out", str(out)]) == 0
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--pretrain-data is the evaluation data" in capsys.readouterr().err
+    out = tmp_path / "ann"
+    assert main(["benchmark", "annotation", "--fast", "--data", str(PBMC3K), "--pretrain-data",
+                 str(tmp_path / "corpus"), "--fractions", "0.3", "--out", str(out)]) == 0
     rec = json.loads((out / "results.json").read_text())
+    assert rec["pretrain_left_out"] == [PBMC3K.stem]
+    assert set(rec["pretrain_types"]) <= set(json.loads((tmp_path / "corpus" / "corpus.json").read_text())
+                                             ["datasets"][0]["types"])      # pbmc68k's types only
+    assert f"with {PBMC3K.stem} left out" in (out / "results.md").read_text()
     zs = rec["results"]["zero_shot"]
     assert set(zs) == {"scmmgpt", "logreg", "knn", "random"} and rec["n_types"] == 9
     assert zs["logreg"]["all"]["acc@1"] > 0.8                          # the supervised reference, same run

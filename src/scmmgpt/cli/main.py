@@ -320,7 +320,9 @@ def _benchmark():
         p.add_argument("--suite", choices=["paper"], help="run every protocol on --data-dir")
         p.add_argument("--data-dir", help="folder with the suite's .h5ad files (--suite)")
         p.add_argument("--data", nargs="+", help="evaluation .h5ad (counts); several for batch")
-        p.add_argument("--pretrain-data", help="annotation: .h5ad the stage-1 model is pre-trained on")
+        p.add_argument("--pretrain-data", nargs="+",
+                       help="annotation: what stage 1 is pre-trained on: an .h5ad, several (joined into a corpus), "
+                            "or a corpus / shard folder; the --data dataset is left out of it")
         p.add_argument("--label-key", default="cell_type", help="obs column with cell type labels")
         p.add_argument("--out", required=True, help="output folder")
         p.add_argument("--fast", action="store_true", help="tiny schedules (for CI)")
@@ -344,7 +346,7 @@ def _benchmark():
         if not args.protocol or not args.data:
             raise InputDataError("Name a protocol and --data (e.g. `scmmgpt benchmark annotation --data X.h5ad "
                                  "--pretrain-data Y.h5ad --out DIR`), or use --suite paper --data-dir DIR.")
-        for path in [*args.data, *([args.pretrain_data] if args.pretrain_data else [])]:
+        for path in [*args.data, *(args.pretrain_data or [])]:
             if not Path(path).exists():
                 raise InputDataError(f"No such file: {path}")
         common = dict(label_key=args.label_key, seed=args.seed)
@@ -356,7 +358,8 @@ def _benchmark():
             kw = {k: v for k, v in (("pretrain_steps", args.pretrain_steps), ("finetune_steps", args.finetune_steps),
                                     ("fractions", tuple(args.fractions) if args.fractions else None)) if v is not None}
             kw.update(common, config=args.config, overrides=list(args.overrides))
-            b = (AnnotationBenchmark.fast if args.fast else AnnotationBenchmark)(args.data[0], args.pretrain_data, **kw)
+            pre = args.pretrain_data[0] if len(args.pretrain_data) == 1 else tuple(args.pretrain_data)
+            b = (AnnotationBenchmark.fast if args.fast else AnnotationBenchmark)(args.data[0], pre, **kw)
             rec = run_annotation_benchmark(b, args.out, progress=True, command=command)
         elif args.protocol in ("description", "generation"):
             from ..tasks.generative import GenerativeBenchmark, run_generative_benchmark

@@ -2,8 +2,11 @@
 
 ``annotation`` (paper Table 3, on the data at hand):
 
-1. *pre-train* stage 1 (CTC + CTM) on one dataset (``pretrain_data``); its vocabulary covers the
-   evaluation data's genes;
+1. *pre-train* stage 1 (CTC + CTM) on ``pretrain_data``: another dataset, several (joined into one
+   corpus by :func:`~scmmgpt.data.corpus.build_corpus`), or a corpus / shard folder, with batches
+   balanced across its datasets and types. A dataset of the corpus that *is* the evaluation data is
+   left out of pre-training (leave one dataset out), so a zero-shot figure never comes from cells,
+   or a dataset, that pre-training saw. Its vocabulary covers the evaluation data's genes;
 2. *zero-shot* on another dataset (``data``): every test cell scored against the descriptions of
    all of the dataset's cell types (none seen in training under this dataset's name; types shared
    with the pre-training data are "seen" as biology, not as these cells);
@@ -46,8 +49,9 @@ class AnnotationBenchmark:
 
     data: str
     """Evaluation ``.h5ad`` (counts in ``X``)."""
-    pretrain_data: str
-    """``.h5ad`` the stage-1 model is pre-trained on (another dataset)."""
+    pretrain_data: str | tuple[str, ...]
+    """What the stage-1 model is pre-trained on: an ``.h5ad`` (another dataset), several (joined
+    into a corpus), or a corpus / shard folder (``scmmgpt corpus`` / ``scmmgpt shard``)."""
     label_key: str = "cell_type"
     fractions: tuple[float, ...] = (0.1, 0.2, 0.3)
     """Fractions of the evaluation types fine-tuned on (paper: 10/20/30%)."""
@@ -61,7 +65,7 @@ class AnnotationBenchmark:
     overrides: list[str] = field(default_factory=list)
 
     @classmethod
-    def fast(cls, data: str, pretrain_data: str, **kw) -> "AnnotationBenchmark":
+    def fast(cls, data: str, pretrain_data: str | tuple[str, ...], **kw) -> "AnnotationBenchmark":
         kw["overrides"] = [*FAST_OVERRIDES, *kw.get("overrides", [])]
         return cls(data, pretrain_data, **{"fractions": (0.3,), "pretrain_steps": 8, "finetune_steps": 2, **kw})
 
@@ -129,6 +133,47 @@ def _baselines(lab, labels, truth, ids, truth_ids, ks, seed, train_idx, seen) ->
     return out
 
 
+def pretraining_cells(b: AnnotationBenchmark, out: Path, target_sum: float):
+    """``(cells, left_out)``: the labelled pre-training cells of ``b.pretrain_data`` and the names of
+    the datasets left out of them because they are the evaluation data (``b.data``: the same file,
+    or a corpus dataset made from it or named like it). Several files are first joined into a corpus
+    under ``out/pretrain-corpus``."""
+    from ..data.corpus import build_corpus
+    from ..data.labelled import DataConfig, load_labelled
+    from ..data.source import measured_genes
+    from ..errors import InputDataError
+
+    sources = [b.pretrain_data] if isinstance(b.pretrain_data, str) else list(b.pretrain_data)
+    if len(sources) > 1:
+        build_corpus(sources, out / "pretrain-corpus")
+        path = str(out / "pretrain-corpus")
+    else:
+        path = str(sources[0])
+    pre = load_labelled(DataConfig(path=path, label_key=b.label_key, split=b.split, seed=b.seed),
+                        target_sum=target_sum)
+    target = Path(b.data).resolve()
+    if Path(path).is_file():
+        if Path(path).resolve() == target:
+            raise InputDataError(f"--pretrain-data is the evaluation data ({b.data}); pre-train on another "
+                                 "dataset or on a corpus (the evaluation dataset is then left out of it).")
+        return pre, []
+    leave = {target.stem}
+    info_file = Path(path) / "corpus.json"
+    if info_file.is_file():
+        for rec in json.loads(info_file.read_text())["datasets"]:
+            src = rec.get("source", "")
+            if src and src != "pbmc68k_reduced" and Path(src).resolve() == target:
+                leave.add(rec["name"])
+    mg = measured_genes(pre.cells)
+    names = np.asarray(mg.names, dtype=object)[mg.group]
+    keep = ~np.isin(names.astype(str), sorted(leave))
+    left_out = sorted({str(n) for n in names[~keep]})
+    pre.split = {k: v[keep[v]] for k, v in pre.split.items()}
+    if len(pre.split["train"]) == 0:
+        raise InputDataError(f"Leaving {b.data} out of {path} leaves no pre-training cells.")
+    return pre, left_out
+
+
 def run_annotation_benchmark(b: AnnotationBenchmark, out: str | Path, *, progress: bool = False,
                              command: str | None = None) -> dict:
     """Run the annotation protocol; write ``{out}/results.json`` and ``{out}/results.md``."""
@@ -145,14 +190,14 @@ def run_annotation_benchmark(b: AnnotationBenchmark, out: str | Path, *, progres
     cfg = rc.train
     cfg.progress, cfg.val_every, cfg.out_dir, cfg.deterministic = progress, None, None, True
 
-    # 1. pre-train stage 1 on the other dataset
-    pre = load_labelled(DataConfig(path=b.pretrain_data, label_key=b.label_key, split=b.split, seed=b.seed),
-                        target_sum=rc.model.target_sum)
+    # 1. pre-train stage 1 on the other dataset(s), the evaluation dataset left out
+    pre, left_out = pretraining_cells(b, out, rc.model.target_sum)
     with seeded(b.seed):
         model = ScMMGPT.build(rc.model, pre.vocab, with_lm=False)
     cfg.stage, cfg.max_steps = "stage1", b.pretrain_steps
     cfg.warmup_steps = min(cfg.warmup_steps, max(1, b.pretrain_steps // 10))
-    fit(model, pre.dataset("train", max_genes=model.config.max_genes, n_bins=model.value_bins), cfg)
+    fit(model, pre.dataset("train", max_genes=model.config.max_genes, n_bins=model.value_bins), cfg,
+        measured="by_source", train_types=pre.types("train"))
     model.save_pretrained(out / "pretrained")
     t_pre = time.perf_counter() - t0
 
@@ -167,7 +212,7 @@ def run_annotation_benchmark(b: AnnotationBenchmark, out: str | Path, *, progres
     test = lab.split["test"]
     truth = desc["cell_type"].astype(str).to_numpy()[test]
     truth_ids = np.array([id_of[t] for t in truth])
-    pre_types = sorted({str(t) for t, a in zip(pre.descriptions["cell_type"], pre.descriptions["ambiguous"]) if not a})
+    pre_types = sorted({str(t) for t in pre.types("train")})
     results: dict = {"zero_shot": {"scmmgpt": _split_metrics(_scores(model, lab, labels), labels, truth, ids,
                                                              truth_ids, b.ks, set(pre_types) & set(labels)),
                                    **_baselines(lab, labels, truth, ids, truth_ids, b.ks, b.seed, lab.split["train"],
@@ -189,7 +234,8 @@ def run_annotation_benchmark(b: AnnotationBenchmark, out: str | Path, *, progres
             **_baselines(sub, labels, truth, ids, truth_ids, b.ks, b.seed, sub.split["train"], seen)}
 
     record = {"protocol": "annotation", "settings": {**asdict(b), "fractions": list(b.fractions), "ks": list(b.ks)},
-              "command": command, "data": str(b.data), "pretrain_data": str(b.pretrain_data),
+              "command": command, "data": str(b.data), "pretrain_data": b.pretrain_data if isinstance(b.pretrain_data, str) else list(b.pretrain_data),
+              "pretrain_left_out": left_out,
               "n_test_cells": int(len(test)), "n_types": len(labels), "labels": labels,
               "pretrain_types": pre_types, "machine": machine_info(),
               "seconds": {"pretrain": round(t_pre, 1), "total": round(time.perf_counter() - t0, 1)},
@@ -214,8 +260,12 @@ def annotation_table(record: dict) -> str:
     head = ["method", *[f"zero-shot Acc@{k}" for k in ks]]
     for f in res["fine_tuned"]:
         head += [f"ft {float(f):.0%} {part} Acc@{k}" for part in ("seen", "unseen") for k in ks]
+    pre = record["pretrain_data"]
+    pre_name = ", ".join(f"`{Path(x).name}`" for x in ([pre] if isinstance(pre, str) else pre))
+    left = record.get("pretrain_left_out") or []
     lines = [f"Annotation on `{Path(record['data']).name}` ({record['n_test_cells']} test cells, "
-             f"{record['n_types']} types); stage 1 pre-trained on `{Path(record['pretrain_data']).name}`. "
+             f"{record['n_types']} types); stage 1 pre-trained on {pre_name}"
+             + (f" with {', '.join(left)} left out" if left else "") + ". "
              "Acc@k in %; logreg/knn are supervised references trained on the same training cells.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
