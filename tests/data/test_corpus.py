@@ -151,3 +151,17 @@ def test_corpus_training_balances_sources_and_types(corpus):
     assert fit(model, train, tc, measured="by_source")["balance"] == "source"
     with pytest.raises(ConfigError, match="needs each training cell's type"):
         fit(model, train, TrainConfig(**{**tc.to_dict(), "balance": "type"}), measured="by_source")
+
+
+def test_corpus_streams_each_dataset_in_blocks(corpus, tmp_path):
+    """Read 64 rows at a time (several pieces joined on disk), the corpus is the same as in one block."""
+    import anndata as ad
+
+    variant, out, info = corpus
+    again = build_corpus([CorpusEntry(str(variant), name="pbmc3k_part")], tmp_path / "blocks", block_cells=64)
+    one = ad.read_h5ad(out / "inputs" / "pbmc3k_part.h5ad")
+    blocks = ad.read_h5ad(tmp_path / "blocks" / "inputs" / "pbmc3k_part.h5ad")
+    assert blocks.obs_names.tolist() == one.obs_names.tolist()
+    assert (blocks.X != one.X).nnz == 0 and blocks.var_names.tolist() == one.var_names.tolist()
+    assert blocks.obs["cell_type"].tolist() == one.obs["cell_type"].tolist()
+    assert again["datasets"][0]["n_kept"] == 297 and not list((tmp_path / "blocks" / "inputs").glob(".*part*"))

@@ -6,7 +6,7 @@ PBMCs), keeps the cells of the requested organism, resolves every cell's label t
 term (a valid id in ``cell_type_ontology_term_id`` first, else the label by name or synonym, else
 the dataset's ``label_map``) and leaves out the cells whose label is ambiguous (``?``,
 ``unknown``...) or that resolve to no term, counting each reason. The kept cells of each dataset
-are written as one model-ready file under ``inputs/`` (``obs['cell_type']`` is the CL term's name,
+are written (block by block, never a whole dataset in memory) as one model-ready file under ``inputs/`` (``obs['cell_type']`` is the CL term's name,
 ``obs['dataset']`` the dataset's name) and all of them as shards (:func:`~scmmgpt.data.shards.write_shards`)
 over the union of the datasets' genes. ``corpus.json`` records, per dataset, what went in and what
 was left out, its types and the shards that hold it; ``measured/NAME.npy`` is the (V,) mask of the
@@ -92,32 +92,78 @@ def harmonise_labels(obs: pd.DataFrame, *, label_key: str = "cell_type",
     return pd.DataFrame(out, columns=["cl_id", "cl_name", "status"], index=obs.index)
 
 
-def _read(entry: CorpusEntry) -> tuple[Any, dict[str, str]]:
-    """``(adata, label map)``: the entry's cells with the chosen matrix (counts, or pbmc68k's raw) in X,
-    and the built-in ``{label: CL id}`` the dataset needs (pbmc68k's marker-style names)."""
+def _open(entry: CorpusEntry) -> tuple[Any, pd.DataFrame, pd.Index, dict[str, str]]:
+    """``(adata, obs, genes, label map)``: the entry's cells (an ``.h5ad`` opened backed, its matrix
+    still on disk; pbmc68k's raw counts in memory), their obs, the genes of the chosen matrix and
+    the built-in ``{label: CL id}`` the dataset needs (pbmc68k's marker-style names)."""
     import anndata as ad
 
-    from .io import read_h5ad, select_matrix
+    from .io import read_h5ad
 
     if entry.path == "pbmc68k_reduced":
         from ..datasets import PBMC68K_LABEL_MAP, pbmc68k_reduced
 
         a = pbmc68k_reduced()
         full = ad.AnnData(X=a.raw.X.copy(), obs=a.obs.copy(), var=pd.DataFrame(index=a.raw.var_names))
-        return full, PBMC68K_LABEL_MAP
-    a = read_h5ad(entry.path)
-    X, var_names, _ = select_matrix(a, layer=entry.layer, use_raw=entry.use_raw)
-    var = (a.raw.var if entry.use_raw else a.var).copy()
-    return ad.AnnData(X=X, obs=a.obs.copy(), var=var.set_index(pd.Index(var_names))), {}
+        return full, full.obs, pd.Index(full.var_names), PBMC68K_LABEL_MAP
+    a = read_h5ad(entry.path, backed=True)
+    if entry.use_raw:
+        if a.raw is None:
+            raise InputDataError(f"{entry.path}: use_raw=True but adata.raw is empty.")
+        genes = pd.Index(a.raw.var_names)
+    else:
+        if entry.layer is not None and entry.layer != "X" and entry.layer not in a.layers:
+            raise InputDataError(f"{entry.path} has no layer {entry.layer!r}. Layers: {list(a.layers.keys())}.")
+        genes = pd.Index(a.var_names)
+    return a, a.obs.copy(), genes, {}
+
+
+def _write_kept(adata: Any, entry: CorpusEntry, keep: np.ndarray, obs: pd.DataFrame, path: Path,
+                block_cells: int) -> None:
+    """The kept cells, with ``obs``, as one model-ready ``.h5ad``: read ``block_cells`` rows at a time
+    from a backed file and joined on disk (``anndata.experimental.concat_on_disk``), so a dataset
+    larger than memory passes through."""
+    import anndata as ad
+    from anndata.experimental import concat_on_disk
+
+    from .io import select_matrix
+
+    tmp = path.with_suffix(".tmp.h5ad")
+    pieces: list[Path] = []
+    try:
+        for start in range(0, adata.n_obs, block_cells):
+            stop = min(start + block_cells, adata.n_obs)
+            rows = np.flatnonzero(keep[start:stop])
+            if not len(rows):
+                continue
+            block = adata[start:stop]
+            block = block.to_memory() if getattr(block, "isbacked", False) else block
+            X, var_names, _ = select_matrix(block, layer=entry.layer, use_raw=entry.use_raw)
+            var = (block.raw.var if entry.use_raw else block.var).copy().set_index(pd.Index(var_names))
+            piece = ad.AnnData(X=X[rows], obs=obs.iloc[start + rows], var=var)
+            part = path.with_name(f".{path.stem}.part{len(pieces):05d}.h5ad")
+            piece.write_h5ad(part)
+            pieces.append(part)
+        if len(pieces) == 1:
+            os.replace(pieces[0], tmp)
+        else:
+            concat_on_disk([str(x) for x in pieces], str(tmp), merge="same")
+        os.replace(tmp, path)
+    finally:
+        for x in pieces:
+            x.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def build_corpus(entries: Sequence[CorpusEntry | str | os.PathLike[str]], out: str | os.PathLike[str], *,
                  organism: str = "homo_sapiens", target_sum: float = 1e4, cells_per_shard: int = 50_000,
-                 workers: int = 1, progress: bool = False) -> dict[str, Any]:
+                 workers: int = 1, progress: bool = False, block_cells: int = 50_000) -> dict[str, Any]:
     """Harmonise, filter and shard ``entries`` into ``out``; returns the ``corpus.json`` record.
 
     A dataset whose genes are of another organism is skipped as a whole (recorded with the reason);
     inside a dataset with an ``obs['organism']`` column only the cells of ``organism`` are kept.
+    Each ``.h5ad`` is read backed, ``block_cells`` rows at a time, and the shards are written block
+    by block too: memory holds one block and the obs tables, never a whole dataset.
     Re-running on the same folder finishes an interrupted run (complete shards are kept).
     """
     from .genes import detect_organism
@@ -139,45 +185,45 @@ def build_corpus(entries: Sequence[CorpusEntry | str | os.PathLike[str]], out: s
     genes: set[str] = set()
     for entry in items:
         name = entry.dataset_name
-        adata, builtin_map = _read(entry)
+        adata, obs, gene_names, builtin_map = _open(entry)
         rec: dict[str, Any] = {"name": name, "source": entry.path, "n_cells": int(adata.n_obs)}
-        file_organism = detect_organism([str(v) for v in adata.var_names])
+        file_organism = detect_organism([str(v) for v in gene_names])
         if file_organism != organism:
             records.append({**rec, "skipped": f"its genes are {file_organism}, not {organism}"})
             continue
         keep = np.ones(adata.n_obs, dtype=bool)
-        if "organism" in adata.obs.columns:
-            org = adata.obs["organism"].astype(str).str.strip().str.lower()
+        if "organism" in obs.columns:
+            org = obs["organism"].astype(str).str.strip().str.lower()
             keep &= org.isin(_ORGANISMS[organism]).to_numpy()
         rec["left_out_organism"] = int((~keep).sum())
-        terms = harmonise_labels(adata.obs, label_key=entry.label_key, id_key=entry.id_key,
+        terms = harmonise_labels(obs, label_key=entry.label_key, id_key=entry.id_key,
                                  label_map={**builtin_map, **entry.label_map})
         for status in ("ambiguous", "unresolved"):
             bad = (terms["status"] == status).to_numpy() & keep
             rec[f"left_out_{status}"] = int(bad.sum())
             if status == "unresolved" and bad.any():
-                rec["unresolved_labels"] = sorted({str(v) for v in adata.obs[entry.label_key][bad]})[:20]
+                rec["unresolved_labels"] = sorted({str(v) for v in obs[entry.label_key][bad]})[:20]
             keep &= ~bad
         if not keep.any():
             records.append({**rec, "skipped": "no cell with an unambiguous label of the organism"})
             continue
-        sub = adata[keep].copy()
-        sub.obs["cell_type_original"] = sub.obs[entry.label_key].astype(str)
-        sub.obs["cell_type"] = terms["cl_name"][keep].to_numpy()
-        sub.obs["cell_type_ontology_term_id"] = terms["cl_id"][keep].to_numpy()
-        sub.obs["dataset"] = name
-        sub.obs_names = [f"{name}:{o}" for o in sub.obs_names]
-        for col in sub.obs.columns:          # h5ad-safe obs: plain strings
-            if sub.obs[col].dtype == object:
-                sub.obs[col] = sub.obs[col].astype(str)
+        kept = obs.copy()
+        kept["cell_type_original"] = kept[entry.label_key].astype(str)
+        kept["cell_type"] = terms["cl_name"].to_numpy()
+        kept["cell_type_ontology_term_id"] = terms["cl_id"].to_numpy()
+        kept["dataset"] = name
+        kept.index = pd.Index([f"{name}:{o}" for o in kept.index])
+        for col in kept.columns:          # h5ad-safe obs: plain strings
+            if kept[col].dtype == object or isinstance(kept[col].dtype, pd.CategoricalDtype):
+                kept[col] = kept[col].astype(str)
         path = out / "inputs" / f"{name}.h5ad"
         if not path.is_file():
-            tmp = path.with_suffix(".tmp.h5ad")
-            sub.write_h5ad(tmp)
-            os.replace(tmp, path)
+            _write_kept(adata, entry, keep, kept, path, block_cells)
+        genes.update(vocab_from_adata(adata, layer=entry.layer, use_raw=entry.use_raw).tokens[len(SPECIAL_TOKENS):])
+        if getattr(adata, "isbacked", False):
+            adata.file.close()
         written.append(path)
-        genes.update(vocab_from_adata(sub).tokens[len(SPECIAL_TOKENS):])
-        rec.update({"n_kept": int(sub.n_obs), "types": sub.obs["cell_type"].value_counts().to_dict(),
+        rec.update({"n_kept": int(keep.sum()), "types": kept["cell_type"][keep].value_counts().to_dict(),
                     "input": str(path.relative_to(out))})
         records.append(rec)
     if not written:
