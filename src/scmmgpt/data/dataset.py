@@ -208,7 +208,34 @@ def tokenize_for_lm(tokenizer: Any, texts: Sequence[str], max_len: int) -> tuple
     return ids, mask
 
 
-class LengthBucketSampler(Sampler[list[int]]):
+class _EpochBatchSampler(Sampler[list[int]]):
+    """What both batch samplers share: a seed, the epoch (and the batches of it to skip when
+    resuming mid-epoch) and this rank's place among ``num_replicas``; subclasses build ``_batches``."""
+
+    def __init__(self, batch_size: int, seed: int, num_replicas: int, rank: int) -> None:
+        if batch_size < 1:
+            raise InputDataError("batch_size must be >= 1.")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.skip = 0
+        self.num_replicas = num_replicas
+        self.rank = rank
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's draw; ``skip`` leaves out its first batches (resuming mid-epoch
+        without loading the data already trained on)."""
+        self.epoch = epoch
+        self.skip = skip
+
+    def _batches(self) -> list[list[int]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._batches()[self.skip:]
+
+
+class LengthBucketSampler(_EpochBatchSampler):
     """Batches of cells with similar lengths, so dynamic padding wastes little.
 
     Indices are shuffled, cut into pools of ``pool_batches`` batches, sorted by length inside each
@@ -219,24 +246,11 @@ class LengthBucketSampler(Sampler[list[int]]):
 
     def __init__(self, lengths: Sequence[int], batch_size: int, *, shuffle: bool = True, pool_batches: int = 50,
                  drop_last: bool = False, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
-        if batch_size < 1:
-            raise InputDataError("batch_size must be >= 1.")
+        super().__init__(batch_size, seed, num_replicas, rank)
         self.lengths = np.asarray(lengths)
-        self.batch_size = batch_size
         self.shuffle = shuffle
         self.pool = pool_batches * batch_size
         self.drop_last = drop_last
-        self.seed = seed
-        self.epoch = 0
-        self.skip = 0
-        self.num_replicas = num_replicas
-        self.rank = rank
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Select the epoch's shuffle; ``skip`` leaves out its first batches (resuming mid-epoch
-        without loading the data already trained on)."""
-        self.epoch = epoch
-        self.skip = skip
 
     def _batches(self) -> list[list[int]]:
         n = len(self.lengths)
@@ -258,9 +272,6 @@ class LengthBucketSampler(Sampler[list[int]]):
             batches = (batches * (per_rank * self.num_replicas // len(batches) + 1))[: per_rank * self.num_replicas]
             batches = batches[self.rank::self.num_replicas]
         return batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self._batches()[self.skip:]
 
     def __len__(self) -> int:
         return max(len(self._batches()) - self.skip, 0)
@@ -296,7 +307,7 @@ def balance_weights(sources: Sequence[object] | np.ndarray, types: Sequence[obje
     return stratum.astype(np.int64), src_share[src_of] * within
 
 
-class BalancedBatchSampler(Sampler[list[int]]):
+class BalancedBatchSampler(_EpochBatchSampler):
     """Batches whose cells are drawn stratum by stratum with the probabilities of
     :func:`balance_weights`: a large dataset does not fill every batch and rare types keep turning up.
 
@@ -310,21 +321,10 @@ class BalancedBatchSampler(Sampler[list[int]]):
 
     def __init__(self, stratum: np.ndarray, p: np.ndarray, batch_size: int, *, seed: int = 0,
                  num_replicas: int = 1, rank: int = 0) -> None:
-        if batch_size < 1:
-            raise InputDataError("batch_size must be >= 1.")
+        super().__init__(batch_size, seed, num_replicas, rank)
         self.stratum = np.asarray(stratum, dtype=np.int64)
         self.p = np.asarray(p, dtype=float) / float(np.sum(p))
         self.members = [np.flatnonzero(self.stratum == k) for k in range(len(self.p))]
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-        self.skip = 0
-        self.num_replicas = num_replicas
-        self.rank = rank
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch = epoch
-        self.skip = skip
 
     def _n_batches(self) -> int:
         per_rank = len(self.stratum) // self.batch_size // self.num_replicas
@@ -343,9 +343,6 @@ class BalancedBatchSampler(Sampler[list[int]]):
                 cells[slots] = order[:len(slots)]
         batches = cells.reshape(n_batches, self.batch_size).tolist() if n_batches else []
         return batches[self.rank::self.num_replicas]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self._batches()[self.skip:]
 
     def __len__(self) -> int:
         return max(self._n_batches() // self.num_replicas - self.skip, 0)
