@@ -128,7 +128,8 @@ def evaluate(args) -> dict:
     # pseudo-cells of pbmc3k's types against its held-out cells, beside each type's mean training profile
     d = "pbmc3k_clustifyr"
     cand = sorted(set(types[ds_of == d]))
-    mask = lab.cells.measured_genes().masks[list(lab.cells.measured_genes().names).index(d)]
+    by_source = lab.cells.measured_genes()
+    mask = by_source.masks[by_source.names.index(d)]
     tpos = test[ds_of[test] == d]
     real = lab.cells.rows_csr(tpos).toarray()[:, mask]
     pca = expression_pca(real, 50)

@@ -103,8 +103,8 @@ def test_corpus_cells_scored_on_their_own_datasets_genes(corpus):
     import torch
 
     from scmmgpt.data.source import measured_genes
-    from scmmgpt.modules.losses import pcgen_loss
-    from scmmgpt.train.loop import _batch_measured, _measured_for
+    from scmmgpt.modules.losses import measured_rows, pcgen_loss
+    from scmmgpt.train.loop import _measured_for
 
     _, out, _ = corpus
     lab = load_labelled(DataConfig(path=str(out), label_key="cell_type"))
@@ -120,10 +120,7 @@ def test_corpus_cells_scored_on_their_own_datasets_genes(corpus):
     masks, group = _measured_for("by_source", ds, "cpu")
     assert masks.shape == (2, len(lab.vocab)) and group.shape == (len(ds),)
 
-    class _B:
-        index = torch.arange(len(ds))[:8]
-
-    m = _batch_measured(masks, group, _B())
+    m = measured_rows(masks, group, torch.arange(len(ds))[:8])
     pred, target = torch.randn(8, len(lab.vocab)), torch.randn(8, len(lab.vocab))
     own = torch.from_numpy(mg.masks[measured_genes(ds.cells).group[:8]])
     by_hand = torch.stack([((pred[i] - target[i])[own[i]] ** 2).mean() for i in range(8)]).mean()

@@ -98,7 +98,7 @@ def _open(entry: CorpusEntry) -> tuple[Any, pd.DataFrame, pd.Index, dict[str, st
     the built-in ``{label: CL id}`` the dataset needs (pbmc68k's marker-style names)."""
     import anndata as ad
 
-    from .io import read_h5ad
+    from .io import read_h5ad, select_matrix
 
     if entry.path == "pbmc68k_reduced":
         from ..datasets import PBMC68K_LABEL_MAP, pbmc68k_reduced
@@ -107,15 +107,8 @@ def _open(entry: CorpusEntry) -> tuple[Any, pd.DataFrame, pd.Index, dict[str, st
         full = ad.AnnData(X=a.raw.X.copy(), obs=a.obs.copy(), var=pd.DataFrame(index=a.raw.var_names))
         return full, full.obs, pd.Index(full.var_names), PBMC68K_LABEL_MAP
     a = read_h5ad(entry.path, backed=True)
-    if entry.use_raw:
-        if a.raw is None:
-            raise InputDataError(f"{entry.path}: use_raw=True but adata.raw is empty.")
-        genes = pd.Index(a.raw.var_names)
-    else:
-        if entry.layer is not None and entry.layer != "X" and entry.layer not in a.layers:
-            raise InputDataError(f"{entry.path} has no layer {entry.layer!r}. Layers: {list(a.layers.keys())}.")
-        genes = pd.Index(a.var_names)
-    return a, a.obs.copy(), genes, {}
+    _, genes, _ = select_matrix(a, layer=entry.layer, use_raw=entry.use_raw)     # backed: X stays on disk
+    return a, a.obs, genes, {}
 
 
 def _write_kept(adata: Any, entry: CorpusEntry, keep: np.ndarray, obs: pd.DataFrame, path: Path,

@@ -8,6 +8,7 @@ never to a fixed ``max_genes``.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Any, Iterator, Sequence
 
@@ -208,7 +209,7 @@ def tokenize_for_lm(tokenizer: Any, texts: Sequence[str], max_len: int) -> tuple
     return ids, mask
 
 
-class _EpochBatchSampler(Sampler[list[int]]):
+class _EpochBatchSampler(Sampler[list[int]], ABC):
     """What both batch samplers share: a seed, the epoch (and the batches of it to skip when
     resuming mid-epoch) and this rank's place among ``num_replicas``; subclasses build ``_batches``."""
 
@@ -228,8 +229,9 @@ class _EpochBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
         self.skip = skip
 
+    @abstractmethod
     def _batches(self) -> list[list[int]]:
-        raise NotImplementedError
+        """This rank's batches of the current epoch, before ``skip``."""
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self._batches()[self.skip:]
@@ -292,14 +294,13 @@ def balance_weights(sources: Sequence[object] | np.ndarray, types: Sequence[obje
     """
     if not 0.0 <= power <= 1.0:
         raise InputDataError(f"balance power must be in [0, 1], got {power}.")
-    src = np.asarray([str(v) for v in sources], dtype=object)
-    typ = np.asarray([str(v) for v in types], dtype=object)
-    if len(src) != len(typ):
-        raise InputDataError(f"{len(src)} sources for {len(typ)} types.")
-    pairs = np.char.add(np.char.add(src.astype(str), "\x1f"), typ.astype(str))
-    keys, stratum, counts = np.unique(pairs, return_inverse=True, return_counts=True)
-    key_src = np.array([k.split("\x1f", 1)[0] for k in keys], dtype=object)
-    src_names, src_of = np.unique(key_src.astype(str), return_inverse=True)
+    _, src_code = np.unique(np.asarray([str(v) for v in sources]), return_inverse=True)
+    type_names, type_code = np.unique(np.asarray([str(v) for v in types]), return_inverse=True)
+    if len(src_code) != len(type_code):
+        raise InputDataError(f"{len(src_code)} sources for {len(type_code)} types.")
+    keys, stratum, counts = np.unique(src_code * len(type_names) + type_code, return_inverse=True,
+                                      return_counts=True)
+    src_of = keys // len(type_names)                    # each stratum's source
     src_size = np.bincount(src_of, weights=counts)
     src_share = src_size ** power / (src_size ** power).sum()
     within = counts.astype(float) ** power

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import scipy.sparse as sp
@@ -73,13 +73,6 @@ class MeasuredGenes:
     names: tuple[str, ...]
     """Name of each source."""
 
-    def __len__(self) -> int:
-        return len(self.group)
-
-    def rows(self, idx: Any) -> np.ndarray:
-        """(len(idx), V) bool masks of the given cells."""
-        return self.masks[self.group[np.asarray(idx)]]
-
     @property
     def union(self) -> np.ndarray:
         """(V,) bool: genes any source measured."""
@@ -96,9 +89,3 @@ def measured_genes(cells: CellSource) -> MeasuredGenes:
         return result
     return MeasuredGenes(np.asarray(cells.measured, dtype=bool)[None], np.zeros(len(cells), dtype=np.int64),
                          ("data",))
-
-
-def source_names(cells: CellSource) -> Sequence[str]:
-    """The source (dataset) name of each cell."""
-    m = measured_genes(cells)
-    return [m.names[g] for g in m.group]

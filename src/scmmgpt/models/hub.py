@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -153,8 +152,3 @@ def push_folder_to_hub(folder: Path, repo_id: str, *, branch: str | None = None,
     info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=branch,
                              commit_message=commit_message or "Upload scmmgpt model")
     return str(getattr(info, "oid", info))
-
-
-def staging_dir() -> tempfile.TemporaryDirectory:
-    """A temporary folder a model is written into before it is pushed."""
-    return tempfile.TemporaryDirectory(prefix="scmmgpt-push-")

@@ -360,9 +360,11 @@ class ScMMGPT:
         ``card``, or :func:`~scmmgpt.models.hub.model_card`'s) and upload it to the Hugging Face Hub
         repository ``repo_id`` as one commit. Returns the commit sha: load exactly these weights with
         ``from_pretrained(f"{repo_id}@{sha}")``. ``api``: a ``huggingface_hub.HfApi``."""
-        from .hub import model_card, push_folder_to_hub, staging_dir
+        import tempfile
 
-        with staging_dir() as tmp:
+        from .hub import model_card, push_folder_to_hub
+
+        with tempfile.TemporaryDirectory(prefix="scmmgpt-push-") as tmp:
             folder = Path(tmp) / "model"
             self.save_pretrained(folder, dtype=dtype)
             (folder / "README.md").write_text(card if card is not None else

@@ -133,6 +133,14 @@ def cdgen_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100)
 
 
+def measured_rows(masks: torch.Tensor | None, group: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    """The PCGen mask of the cells at ``index``: the shared (V,) mask when ``group`` is ``None``,
+    else each cell's source's row of the (G, V) ``masks`` (``group``: (N,) source of every cell)."""
+    if masks is None or group is None:
+        return masks
+    return masks.index_select(0, group.index_select(0, index.to(group.device)))
+
+
 def pcgen_loss(pred: torch.Tensor, target: torch.Tensor, measured: torch.Tensor | None = None) -> torch.Tensor:
     """MSE over genes (paper eq. 6), averaged over measured genes then over cells.
 

@@ -29,6 +29,7 @@ from ..errors import CheckpointError, ConfigError, OutputError
 from ..eval.annotation import topk_accuracy
 from ..inference import evaluation_mode, iter_batches
 from ..models.stages import StageSpec, stage_spec
+from ..modules.losses import measured_rows
 from ..utils.io import atomic_write_text
 from ..utils.memory import check_batch_memory
 from ..utils.precision import Precision, resolve_precision
@@ -66,13 +67,6 @@ def _measured_for(measured, ds: CellTextDataset, device) -> tuple[torch.Tensor |
     return torch.from_numpy(np.asarray(measured, dtype=bool)).to(device), None
 
 
-def _batch_measured(masks: torch.Tensor | None, group: torch.Tensor | None, batch) -> torch.Tensor | None:
-    """The PCGen mask of a batch: the shared (V,) mask, or each cell's source's (B, V)."""
-    if masks is None or group is None:
-        return masks
-    return masks.index_select(0, group.index_select(0, batch.index.to(group.device)))
-
-
 def validate(model, val: CellTextDataset, stage: str | StageSpec, *, batch_size: int, measured=None,
              max_cells: int = 512, seed: int = 0, labels: Sequence[str] | None = None,
              label_terms: Mapping[str, str] | None = None, precision: str = "auto") -> dict:
@@ -91,7 +85,7 @@ def validate(model, val: CellTextDataset, stage: str | StageSpec, *, batch_size:
         for batch in iter_batches(model, val, batch_size, with_text=True, indices=idx):
             if len(batch) < 2:
                 continue
-            out = model.net(batch, spec, _batch_measured(masks, group, batch), gen)
+            out = model.net(batch, spec, measured_rows(masks, group, batch.index), gen)
             for k, v in {"loss": out.loss, **out.parts()}.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             n_batches += 1
@@ -424,7 +418,7 @@ def _train(run: _Run, model, cfg: TrainConfig, val, val_labels, label_terms, sto
             batch = batch.to(acc.device)
             with acc.accumulate(run.net):
                 with run.precision.autocast():
-                    out = run.net(batch, run.spec, _batch_measured(run.measured, run.measured_group, batch),
+                    out = run.net(batch, run.spec, measured_rows(run.measured, run.measured_group, batch.index),
                                   run.gen)
                 acc.backward(out.loss if run.scaler is None else run.scaler.scale(out.loss))
                 if acc.sync_gradients and cfg.clip_grad:

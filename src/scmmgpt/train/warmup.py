@@ -22,7 +22,7 @@ import torch
 
 from ..data.dataset import CellTextDataset, tokenize_for_lm
 from ..errors import ConfigError
-from ..modules.losses import pcgen_loss
+from ..modules.losses import measured_rows, pcgen_loss
 from .schedule import linear_schedule
 
 __all__ = ["warm_up_text_to_cell"]
@@ -99,9 +99,8 @@ def warm_up_text_to_cell(model, train: CellTextDataset, *, steps: int, batch_siz
         t_idx = torch.from_numpy(inverse[pick]).to(device)
         target = torch.from_numpy(train.cells.rows_csr(pick).toarray()).to(device)
         feats = net.text_to_cell(states[t_idx], key_padding_mask=None if padding is None else padding[t_idx])
-        rows = meas if meas is None or group is None else meas.index_select(
-            0, group.index_select(0, torch.from_numpy(pick).to(device)))
-        loss = pcgen_loss(net.cell_decoder(feats, gene_emb), target, rows)
+        mask = measured_rows(meas, group, torch.from_numpy(pick))
+        loss = pcgen_loss(net.cell_decoder(feats, gene_emb), target, mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
