@@ -92,7 +92,7 @@ def evaluate(args) -> dict:
     lr_seconds = time.perf_counter() - t0
     lr_proba = lr.predict_proba(lab.cells.rows_csr(test)[:, meas])
     lr_classes = list(lr.classes_)
-    test_ds = lab.dataset("test", max_genes=model.config.max_genes, n_bins=model.value_bins)
+    test_ds = lab.dataset("test", **model.reading)
     rows = {}
     for d in sorted(set(ds_of)):
         cand = sorted(set(types[ds_of == d]))          # the dataset's own label set, as a user passes it
@@ -228,7 +228,14 @@ def write_card(path: Path, result: dict, *, command: str, corpus: str) -> None:
               "- A small CPU model: it reads at most 256 genes per cell, and its description LM is SmolLM2-135M. "
               "Descriptions follow the ontology templates it was trained on.",
               "- One training seed: no spread over seeds. The logistic regression is the bar: where the table "
-              "shows it ahead, prefer it for annotation of these types."]
+              "shows it ahead, prefer it for annotation of these types.",
+              "- " + ("It reads cells through an input panel of "
+                      f"{len(model.config.input_genes):,} genes (`config.input_genes`)."
+                      if model.config.input_genes else
+                      "It has no input panel (its weights predate `model.n_input_genes`): it reads every gene, so a "
+                      "whole-transcriptome file and a variable-gene matrix of the same cells are read differently. "
+                      "Retraining with the command above adds the panel of today's `cpu-small`.")
+              + " Zero-shot scores back off to the trained types listed in `config.trained_types`."]
     card = model_card(model.config, len(model.vocab), name="pbmc-small", summary=(
         "`pbmc-small`: the pre-trained scMMGPT model shipped with the `scmmgpt` package. "
         'Load it with `scmmgpt.load_model("pbmc-small")`, or `--model pbmc-small` on the command line.'),

@@ -77,10 +77,9 @@ def run_one(overrides: list[str], seed: int, data: str | None, val_every: int, s
         model = ScMMGPT.build(rc.model, lab.vocab, with_lm=False)
     cfg = rc.train
     cfg.stage, cfg.progress, cfg.val_every = "stage1", False, val_every
-    mg, nb = model.config.max_genes, model.value_bins
-    train = lab.dataset("train", max_genes=mg, n_bins=nb)
+    train = lab.dataset("train", **model.reading)
     out = {"seed": seed, "init": init_stats(model, train) if stats else None}
-    test = lab.dataset("test", max_genes=mg, n_bins=nb)
+    test = lab.dataset("test", **model.reading)
     t0 = time.perf_counter()
     r = fit(model, train, cfg, val=test, val_labels=lab.types("test"), label_terms=lab.label_set(),
             measured=lab.cells.measured)

@@ -162,3 +162,25 @@ def test_corpus_streams_each_dataset_in_blocks(corpus, tmp_path):
     assert (blocks.X != one.X).nnz == 0 and blocks.var_names.tolist() == one.var_names.tolist()
     assert blocks.obs["cell_type"].tolist() == one.obs["cell_type"].tolist()
     assert again["datasets"][0]["n_kept"] == 297 and not list((tmp_path / "blocks" / "inputs").glob(".*part*"))
+
+
+def test_corpus_input_panel_keeps_the_genes_most_cells_show(corpus):
+    """The input panel of a corpus holds only genes measured for at least half of its cells: here
+    pbmc68k's (700 of the ~1,000 cells), not the genes only the smaller pbmc3k part measured. Among
+    eligible genes, each source marks its own most variable ones, and those both mark come first."""
+    from scmmgpt.data.panel import variable_genes
+    from scmmgpt.data.source import measured_genes
+
+    _, out, _ = corpus
+    lab = load_labelled(DataConfig(path=str(out), label_key="cell_type"))
+    mg = measured_genes(lab.cells)
+    big = int(np.argmax(np.bincount(mg.group)))
+    assert mg.names[big] == "pbmc68k_reduced" and (mg.group == big).mean() > 0.5
+    top = variable_genes(lab.cells, 500)
+    assert top is not None and len(top) == 500 and mg.masks[big, top].all()
+    # with no coverage asked, the other dataset's genes count too
+    every = variable_genes(lab.cells, 500, min_coverage=0.0)
+    assert not mg.masks[big, every].all()
+    marked = [set(variable_genes(lab.cells.subset(np.flatnonzero(mg.group == g)), 500).tolist()) for g in range(2)]
+    shared = marked[0] & marked[1]
+    assert 50 < len(shared) < 500 and set(every[:len(shared)].tolist()) == shared

@@ -33,13 +33,13 @@ def trained(tmp_path_factory):
     # well clear of the bounds the tests assert
     cfg.stage, cfg.max_steps, cfg.progress, cfg.val_every, cfg.out_dir = "stage1", 240, False, None, None
     cfg.deterministic = True
-    fit(model, lab.dataset("train", max_genes=128), cfg)
+    fit(model, lab.dataset("train", **model.reading), cfg, train_types=lab.types("train"))
     model.save_pretrained(root / "stage1")
     # stage 2 from the stage-1 model: text-to-cell warm-up on cached LM states, then joint steps
     model = ScMMGPT.from_pretrained(root / "stage1", with_lm=True)
     cfg2 = type(cfg).from_dict({**cfg.to_dict(), "stage": "stage2", "max_steps": 4, "batch_size": 4,
                                 "lr_new": 2e-3, "warmup_steps": 1, "t2c_warmup_steps": 400})
-    fit(model, lab.dataset("train", max_genes=128, with_targets=True), cfg2, measured=lab.cells.measured)
+    fit(model, lab.dataset("train", with_targets=True, **model.reading), cfg2, measured=lab.cells.measured)
     folder = root / "model"
     model.save_pretrained(folder)
     full = ad.read_h5ad(path)

@@ -28,6 +28,11 @@ def test_embed_annotate_describe_search(trained, h5ad, tmp_path, capsys):
     assert a.uns["scmmgpt_label"]["params"]["precision"] == "fp32"      # --precision reaches tl and is recorded
     assert set(a.obs["scmmgpt_label"].astype(str)) <= {"B cell", "CD14-positive monocyte", "natural killer cell"}
     assert a.obsm["scmmgpt_label_topk"].shape == (40, 3) and "X_scmmgpt" in a.obsm   # earlier results kept
+    assert bool(a.uns["scmmgpt_label"]["params"]["backoff"]) is True
+    assert main(["annotate", str(out), "--model", m, "--labels", "naive B cell", "natural killer cell",
+                 "--no-backoff", "-o", str(tmp_path / "plain.h5ad")]) == 0
+    plain = ad.read_h5ad(tmp_path / "plain.h5ad").uns["scmmgpt_label"]
+    assert bool(plain["params"]["backoff"]) is False and len(plain.get("backoff_terms", {})) == 0
     assert main(["describe", str(h5ad), "--model", m, "--max-new-tokens", "6"]) == 0
     default_out = h5ad.with_name("cells_scmmgpt.h5ad")
     assert ad.read_h5ad(default_out).obs["scmmgpt_description"].str.len().gt(0).all()

@@ -138,6 +138,30 @@ def test_annotate_from_obs_column(trained, test_cells):
     assert a.uns["scmmgpt_label"]["label_ids"][labels.index("B cell")] == "CL:0000236"
 
 
+def test_annotate_backs_off_to_trained_ancestors(trained, test_cells):
+    """Asked for B-cell subtypes it never saw, the model that was trained on "B cell" scores them
+    through it: the cells it calls "B cell" become naive or memory B cells, ordered by the subtypes'
+    own texts; without the back-off each label is its own text's score."""
+    a = test_cells
+    assert "CL:0000236" in trained.model.config.trained_types
+    others = sorted(set(a.obs["cell_type"].astype(str)) - {"B cell"})
+    coarse = tl.annotate(a, trained.model, labels=["B cell", *others], copy=True, store_scores=True)
+    fine = tl.annotate(a, trained.model, labels=["naive B cell", "memory B cell", *others], copy=True,
+                       store_scores=True)
+    assert fine.uns["scmmgpt_label"]["backoff_terms"] == {"naive B cell": ["B cell"], "memory B cell": ["B cell"]}
+    called_b = coarse.obs["scmmgpt_label"].to_numpy() == "B cell"
+    assert called_b.sum() >= 10
+    fine_labels = fine.obs["scmmgpt_label"].to_numpy()
+    assert np.isin(fine_labels[called_b], ["naive B cell", "memory B cell"]).mean() >= 0.95
+    s_coarse, s_fine = coarse.obsm["scmmgpt_label_scores"], fine.obsm["scmmgpt_label_scores"]
+    np.testing.assert_allclose(s_fine[:, 2:], s_coarse[:, 1:], atol=1e-5)          # the others are untouched
+    assert (s_fine[:, :2].max(1) >= s_coarse[:, 0] - 2e-3).all()
+    plain = tl.annotate(a, trained.model, labels=["naive B cell", "memory B cell", *others], copy=True,
+                        store_scores=True, backoff=False)
+    assert plain.uns["scmmgpt_label"]["backoff_terms"] == {}
+    assert (plain.obsm["scmmgpt_label_scores"][:, :2] <= s_fine[:, :2] + 1e-6).all()
+
+
 def test_annotate_label_sources_and_errors(trained, test_cells):
     a = test_cells
     out = tl.annotate(a, trained.model, labels=["CL:0000236", "CL:0000624", "natural killer cell", "unknown"],

@@ -417,7 +417,6 @@ def _embed():
 def _embed_shards(args) -> int:
     """``scmmgpt embed SHARDS/ -o emb.npy``: stream a shard folder into memory-mapped ``.npy`` files
     (``<cls>`` embeddings, and ``*_aligned.npy`` features), row i = the i-th cell of the shards."""
-    from ..data import CellTextDataset
     from ..data.shards import ShardedCells
     from ..data.vocab import GeneVocab
     from ..inference import embed_to_disk
@@ -433,7 +432,7 @@ def _embed_shards(args) -> int:
     if GeneVocab.from_json(shards / "vocab.json").tokens != model.vocab.tokens:
         raise InputDataError(f"{shards} was written with another gene vocabulary than the model's; re-run "
                              f"`scmmgpt shard ... --model {args.model or 'MODEL'} --out NEW_FOLDER`.")
-    ds = CellTextDataset(ShardedCells(shards), cls_id=model.vocab.cls_id, max_genes=model.config.max_genes)
+    ds = model.dataset(ShardedCells(shards))
     aligned = None if args.no_aligned else out.with_name(out.stem + "_aligned.npy")
     embed_to_disk(model, ds, aligned, cell_out=out, batch_size=args.batch_size or 64,
                   precision=model.precision(args.precision))
@@ -456,6 +455,9 @@ def _annotate():
         src.add_argument("--descendants-of", help="a CL term (id or name): it and all its descendants")
         p.add_argument("--context", default=None, help='appended to each label text, e.g. "Sampled from the blood."')
         p.add_argument("--alpha", type=float, default=0.0, help="weight of the CTM re-ranking (0: CTC only)")
+        p.add_argument("--no-backoff", dest="backoff", action="store_false",
+                       help="score each label by its own text only, without the Cell Ontology back-off to "
+                            "the model's trained ancestor types")
         p.add_argument("--top-k", type=int, default=3)
         p.add_argument("--min-score", type=float, default=None, help="below it a cell is 'unassigned'")
         p.add_argument("--min-margin", type=float, default=None,
@@ -475,7 +477,7 @@ def _annotate():
         out = _output_path(args)
         adata = _read(args)
         tl.annotate(adata, _load_model(args, with_lm=False), labels=labels, labels_key=args.labels_key,
-                    descendants_of=args.descendants_of, context=args.context, alpha=args.alpha, top_k=args.top_k,
+                    descendants_of=args.descendants_of, context=args.context, alpha=args.alpha, backoff=args.backoff, top_k=args.top_k,
                     min_score=args.min_score, min_margin=args.min_margin, key_added=args.key_added,
                     **_data_kwargs(args))
         counts = adata.obs[args.key_added].value_counts()

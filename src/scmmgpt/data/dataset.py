@@ -25,7 +25,8 @@ __all__ = ["tokenize_cell", "tokenize_for_bert", "tokenize_for_lm", "CellTextDat
 
 
 def tokenize_cell(gene_ids: np.ndarray, values: np.ndarray, *, cls_id: int, max_genes: int,
-                  n_bins: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  n_bins: int | None = None, input_genes: np.ndarray | None = None,
+                  target_sum: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``<cls>`` + the ``max_genes`` highest-valued genes, sorted by value (ties: lower gene id).
 
     Parameters
@@ -35,11 +36,24 @@ def tokenize_cell(gene_ids: np.ndarray, values: np.ndarray, *, cls_id: int, max_
     n_bins
         If set, values are replaced by scGPT per-cell quantile bins (computed over all expressed
         genes before truncation, as scGPT does).
+    input_genes, target_sum
+        A model's input panel (:mod:`scmmgpt.data.panel`): (V,) bool genes the tokens may come
+        from. With ``target_sum``, eq. 1 is then applied again over the panel's genes only:
+        ``log1p(target_sum * x / sum_panel x)``, recovered from the values as ``expm1``. So a
+        cell's values do not depend on which other genes its dataset measured.
 
     Returns
     -------
     ``(ids, vals)`` of length ``min(len, max_genes) + 1``; the ``<cls>`` value is 0.
     """
+    if input_genes is not None:
+        keep = input_genes[gene_ids]
+        gene_ids, values = gene_ids[keep], values[keep]
+        if target_sum is not None and values.size:
+            x = np.expm1(values.astype(np.float64))
+            total = x.sum()
+            if total > 0:
+                values = np.log1p(x * (target_sum / total)).astype(np.float32)
     if n_bins is not None:
         values = quantile_bin(values, n_bins)
     order = np.lexsort((gene_ids, -values))[:max_genes]
@@ -57,7 +71,8 @@ class CellTextDataset(Dataset[dict[str, Any]]):
     """
 
     def __init__(self, cells: CellSource, texts: Sequence[str] | None = None, labels: Sequence[int] | None = None,
-                 *, cls_id: int, max_genes: int = 2048, n_bins: int | None = None, with_targets: bool = False) -> None:
+                 *, cls_id: int, max_genes: int = 2048, n_bins: int | None = None, with_targets: bool = False,
+                 input_genes: np.ndarray | None = None, target_sum: float | None = None) -> None:
         if max_genes < 1:
             raise InputDataError("max_genes must be >= 1.")
         if texts is not None and len(texts) != len(cells):
@@ -71,17 +86,34 @@ class CellTextDataset(Dataset[dict[str, Any]]):
         self.max_genes = max_genes
         self.n_bins = n_bins
         self.with_targets = with_targets
+        self.input_genes: np.ndarray | None = None
+        self.target_sum: float | None = None
+        self.read_through(input_genes, target_sum)
+
+    def read_through(self, input_genes: np.ndarray | None, target_sum: float | None) -> None:
+        """Tokenise through an input panel (see :func:`tokenize_cell`); ``None``: every gene. Eq. 1 is
+        re-applied over the panel only when ``target_sum`` is given and the values are eq.-1
+        values (not ``as_is`` input)."""
+        if input_genes is not None:
+            input_genes = np.asarray(input_genes, dtype=bool)
+            if input_genes.shape != self.cells.measured.shape:
+                raise InputDataError(f"The input panel has {input_genes.size} genes, the cells' vocabulary "
+                                     f"{self.cells.measured.size}.")
+        self.input_genes = input_genes
+        self.target_sum = target_sum if input_genes is not None and self.cells.value_kind != "as_is" else None
 
     def __len__(self) -> int:
         return len(self.cells)
 
     def lengths(self) -> np.ndarray:
-        """Token count of each cell (``<cls>`` included), for length bucketing."""
+        """Token count of each cell (``<cls>`` included), for length bucketing; an upper bound when
+        the cells are read through an input panel."""
         return np.minimum(self.cells.n_expressed(), self.max_genes) + 1
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         genes, vals = self.cells.row(i)
-        ids, values = tokenize_cell(genes, vals, cls_id=self.cls_id, max_genes=self.max_genes, n_bins=self.n_bins)
+        ids, values = tokenize_cell(genes, vals, cls_id=self.cls_id, max_genes=self.max_genes, n_bins=self.n_bins,
+                                    input_genes=self.input_genes, target_sum=self.target_sum)
         item = {"gene_ids": ids, "values": values, "index": i}
         if self.texts is not None:
             item["text"] = self.texts[i]

@@ -8,10 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import numpy as np
+
 from ..errors import InputDataError
 from .descriptions import DescriptionBuilder, DescriptionConfig, is_ambiguous
 
-__all__ = ["Candidates", "MAX_LABELS", "candidate_labels", "query_texts"]
+__all__ = ["Candidates", "MAX_LABELS", "back_off_scores", "backoff_labels", "candidate_labels", "query_texts"]
 
 MAX_TEXT_CHARS = 2000
 """Longer prompts/queries are refused: the encoders read at most a few hundred tokens anyway."""
@@ -24,6 +26,8 @@ class Candidates:
     names: list[str]
     ids: list[str]
     texts: list[str]
+    context: str | None = None
+    """The context sentence appended to every text."""
 
 
 def _check_text(t: object, what: str) -> str:
@@ -124,5 +128,57 @@ def candidate_labels(*, labels: Sequence[str] | Mapping[str, str] | None = None,
     if dup:
         raise InputDataError(f"Candidate labels {sorted(dup)[:5]} appear twice (e.g. as a name and its CL id); "
                              "give each once.")
-    return Candidates(names, ids, texts)
+    return Candidates(names, ids, texts, context)
 
+
+def backoff_labels(candidates: Candidates, trained: Sequence[str]) -> tuple[Candidates | None, list[list[int]]]:
+    """The Cell Ontology back-off of zero-shot scores: for each candidate, its ancestors that the
+    model was trained on (``trained``: CL ids) and that are not candidates themselves.
+
+    A label set is often finer than the training labels. A corpus names "CD4-positive,
+    alpha-beta T cell" while a user asks for its naive and memory subtypes, whose texts the model
+    places less well. :meth:`~scmmgpt.models.scmmgpt.ScMMGPT.iter_label_scores` then scores such
+    a candidate by the best of its own text and those ancestors. Its own score still orders it
+    among the candidates that share an ancestor's score.
+
+    The label set is read as a partition: a cell the model takes for a CD4 T cell is one of the
+    CD4 subtypes offered. Every trained ancestor counts, not only the nearest. A broad one such as
+    "T cell" then lifts all of its descendants among the candidates alike, CD8 T cells included.
+
+    Returns ``(proxies, links)``. ``proxies`` are the ancestors as candidates, described like
+    training cell types with the candidates' context (``None`` when there are none). ``links[j]``
+    indexes the proxies of candidate ``j``.
+    """
+    from .ontology import cell_ontology
+
+    trained_set = {t for t in trained if t}
+    own = {i for i in candidates.ids if i}
+    if not trained_set or not own:
+        return None, [[] for _ in candidates.ids]
+    cl = cell_ontology()
+    per = [sorted(a for a in cl.ancestors(cid) if a in trained_set and a not in own) if cid else []
+           for cid in candidates.ids]
+    terms = sorted({a for p in per for a in p})
+    if not terms:
+        return None, [[] for _ in per]
+    proxies = candidate_labels(labels=terms, context=candidates.context)
+    return proxies, [[terms.index(a) for a in p] for p in per]
+
+
+#: How far under its ancestor's score a backed-off candidate sits, per unit of its own deficit.
+BACKOFF_TIE = 1e-3
+
+
+def back_off_scores(own: np.ndarray, proxy: np.ndarray, links: Sequence[Sequence[int]]) -> np.ndarray:
+    """Scores ``(N, T)`` with each candidate's trained ancestors taken into account
+    (:func:`backoff_labels`). ``proxy`` ``(N, P)`` holds the ancestors' scores and ``links[j]`` those
+    of candidate ``j``. Where the best of them, ``m``, beats the candidate's own score ``s``, the
+    candidate scores ``m - 1e-3 * (m - s)``. That is just under ``m``, with siblings in the order of
+    their own texts; elsewhere the score stays ``s``."""
+    out = np.array(own, dtype=np.float64 if own.dtype == np.float64 else np.float32, copy=True)
+    for j, idx in enumerate(links):
+        if len(idx):
+            m = proxy[:, list(idx)].max(axis=1)
+            s = own[:, j]
+            out[:, j] = np.where(m > s, m - BACKOFF_TIE * (m - s), s)
+    return out

@@ -91,14 +91,14 @@ class LabelledCells:
         pairs = dict(zip(d["cell_type"].astype(str), ids))
         return {name: (pairs[name] if pairs[name] not in ("", "nan", "None") else name) for name in sorted(pairs)}
 
-    def dataset(self, part: str, *, max_genes: int, with_targets: bool = False, n_bins: int | None = None
-                ) -> CellTextDataset:
-        """The cells of split ``part`` with their training descriptions (``max_genes`` and
-        ``n_bins`` as the model reads cells: :attr:`ScMMGPT.config.max_genes`, :attr:`ScMMGPT.value_bins`)."""
+    def dataset(self, part: str, *, max_genes: int, with_targets: bool = False, n_bins: int | None = None,
+                input_genes: np.ndarray | None = None, target_sum: float | None = None) -> CellTextDataset:
+        """The cells of split ``part`` with their training descriptions, read as a model reads cells
+        (pass :attr:`ScMMGPT.reading <scmmgpt.models.scmmgpt.ScMMGPT.reading>` as ``**model.reading``)."""
         idx = self.split[part]
         return CellTextDataset(self.cells.subset(idx), list(self.descriptions["description"].iloc[idx]),
                                cls_id=self.vocab.cls_id, max_genes=max_genes, with_targets=with_targets,
-                               n_bins=n_bins)
+                               n_bins=n_bins, input_genes=input_genes, target_sum=target_sum)
 
 
 def load_labelled(data: DataConfig, *, vocab: GeneVocab | None = None, target_sum: float = 1e4) -> LabelledCells:

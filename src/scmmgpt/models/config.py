@@ -142,6 +142,18 @@ class ModelConfig:
     target_sum: float = 1e4
     """Library size in eq. 1: ``log(1 + target_sum * x / sum x)``. 1.0 is eq. 1 verbatim; 1e4
     (log-CP10k) keeps values O(1) so the value encoder and the PCGen loss are well scaled."""
+    n_input_genes: int | None = None
+    """Size of the input panel (:mod:`scmmgpt.data.panel`): a fresh model's first training run
+    picks the ``n_input_genes`` most variable genes of its training cells (per source dataset), and
+    cells are then always tokenised from those genes, with eq. 1 re-applied over them. ``None``, or
+    training cells whose datasets measure no more genes than that: every gene."""
+    input_genes: list[str] | None = None
+    """The input panel chosen (gene tokens, most variable first); written by training, kept in the
+    saved model. ``None``: every gene."""
+    trained_types: list[str] | None = None
+    """CL ids of the cell types whose descriptions the model was trained on, recorded by training
+    (``fit(train_types=...)``). Zero-shot scores back off to them
+    (:func:`~scmmgpt.data.label_texts.backoff_labels`)."""
     cell_checkpoint: str | None = None
     """A scGPT checkpoint directory (``args.json``, ``vocab.json``, ``best_model.pt``) to start the
     cell encoder from: its sizes, pad value, value binning and gene vocabulary replace ``cell`` and
@@ -157,6 +169,8 @@ class ModelConfig:
             raise ConfigError("max_genes must be >= 1.")
         if self.target_sum <= 0:
             raise ConfigError("target_sum must be > 0.")
+        if self.n_input_genes is not None and self.n_input_genes < 1:
+            raise ConfigError(f"n_input_genes must be >= 1 or null, got {self.n_input_genes}.")
 
     @classmethod
     def from_preset(cls, cell: str = "small", **kwargs) -> "ModelConfig":

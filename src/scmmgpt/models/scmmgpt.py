@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import assets
 from ..data.dataset import CellBatch, CellTextCollator, CellTextDataset, tokenize_for_bert, tokenize_for_lm
-from ..data.label_texts import Candidates, candidate_labels
+from ..data.label_texts import Candidates, back_off_scores, backoff_labels, candidate_labels
 from ..data.prepare import CellData, prepare_cells
 from ..data.vocab import GeneVocab
 from ..errors import CheckpointError, ConfigError
@@ -203,11 +203,52 @@ class ScMMGPT:
                              gene_symbol_key=gene_symbol_key, min_coverage=min_coverage,
                              coverage_fixes=coverage_fixes)
 
+    @property
+    def input_gene_mask(self) -> np.ndarray | None:
+        """(V,) bool: the model's input panel (``config.input_genes``), or ``None`` for every gene."""
+        genes = self.config.input_genes
+        if genes is None:
+            return None
+        mask = np.zeros(len(self.vocab), dtype=bool)
+        mask[[self.vocab[g] for g in genes]] = True
+        return mask
+
+    @property
+    def reading(self) -> dict:
+        """How this model reads cells, as keyword arguments of
+        :class:`~scmmgpt.data.CellTextDataset` and ``LabelledCells.dataset``: ``max_genes``, value
+        binning (``n_bins``) and the input panel (``input_genes``, with the ``target_sum`` eq. 1 is
+        re-applied with over it)."""
+        return {"max_genes": self.config.max_genes, "n_bins": self.value_bins, "input_genes": self.input_gene_mask,
+                "target_sum": self.config.target_sum}
+
     def dataset(self, cells, texts: Sequence[str] | None = None, *, with_targets: bool = False) -> CellTextDataset:
-        """Cells (a :class:`~scmmgpt.data.CellSource`) as this model reads them: its ``max_genes``
-        and value binning."""
-        return CellTextDataset(cells, texts, cls_id=self.vocab.cls_id, max_genes=self.config.max_genes,
-                               n_bins=self.value_bins, with_targets=with_targets)
+        """Cells (a :class:`~scmmgpt.data.CellSource`) as this model reads them (:attr:`reading`)."""
+        return CellTextDataset(cells, texts, cls_id=self.vocab.cls_id, with_targets=with_targets, **self.reading)
+
+    def record_trained_types(self, types: Sequence[str]) -> None:
+        """Add the cell types of training descriptions (names or CL ids; those the Cell Ontology
+        does not know are skipped) to ``config.trained_types``."""
+        from ..data.ontology import cell_ontology
+
+        cl = cell_ontology()
+        ids = {cl.find_id(str(t)) for t in set(types)} - {None}
+        if ids:
+            known = set(self.config.trained_types or ())
+            self.net.config = dataclasses.replace(self.config, trained_types=sorted(known | ids))  # type: ignore[arg-type]
+
+    def choose_input_panel(self, cells) -> np.ndarray | None:
+        """Pick the input panel from training ``cells`` if the config asks for one
+        (``n_input_genes``) and none is chosen yet; record it in the config. Returns the panel mask
+        the model reads cells through from now on."""
+        from ..data.panel import variable_genes
+
+        c = self.config
+        if c.n_input_genes is not None and c.input_genes is None:
+            top = variable_genes(cells, c.n_input_genes)
+            if top is not None:
+                self.net.config = dataclasses.replace(c, input_genes=[self.vocab.tokens[i] for i in top])
+        return self.input_gene_mask
 
     def tokenize_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """BERT token ids and attention mask of ``texts`` (truncated to ``qformer.max_text_len``)."""
@@ -246,24 +287,36 @@ class ScMMGPT:
         return encode_texts(self, texts, batch_size, precision=precision)
 
     def iter_label_scores(self, batches: Iterator[CellBatch], candidates: Candidates, *, alpha: float = 0.0,
-                          rerank_top: int = 10, chunk: int = 2048, precision: str | Precision = "auto"
-                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                          rerank_top: int = 10, chunk: int = 2048, precision: str | Precision = "auto",
+                          backoff: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Per batch: ``(batch.index, scores (B, T))``. Scores are the CTC similarity (cosine of cell
         and text features, max over the Q-Former queries; paper eq. 2), computed over label chunks
-        to bound the (B, Q, T) intermediate. With ``alpha > 0`` each cell's ``rerank_top`` best
-        labels get ``(1 - alpha) * sim + alpha * P(match)`` from the CTM head and the others
-        ``(1 - alpha) * sim``, which keeps them below every re-ranked label (BLIP-2's re-ranking,
-        Li et al. 2023)."""
+        to bound the (B, Q, T) intermediate.
+
+        With ``backoff`` (and a model that records its ``trained_types``), a candidate with trained
+        ancestors that are not candidates (:func:`~scmmgpt.data.label_texts.backoff_labels`) is
+        also scored by them (:func:`~scmmgpt.data.label_texts.back_off_scores`).
+
+        With ``alpha > 0`` each cell's ``rerank_top`` best labels get
+        ``(1 - alpha) * sim + alpha * P(match)`` from the CTM head, and the others
+        ``(1 - alpha) * sim``. This keeps them below every re-ranked label (BLIP-2's re-ranking, Li et
+        al. 2023)."""
         from ..inference import evaluation_mode
 
+        proxies, links = (backoff_labels(candidates, self.config.trained_types or ()) if backoff
+                          else (None, []))
+        texts = candidates.texts + (proxies.texts if proxies is not None else [])
+        n = len(candidates.texts)
         # the candidates are encoded once per call: in fp32, which costs nothing next to the cells and
         # keeps bf16 scores closer to fp32's (labels near a tie flip less)
-        text = self.encode_texts(candidates.texts, precision="fp32")
+        text = self.encode_texts(texts, precision="fp32")
         with evaluation_mode(self.net, precision):
             for batch in batches:
                 out = self.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
                 feats = out.features.float().cpu()
                 sim = torch.cat([similarity(feats, text[i:i + chunk]) for i in range(0, len(text), chunk)], dim=1)
+                if proxies is not None:
+                    sim = torch.from_numpy(back_off_scores(sim[:, :n].numpy(), sim[:, n:].numpy(), links))
                 if alpha > 0:
                     sim = self._rerank(out, sim, candidates.texts, alpha, rerank_top)
                 yield batch.index, sim
@@ -283,12 +336,14 @@ class ScMMGPT:
 
     def score_labels(self, ds: CellTextDataset, labels: Sequence[str] | Mapping[str, str] | Candidates, *, alpha: float = 0.0,
                      rerank_top: int = 10, context: str | None = None, batch_size: int = 64,
-                     indices: Sequence[int] | None = None, precision: str | Precision = "auto") -> LabelScores:
+                     indices: Sequence[int] | None = None, precision: str | Precision = "auto",
+                     backoff: bool = True) -> LabelScores:
         """Zero-shot scores of the cells of ``ds`` (or of ``indices``) against candidate ``labels``.
 
         ``labels`` are names or CL ids, each read as :func:`~scmmgpt.data.label_texts.candidate_labels`
         describes it (Cell Ontology definition and synonyms, plus ``context``) — the texts
-        :func:`scmmgpt.tl.annotate` uses — or ready :class:`Candidates`.
+        :func:`scmmgpt.tl.annotate` uses — or ready :class:`Candidates`. ``backoff``: see
+        :meth:`iter_label_scores`.
         """
         from ..inference import iter_batches, length_order
 
@@ -298,7 +353,8 @@ class ScMMGPT:
             cands = candidate_labels(labels=labels if isinstance(labels, Mapping) else list(labels), context=context)
         order, inv = length_order(ds, indices)
         chunks = [sim for _, sim in self.iter_label_scores(iter_batches(self, ds, batch_size, indices=order), cands,
-                                                           alpha=alpha, rerank_top=rerank_top, precision=precision)]
+                                                           alpha=alpha, rerank_top=rerank_top, precision=precision,
+                                                           backoff=backoff)]
         scores = torch.cat(chunks)[inv]
         return LabelScores(scores.numpy(), cands)
 
@@ -445,3 +501,4 @@ def load_lm(config: ModelConfig, device: str | torch.device = "cpu"):
                           target_modules=config.lm.lora_target_modules, task_type="CAUSAL_LM")
         lm = get_peft_model(lm, lora)
     return lm, tok
+

@@ -21,15 +21,13 @@ def train_two_stages(model, lab, rc, *, stage1_steps: int, stage2_steps: int, st
     """
     from ..train.loop import fit
 
-    mc = model.config
     cfg1 = type(rc.train).from_dict(rc.train.to_dict())
     cfg1.stage, cfg1.max_steps, cfg1.progress, cfg1.val_every = "stage1", stage1_steps, progress, None
     cfg1.warmup_steps = min(cfg1.warmup_steps, max(1, stage1_steps // 6))
     cfg1.out_dir = None if out_dir is None else str(Path(out_dir) / "train-stage1")
-    nb = model.value_bins
-    val1 = lab.dataset("val", max_genes=mc.max_genes, n_bins=nb) if validate and len(lab.split["val"]) else None
+    val1 = lab.dataset("val", **model.reading) if validate and len(lab.split["val"]) else None
     t0 = time.perf_counter()
-    r1 = fit(model, lab.dataset("train", max_genes=mc.max_genes, n_bins=nb), cfg1, val=val1,
+    r1 = fit(model, lab.dataset("train", **model.reading), cfg1, val=val1,
              val_labels=lab.types("val") if val1 is not None else None, label_terms=lab.label_set(),
              measured="by_source", train_types=lab.types("train"))
     r1["seconds"] = time.perf_counter() - t0
@@ -37,7 +35,7 @@ def train_two_stages(model, lab, rc, *, stage1_steps: int, stage2_steps: int, st
                                  "batch_size": stage2_batch, "lr_new": 2e-3, "t2c_warmup_steps": t2c_warmup_steps,
                                  "warmup_steps": max(1, stage2_steps // 10), "log_every": 5,
                                  "out_dir": None if out_dir is None else str(Path(out_dir) / "train-stage2")})
-    r2 = fit(model, lab.dataset("train", max_genes=mc.max_genes, with_targets=True, n_bins=nb), cfg2,
+    r2 = fit(model, lab.dataset("train", with_targets=True, **model.reading), cfg2,
              measured="by_source", train_types=lab.types("train"))
     r2["seconds"] = time.perf_counter() - t0 - r1["seconds"]
     return r1, r2

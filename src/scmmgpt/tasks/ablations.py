@@ -187,15 +187,14 @@ def run_batch_view(b: BatchView, out: str | Path, *, progress: bool = False, com
                             target_sum=rc.model.target_sum)
         with seeded(b.seed):
             model = ScMMGPT.build(rc.model, lab.vocab, with_lm=False)
-        fit(model, lab.dataset("train", max_genes=model.config.max_genes, n_bins=model.value_bins), cfg)
+        fit(model, lab.dataset("train", **model.reading), cfg)
         test = lab.split["test"]
         obs = read_h5ad(path, backed=True).obs.iloc[lab.cells.cell_index[test]]
         if b.batch_key not in obs:
             raise ValueError(f"{path} has no obs column {b.batch_key!r} (batch labels).")
         types = lab.descriptions["cell_type"].astype(str).to_numpy()[test]
         batches = obs[b.batch_key].astype(str).to_numpy()
-        emb = {"scMMGPT": model.encode(lab.dataset("test", max_genes=model.config.max_genes,
-                                                   n_bins=model.value_bins)).embedding(),
+        emb = {"scMMGPT": model.encode(lab.dataset("test", **model.reading)).embedding(),
                "PCA of log-normalised expression": PCA(50, random_state=b.seed).fit_transform(
                    lab.cells.expr[test][:, lab.cells.measured].toarray())}
         scores = {k: silhouette_scores(v, types, batches, seed=b.seed) for k, v in emb.items()}

@@ -132,7 +132,7 @@ def run_demo(*, data: str | None = None, label_key: str = "cell_type", layer: st
     atomic_write_text(out_dir / "split.json", json.dumps({k: np.asarray(lab.cells.obs_names[v]).astype(str).tolist()
                                                           for k, v in lab.split.items()}))
     t_train = time.perf_counter()
-    test_ds = lab.dataset("test", max_genes=model.config.max_genes, n_bins=model.value_bins)
+    test_ds = lab.dataset("test", **model.reading)
     ls = model.score_labels(test_ds, lab.label_set())
     annotation = _annotation(ls, lab.types("test"))
     reference = {"logistic_regression": logistic_regression_reference(lab, seed=seed)}

@@ -88,7 +88,7 @@ def _describe(model, lab, idx: np.ndarray, max_genes: int, max_new_tokens: int) 
     from ..data.dataset import CellTextDataset
     from ..inference import iter_batches
 
-    ds = CellTextDataset(lab.cells.subset(idx), cls_id=lab.vocab.cls_id, max_genes=max_genes, n_bins=model.value_bins)
+    ds = CellTextDataset(lab.cells.subset(idx), cls_id=lab.vocab.cls_id, **{**model.reading, "max_genes": max_genes})
     out: list[str] = []
     for batch in iter_batches(model, ds, 8):       # describe runs in evaluation mode
         out += model.describe(batch, max_new_tokens=max_new_tokens)
@@ -380,7 +380,7 @@ def _part_gene_sweep(ctx: _Trained, out: Path) -> dict:
     keep = truth >= 0
     sweep = []
     for k in b.gene_counts:
-        ds = CellTextDataset(lab.cells.subset(test), cls_id=lab.vocab.cls_id, max_genes=int(k), n_bins=model.value_bins)
+        ds = CellTextDataset(lab.cells.subset(test), cls_id=lab.vocab.cls_id, **{**model.reading, "max_genes": int(k)})
         scores = model.score_labels(ds, ctx.candidates).scores
         row = {"genes": int(k), "acc1": topk_accuracy(scores[keep], truth[keep], 1)}
         row.update({m: v for m, v in ctx.score(_describe(model, lab, ctx.sample, int(k), b.max_new_tokens)).items()

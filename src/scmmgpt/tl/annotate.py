@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.label_texts import MAX_LABELS, candidate_labels
+from ..data.label_texts import MAX_LABELS, backoff_labels, candidate_labels
 from ..errors import InputDataError
 from ._common import batches, full_rows, in_order, model_cells, resolve_model, start
 
@@ -25,7 +25,7 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
              unassigned: str = "unassigned", key_added: str = "scmmgpt_label", store_scores: bool | None = None,
              batch_size: int = 64, layer: str | None = None, use_raw: bool = False,
              gene_symbol_key: str | None = None, min_coverage: float = 0.5, device: str | None = None,
-             precision: str = "auto",
+             precision: str = "auto", backoff: bool = True,
              progress: bool = False, max_labels: int = MAX_LABELS, copy: bool = False):
     """Zero-shot annotation: score every cell against every candidate label's description.
 
@@ -40,6 +40,11 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
     (cosine of cell and text features, max over the Q-Former queries). With ``alpha > 0`` the
     ``rerank_top`` best labels of each cell are re-scored with the CTM head:
     ``(1 - alpha) * similarity + alpha * P(match)``.
+    With ``backoff``, a label finer than the model's training labels is also scored by its
+    nearest trained Cell Ontology ancestor that is not a candidate itself
+    (:func:`~scmmgpt.data.label_texts.backoff_labels`). For example, naive and memory CD4 T cells
+    can fall back on "CD4-positive, alpha-beta T cell"; its own score still orders it among its
+    siblings.
     A cell whose best score is below ``min_score``, or beats the second best by less than
     ``min_margin``, is ``unassigned`` (open-set annotation).
 
@@ -98,7 +103,7 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
     all_scores, top_idx, top_val, second, index = [], [], [], [], []
     for idx, sim in model.iter_label_scores(batches(model, mc.dataset, batch_size, progress=progress,
                                                     desc="annotate"), cands, alpha=alpha, rerank_top=rerank_top,
-                                            precision=prec):
+                                            precision=prec, backoff=backoff):
         best = sim.topk(min(max(k, 2), T), dim=1)
         top_idx.append(best.indices[:, :k])
         top_val.append(best.values[:, :k])
@@ -132,7 +137,16 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
         "params": {"alpha": alpha, "rerank_top": rerank_top, "top_k": k,
                    "min_score": "none" if min_score is None else min_score,
                    "min_margin": "none" if min_margin is None else min_margin, "unassigned": unassigned,
-                   "context": context or "", "precision": prec.name},
+                   "context": context or "", "precision": prec.name, "backoff": backoff},
+        "backoff_terms": _backoff_report(cands, model) if backoff else {},
         "n_unassigned": int(reject.sum()), **mc.report(),
     }
     return adata if copy else None
+
+
+def _backoff_report(cands, model) -> dict[str, list[str]]:
+    """``{candidate: [trained ancestors it backs off to]}`` for the candidates that have any."""
+    proxies, links = backoff_labels(cands, model.config.trained_types or ())
+    if proxies is None:
+        return {}
+    return {name: [proxies.names[i] for i in idx] for name, idx in zip(cands.names, links) if idx}

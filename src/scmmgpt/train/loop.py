@@ -228,7 +228,9 @@ def fit(model, train: CellTextDataset, cfg: TrainConfig, *, val: CellTextDataset
         ``STAGES[cfg.stage]`` (:mod:`scmmgpt.models.stages`).
     train, val
         Cells with descriptions (and PCGen targets for stage 2 / generate); ``val`` is evaluated
-        every ``cfg.val_every`` steps and at the end.
+        every ``cfg.val_every`` steps and at the end. Both are read through the model's input
+        panel (:meth:`~scmmgpt.models.scmmgpt.ScMMGPT.choose_input_panel`, picked from ``train``
+        when the config asks for one and the model has none yet).
     val_labels, label_terms
         Cell type of each ``val`` cell: alignment stages then report zero-shot Acc@1 over them (each
         type read with its Cell Ontology term from ``label_terms``, as ``LabelledCells.label_set()``).
@@ -237,7 +239,8 @@ def fit(model, train: CellTextDataset, cfg: TrainConfig, *, val: CellTextDataset
         scored on the genes its own source dataset measured (:func:`~scmmgpt.data.source.measured_genes`;
         a corpus of shards from several datasets).
     train_types
-        Cell type of each ``train`` cell, for ``cfg.balance`` by type.
+        Cell type of each ``train`` cell, for ``cfg.balance`` by type; also recorded in the model
+        (``config.trained_types``, read by the zero-shot ontology back-off).
     resume
         Continue from the newest checkpoint in ``cfg.out_dir``.
     stop_after
@@ -259,6 +262,14 @@ def fit(model, train: CellTextDataset, cfg: TrainConfig, *, val: CellTextDataset
                           "before the process starts (cuBLAS reads it once); export it, or train with "
                           "train.deterministic=false.")
     cfg = resolve_train_precision(cfg)
+    # the model reads every cell through its input panel, chosen here from the training cells on
+    # a fresh model's first run (config n_input_genes) and kept from then on
+    panel = model.choose_input_panel(train.cells)
+    if train_types is not None:
+        model.record_trained_types(train_types)
+    for ds in (train, val):
+        if ds is not None:
+            ds.read_through(panel, model.config.target_sum)
     previous = torch.are_deterministic_algorithms_enabled()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):

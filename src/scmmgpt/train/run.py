@@ -177,13 +177,17 @@ def _conflicts(keys: dict, config: ModelConfig) -> str:
 _SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff")
 """Cell encoder preset keys that set the weights' shapes."""
 
+_NEW_MODEL_KEYS = frozenset({"n_input_genes"})
+"""Model keys that only a new model reads: a saved model has chosen its input panel (or has none), so
+a run from it neither compares nor applies them."""
+
 
 def _check_init_keys(rc: RunConfig, config: ModelConfig) -> None:
     """A run from a saved model trains that model: ``model`` keys (and a ``cell_preset``) that
     disagree with it would be recorded but not used, so they are refused, each named; equal ones are
     harmless. A ``cell_preset`` names a size: only its shape keys are compared (a model saved before
     the ``tiny`` preset gained ``attn_dropout=0`` still trains on under ``cpu-small``)."""
-    keys = {k: v for k, v in rc.model_keys.items() if k not in INIT_OVERRIDES}
+    keys = {k: v for k, v in rc.model_keys.items() if k not in INIT_OVERRIDES | _NEW_MODEL_KEYS}
     if rc.cell_preset:
         keys = {**{f"cell.{k}": v for k, v in CELL_ENCODER_PRESETS[rc.cell_preset].items() if k in _SHAPE_KEYS},
                 **keys}
@@ -249,8 +253,8 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
         if model is None:
             model = ScMMGPT.build(_with_lm_dtype(rc.model, lm_keys), lab.vocab, with_lm=spec.needs_lm)
     mc = model.config
-    train = lab.dataset("train", max_genes=mc.max_genes, with_targets=spec.needs_lm, n_bins=model.value_bins)
-    val = (lab.dataset("val", max_genes=mc.max_genes, with_targets=spec.needs_lm, n_bins=model.value_bins)
+    train = lab.dataset("train", with_targets=spec.needs_lm, **model.reading)
+    val = (lab.dataset("val", with_targets=spec.needs_lm, **model.reading)
            if len(lab.split["val"]) else None)
     # the LM's dtype followed this run's precision; the saved model (and its record) loads it as "auto"
     saved = dataclasses.replace(mc, lm=dataclasses.replace(mc.lm, dtype="auto")) if lm_keys else mc
