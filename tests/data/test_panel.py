@@ -53,7 +53,7 @@ def test_tokens_through_a_panel_do_not_depend_on_the_other_genes(pbmc3k, pbmc3k_
     names = {pbmc3k_vocab.tokens[i] for i in panel_ids}
     keep = [g for g in pbmc3k.var_names if g in names or g.startswith("HLA")]   # panel + a few others
     sub = prepare_cells(pbmc3k[:, keep].copy(), pbmc3k_vocab, target_sum=1e4, min_coverage=0.0)
-    assert np.array_equal(sub.obs_names, cells.obs_names[: len(sub.obs_names)]) or len(sub) <= len(cells)
+    assert len(sub) > 0.9 * len(cells) and set(sub.obs_names) <= set(cells.obs_names)
     whole = CellTextDataset(cells, cls_id=1, max_genes=64, input_genes=panel, target_sum=1e4)
     part = CellTextDataset(sub, cls_id=1, max_genes=64, input_genes=panel, target_sum=1e4)
     pos = {n: i for i, n in enumerate(cells.obs_names)}

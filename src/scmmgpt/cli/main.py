@@ -477,7 +477,8 @@ def _annotate():
         out = _output_path(args)
         adata = _read(args)
         tl.annotate(adata, _load_model(args, with_lm=False), labels=labels, labels_key=args.labels_key,
-                    descendants_of=args.descendants_of, context=args.context, alpha=args.alpha, backoff=args.backoff, top_k=args.top_k,
+                    descendants_of=args.descendants_of, context=args.context, alpha=args.alpha, backoff=args.backoff,
+                    top_k=args.top_k,
                     min_score=args.min_score, min_margin=args.min_margin, key_added=args.key_added,
                     **_data_kwargs(args))
         counts = adata.obs[args.key_added].value_counts()

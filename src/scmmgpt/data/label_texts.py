@@ -175,7 +175,7 @@ def back_off_scores(own: np.ndarray, proxy: np.ndarray, links: Sequence[Sequence
     of candidate ``j``. Where the best of them, ``m``, beats the candidate's own score ``s``, the
     candidate scores ``m - 1e-3 * (m - s)``. That is just under ``m``, with siblings in the order of
     their own texts; elsewhere the score stays ``s``."""
-    out = np.array(own, dtype=np.float64 if own.dtype == np.float64 else np.float32, copy=True)
+    out = np.array(own, copy=True)
     for j, idx in enumerate(links):
         if len(idx):
             m = proxy[:, list(idx)].max(axis=1)

@@ -226,6 +226,11 @@ class ScMMGPT:
         """Cells (a :class:`~scmmgpt.data.CellSource`) as this model reads them (:attr:`reading`)."""
         return CellTextDataset(cells, texts, cls_id=self.vocab.cls_id, with_targets=with_targets, **self.reading)
 
+    def label_backoff(self, candidates: Candidates) -> tuple[Candidates | None, list[list[int]]]:
+        """The trained ancestors each candidate backs off to
+        (:func:`~scmmgpt.data.label_texts.backoff_labels` over ``config.trained_types``)."""
+        return backoff_labels(candidates, self.config.trained_types or ())
+
     def record_trained_types(self, types: Sequence[str]) -> None:
         """Add the cell types of training descriptions (names or CL ids; those the Cell Ontology
         does not know are skipped) to ``config.trained_types``."""
@@ -303,8 +308,7 @@ class ScMMGPT:
         al. 2023)."""
         from ..inference import evaluation_mode
 
-        proxies, links = (backoff_labels(candidates, self.config.trained_types or ()) if backoff
-                          else (None, []))
+        proxies, links = self.label_backoff(candidates) if backoff else (None, [])
         texts = candidates.texts + (proxies.texts if proxies is not None else [])
         n = len(candidates.texts)
         # the candidates are encoded once per call: in fp32, which costs nothing next to the cells and
@@ -501,4 +505,3 @@ def load_lm(config: ModelConfig, device: str | torch.device = "cpu"):
                           target_modules=config.lm.lora_target_modules, task_type="CAUSAL_LM")
         lm = get_peft_model(lm, lora)
     return lm, tok
-

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.label_texts import MAX_LABELS, backoff_labels, candidate_labels
+from ..data.label_texts import MAX_LABELS, candidate_labels
 from ..errors import InputDataError
 from ._common import batches, full_rows, in_order, model_cells, resolve_model, start
 
@@ -41,7 +41,7 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
     ``rerank_top`` best labels of each cell are re-scored with the CTM head:
     ``(1 - alpha) * similarity + alpha * P(match)``.
     With ``backoff``, a label finer than the model's training labels is also scored by its
-    nearest trained Cell Ontology ancestor that is not a candidate itself
+    trained Cell Ontology ancestors that are not candidates themselves
     (:func:`~scmmgpt.data.label_texts.backoff_labels`). For example, naive and memory CD4 T cells
     can fall back on "CD4-positive, alpha-beta T cell"; its own score still orders it among its
     siblings.
@@ -146,7 +146,7 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
 
 def _backoff_report(cands, model) -> dict[str, list[str]]:
     """``{candidate: [trained ancestors it backs off to]}`` for the candidates that have any."""
-    proxies, links = backoff_labels(cands, model.config.trained_types or ())
+    proxies, links = model.label_backoff(cands)
     if proxies is None:
         return {}
     return {name: [proxies.names[i] for i in idx] for name, idx in zip(cands.names, links) if idx}
