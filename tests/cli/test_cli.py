@@ -55,6 +55,11 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     assert m["annotation"]["acc3"] >= m["annotation"]["acc1"]
     # the supervised reference is fitted on the same training cells and printed beside the figure
     assert m["reference"]["logistic_regression"]["acc1"] > 0.6 and "reference: logistic regression" in printed
+    # ... and so are the description and pseudo-cell references: the classifier's type named in
+    # about as many cells as it classifies right (4 sampled cells), the type means well above chance
+    assert m["reference"]["logistic_regression_description"]["type_named"] >= 0.5
+    assert m["reference"]["type_mean_generation"]["knn_accuracy"] >= 0.3
+    assert "its type's description" in printed and "mean training profile" in printed
     assert m["training"]["stage1"]["steps"] == 8 and m["training"]["stage2"]["steps"] == 4
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3

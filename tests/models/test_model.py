@@ -24,7 +24,8 @@ def lab():
 
 @pytest.fixture(scope="module")
 def setup(lab):
-    cfg = ModelConfig.from_preset("tiny", max_genes=64)
+    # with the expression token, as cpu-small builds new models
+    cfg = ModelConfig.from_preset("tiny", max_genes=64, cell_kwargs={"expression_token": True})
     cfg = dataclasses.replace(cfg, qformer=dataclasses.replace(cfg.qformer, n_layers=2, n_query=8, max_text_len=48),
                               lm=dataclasses.replace(cfg.lm, max_text_len=32),
                               text_to_cell=dataclasses.replace(cfg.text_to_cell, gene_chunk=4096))
@@ -63,7 +64,9 @@ def _step_lowers(model, fn, stage, lr):
 def test_each_loss_decreases(setup):
     model, batch, measured = setup
     net = model.net
-    _step_lowers(model, lambda: net.forward_align(batch, torch.Generator().manual_seed(0)).loss_ctc, "stage1", 3e-4)
+    # 1e-4: Adam's first steps move every weight by about lr, and at 3e-4 the pretrained BERT layers
+    # overshoot on this fixed batch for some initialisations (with and without the expression token)
+    _step_lowers(model, lambda: net.forward_align(batch, torch.Generator().manual_seed(0)).loss_ctc, "stage1", 1e-4)
     _step_lowers(model, lambda: net.forward_align(batch, torch.Generator().manual_seed(0)).loss_ctm, "stage1", 1e-4)
     _step_lowers(model, lambda: net.forward_cdgen(batch), "describe", 1e-3)
     _step_lowers(model, lambda: net.forward_pcgen(batch, measured)[0], "generate", 1e-3)
@@ -143,6 +146,9 @@ def test_save_load_roundtrip_and_tamper(setup, tmp_path):
     full = model.net.trained_state_dict(full=True)
     assert any(k.startswith("lm.") and "lora_" not in k for k in full)  # the option that stores everything
     loaded = ScMMGPT.from_pretrained(tmp_path / "m")
+    assert loaded.net.cell_encoder.expression is not None
+    torch.testing.assert_close(loaded.net.cell_encoder.expression.embedding.weight,
+                               model.net.cell_encoder.expression.embedding.weight)
     with torch.no_grad():
         a = model.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask).features
         b = loaded.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask).features

@@ -84,3 +84,37 @@ def test_bf16_runs():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = enc(g, v, pad)
     assert torch.isfinite(out.float()).all()
+
+
+def test_expression_token_is_the_value_weighted_gene_sum_added_to_cls():
+    """The expression token adds LN(sum_i v_i e_{g_i}) over the real gene tokens to <cls>'s input:
+    the same encoder without it differs only there, and pad positions (at any pad value) and the
+    order of the genes do not change it."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, d_model=32, n_heads=4, d_ff=64, n_layers=1, dropout=0.0)
+    plain = CellEncoder(CellEncoderConfig(**cfg)).eval()
+    enc = CellEncoder(CellEncoderConfig(**cfg, expression_token=True)).eval()
+    enc.load_state_dict({**plain.state_dict(), **{k: v for k, v in enc.state_dict().items() if k.startswith("expression.")}})
+    for m in (plain, enc):                                             # the embeddings alone: no layers
+        m.transformer_encoder.layers = nn.ModuleList()
+    g, v, pad = _inputs()
+    g[:, 0], v[:, 0] = 1, 0.0                                          # <cls>
+    with torch.no_grad():
+        a, b = plain(g, v, pad), enc(g, v, pad)
+        # with no layers the output is the input: only <cls> moved, by the token itself
+        torch.testing.assert_close(b[:, 1:], a[:, 1:])
+        w = v[:, 1:].masked_fill(pad[:, 1:], 0.0)
+        want = enc.expression.norm((w[..., None] * enc.expression.embedding(g[:, 1:])).sum(1))
+        torch.testing.assert_close(b[:, 0] - a[:, 0], want, rtol=1e-5, atol=1e-5)
+        v2 = v.masked_fill(pad, -2.0)                                   # scGPT's pad value
+        torch.testing.assert_close(enc(g, v2, pad)[:, 0], enc(g, v, pad)[:, 0] - plain(g, v, pad)[:, 0]
+                                   + plain(g, v2, pad)[:, 0])
+        perm = torch.tensor([0, 3, 1, 2])                               # cell 2 has 3 real genes + <cls>
+        torch.testing.assert_close(enc(g[2:3, perm], v[2:3, perm], pad[2:3, perm])[0, 0], b[2, 0],
+                                   rtol=1e-5, atol=1e-5)
+    # with layers, it changes what the cell encoder returns (the read-out is not dead)
+    deep = CellEncoder(CellEncoderConfig(**cfg, expression_token=True)).eval()
+    with torch.no_grad():
+        x = deep(g, v, pad)
+        deep.expression.embedding.weight.mul_(-1.0)
+        assert not torch.allclose(deep(g, v, pad)[:, 0], x[:, 0])

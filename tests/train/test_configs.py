@@ -74,8 +74,9 @@ def test_a_preset_is_compared_with_a_saved_model_by_its_shapes_only():
     old.cell = dataclasses.replace(old.cell, attn_dropout=None)
     old.qformer = dataclasses.replace(old.qformer, **rc.model.to_dict()["qformer"])
     old.lm = dataclasses.replace(old.lm, max_text_len=rc.model.lm.max_text_len)
-    # nor does it have an input panel: n_input_genes is read by new models only
+    # nor does it have an input panel or an expression token: both are read by new models only
     assert old.n_input_genes is None and rc.model.n_input_genes == 2000
+    assert not old.cell.expression_token and rc.model.cell.expression_token
     _check_init_keys(rc, old)
     bigger = dataclasses.replace(old, cell=dataclasses.replace(old.cell, d_model=64))
     with pytest.raises(ConfigError, match=r"model.cell.d_model=32 \(the model has 64\)"):

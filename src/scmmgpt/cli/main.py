@@ -151,9 +151,13 @@ def _demo():
         print(f"  zero-shot annotation  Acc@1 {a['acc1']:.3f}  Acc@3 {a['acc3']:.3f}  macro-F1 {a['macro_f1']:.3f}")
         print(f"    reference: logistic regression on the same training cells (supervised)  "
               f"Acc@1 {lr['acc1']:.3f}  macro-F1 {lr['macro_f1']:.3f}")
+        ld, tm = m["reference"]["logistic_regression_description"], m["reference"]["type_mean_generation"]
         print(f"  cell -> text          BLEU-2 {d['bleu2']:.3f}  ROUGE-2 {d['rouge2']:.3f}  "
               f"right type named {d['type_named']:.3f}")
+        print(f"    reference: logistic regression -> its type's description  BLEU-2 {ld['bleu2']:.3f}  "
+              f"ROUGE-2 {ld['rouge2']:.3f}  right type named {ld['type_named']:.3f}")
         print(f"  text -> cell          k-NN accuracy {g['knn_accuracy']:.3f} ({g['n_generated']} pseudo-cells)")
+        print(f"    reference: each type's mean training profile  k-NN accuracy {tm['knn_accuracy']:.3f}")
         print(f"  {m['seconds']['total']:.0f} s; report: {m['report']}  model: {m['model']}")
         if args.set_default:
             print("  this model is now the default of scmmgpt embed/annotate/describe/generate/search")

@@ -58,6 +58,12 @@ class CellEncoderConfig:
     """Value at padded positions (scGPT checkpoints use -2)."""
     max_value: float = 512.0
     """Values are clamped to this before the value encoder (as scGPT)."""
+    expression_token: bool = False
+    """Add to the ``<cls>`` token's input a linear read-out of the whole cell:
+    ``LN(sum_i v_i e_{g_i})`` over its gene tokens, with gene vectors ``e`` of their own. The
+    ``<cls>`` state then starts from what a linear classifier of the tokens sees, which a narrow
+    encoder trained briefly does not learn to represent (``benchmarks/results/recipe/README.md``,
+    "Where the accuracy is lost"). Not part of scGPT: off for scGPT checkpoints and old models."""
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -152,6 +158,20 @@ class EncoderLayer(nn.Module):
         return self.norm2(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
 
 
+class ExpressionToken(nn.Module):
+    """``LN(sum_i v_i e_{g_i})`` over a cell's non-padded gene tokens after ``<cls>``: ``(B, d)``."""
+
+    def __init__(self, vocab_size: int, d_model: int, pad_id: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        # position 0 is <cls>; padded positions carry the pad value, which may be non-zero (scGPT: -2)
+        w = values[:, 1:].masked_fill(padding_mask[:, 1:], 0.0).to(self.embedding.weight.dtype)
+        return self.norm(torch.einsum("bl,bld->bd", w, self.embedding(gene_ids[:, 1:])))
+
+
 class _Layers(nn.Module):
     def __init__(self, layers: list[nn.Module]) -> None:
         super().__init__()
@@ -182,6 +202,8 @@ class CellEncoder(nn.Module):
             self.value_encoder = CategoryValueEncoder(config.n_bins, config.d_model)
         else:
             self.value_encoder = ContinuousValueEncoder(config.d_model, config.dropout, config.max_value)
+        self.expression: ExpressionToken | None = (
+            ExpressionToken(config.vocab_size, config.d_model, config.pad_id) if config.expression_token else None)
         self.transformer_encoder = _Layers(
             [EncoderLayer(config.d_model, config.n_heads, config.d_ff, config.dropout, config.attn_dropout)
              for _ in range(config.n_layers)]
@@ -201,6 +223,8 @@ class CellEncoder(nn.Module):
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         # step 1: gene + value embeddings -> (B, L, d)
         x = self.encoder(gene_ids) + self.value_encoder(values)
+        if self.expression is not None:
+            x = torch.cat([x[:, :1] + self.expression(gene_ids, values, padding_mask)[:, None], x[:, 1:]], dim=1)
         # step 2: boolean "may attend" mask over keys -> (B, 1, 1, L); padded keys are never attended
         attn_mask = (~padding_mask)[:, None, None, :]
         # step 3: transformer layers (post-norm), no positional encoding

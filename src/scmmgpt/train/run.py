@@ -177,9 +177,9 @@ def _conflicts(keys: dict, config: ModelConfig) -> str:
 _SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff")
 """Cell encoder preset keys that set the weights' shapes."""
 
-_NEW_MODEL_KEYS = frozenset({"n_input_genes"})
-"""Model keys that only a new model reads: a saved model has chosen its input panel (or has none), so
-a run from it neither compares nor applies them."""
+_NEW_MODEL_KEYS = frozenset({"n_input_genes", "cell.expression_token"})
+"""Model keys that only a new model reads: a saved model has chosen its input panel (or has none) and
+has its cell encoder's read-outs, so a run from it neither compares nor applies them."""
 
 
 def _check_init_keys(rc: RunConfig, config: ModelConfig) -> None:
