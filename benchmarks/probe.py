@@ -27,16 +27,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from recipe import new_record, parse_variants  # noqa: E402  (the same record and --variant syntax)
 
 PROBES = ("lr_expression", "lr_tokens", "lr_cls", "lr_query", "centroid_features", "zero_shot", "zero_shot_train")
 
@@ -118,15 +119,10 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="an .h5ad (default: the bundled pbmc68k_reduced)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recipe"))
     a = ap.parse_args()
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    record = {"experiment": a.name, "command": " ".join(["python", "benchmarks/probe.py", *sys.argv[1:]]),
-              "data": a.data or "pbmc68k_reduced", "seeds": a.seeds, "commit": commit,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "variants": {}}
+    record = new_record(a.name, "probe.py", a.data, a.seeds)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    for v in a.variant:
-        name, _, ov = v.partition(":")
-        overrides = [o for o in ov.split(",") if o]
+    for name, overrides in parse_variants(a.variant).items():
         runs = []
         for s in a.seeds:
             runs.append(probe_one(overrides, s, a.data, a.steps))

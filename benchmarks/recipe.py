@@ -90,6 +90,23 @@ def run_one(overrides: list[str], seed: int, data: str | None, val_every: int, s
     return out
 
 
+def parse_variants(specs: list[str]) -> dict[str, list[str]]:
+    """``["NAME:k=v,k=v", ...]`` -> ``{NAME: ["k=v", "k=v"]}`` (empty overrides allowed)."""
+    variants = {}
+    for v in specs:
+        name, _, ov = v.partition(":")
+        variants[name] = [o for o in ov.split(",") if o]
+    return variants
+
+
+def new_record(name: str, script: str, data: str | None, seeds: list[int]) -> dict:
+    """An experiment's JSON record before its variants: the command, data, seeds, commit and date."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"experiment": name, "command": " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]]),
+            "data": data or "pbmc68k_reduced", "seeds": seeds, "commit": commit,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "variants": {}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("name")
@@ -100,14 +117,8 @@ def main() -> None:
     ap.add_argument("--init-stats", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recipe"))
     a = ap.parse_args()
-    variants = {}
-    for v in a.variant:
-        name, _, ov = v.partition(":")
-        variants[name] = [o for o in ov.split(",") if o]
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    record = {"experiment": a.name, "command": " ".join(["python", "benchmarks/recipe.py", *sys.argv[1:]]),
-              "data": a.data or "pbmc68k_reduced", "seeds": a.seeds, "commit": commit,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "variants": {}}
+    variants = parse_variants(a.variant)
+    record = new_record(a.name, "recipe.py", a.data, a.seeds)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, ov in variants.items():
