@@ -144,6 +144,8 @@ def test_pretrain_from_a_scgpt_checkpoint(tmp_path, capsys):
     assert (cell["d_model"], cell["n_layers"], cell["pad_value"], cell["n_bins"]) == (32, 2, -2.0, 51)
     model = ScMMGPT.from_pretrained(out / "model")
     assert model.config.cell.pad_value == -2.0 and model.value_bins == 51
+    # cpu-small's expression token is a fresh encoder's read-out: a scGPT encoder keeps none
+    assert not model.config.cell.expression_token and model.net.cell_encoder.expression is None
     assert main(["pretrain", "--stage", "1", "--cell-checkpoint", str(ckpt), "--out", str(tmp_path / "y"),
                  "--set", "model.cell.d_model=64"]) == 2
     assert "model.cell.d_model=64 (the model has 32)" in capsys.readouterr().err

@@ -252,3 +252,32 @@ def test_text_pooling_mean_separates_descriptions_from_the_start(setup, lab, tmp
     assert ModelConfig.load(tmp_path / "config.json").qformer.text_pooling == "cls"
     with pytest.raises(ConfigError, match="text_pooling"):
         ModelConfig.from_dict({**cfg, "qformer": {**cfg["qformer"], "text_pooling": "max"}})
+
+
+def test_token_dropout_leaves_genes_out_in_training_only(setup):
+    """``cell.token_dropout``: in training a fresh share of each cell's gene tokens (never <cls>)
+    becomes padding for the encoder and the Q-Former; in evaluation nothing changes."""
+    model, batch, _ = setup
+    net = model.net
+    cfg = net.cell_encoder.config
+    args = (batch.gene_ids, batch.values, batch.padding_mask)
+    try:
+        net.eval()
+        with torch.no_grad():
+            plain = net.encode_cells(*args).features
+            cfg.token_dropout = 0.5
+            torch.testing.assert_close(net.encode_cells(*args).features, plain)
+            net.train()
+            _no_dropout(net)
+            torch.manual_seed(0)
+            a = net.encode_cells(*args)
+            b = net.encode_cells(*args)
+        real = ~batch.padding_mask
+        real[:, 0] = False
+        left_out = a.padding & real
+        assert not a.padding[:, 0].any() and (a.padding >= batch.padding_mask).all()
+        assert 0.35 < left_out.sum() / real.sum() < 0.65                  # about half the genes
+        assert not torch.equal(a.padding, b.padding)                     # a fresh draw each step
+    finally:
+        cfg.token_dropout = 0.0
+        net.eval()

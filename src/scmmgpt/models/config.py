@@ -126,7 +126,7 @@ class TextToCellConfig:
 
 #: Config keys (``section.name``) that do not change the shape or meaning of stored weights: a saved
 #: model may be loaded with other values (``ScMMGPT.from_pretrained(overrides=)``, ``init`` runs).
-RUNTIME_KEYS = frozenset({"lm.dtype", "text_to_cell.gene_chunk"})
+RUNTIME_KEYS = frozenset({"lm.dtype", "text_to_cell.gene_chunk", "cell.token_dropout"})
 
 
 @dataclass

@@ -203,6 +203,12 @@ class ScMMGPTNetwork(nn.Module):
         return self.log_temp.exp().clamp(0.001, 0.5)
 
     def encode_cells(self, gene_ids: torch.Tensor, values: torch.Tensor, padding: torch.Tensor) -> CellOutput:
+        p = self.cell_encoder.config.token_dropout
+        if p > 0 and self.training:
+            # step 0 (training only): leave tokens out as padding, for the encoder and the Q-Former alike
+            drop = torch.rand(padding.shape, device=padding.device) < p
+            drop[:, 0] = False
+            padding = padding | drop
         # step 1: cell encoder -> (B, L, d_cell); a narrow one in fp32 (see NARROW_CELL_ENCODER)
         with torch.autocast(gene_ids.device.type, enabled=self.cell_encoder.d_model >= NARROW_CELL_ENCODER):
             states = self.cell_encoder(gene_ids, values, padding)

@@ -58,6 +58,11 @@ class CellEncoderConfig:
     """Value at padded positions (scGPT checkpoints use -2)."""
     max_value: float = 512.0
     """Values are clamped to this before the value encoder (as scGPT)."""
+    token_dropout: float = 0.0
+    """In training only, each gene token (not ``<cls>``) is left out of a cell's input with this
+    probability, as if the gene had not been measured: a fresh draw each step, from torch's RNG
+    like dropout. It counters an encoder that learns its few training cells by heart
+    (``benchmarks/results/recipe/README.md``). Changes no weights."""
     expression_token: bool = False
     """Add to the ``<cls>`` token's input a linear read-out of the whole cell:
     ``LN(sum_i v_i e_{g_i})`` over its gene tokens, with gene vectors ``e`` of their own. The
@@ -70,6 +75,8 @@ class CellEncoderConfig:
             raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}.")
         if self.input_style == "category" and not self.n_bins:
             raise ConfigError("input_style='category' needs n_bins (scGPT uses 51).")
+        if not 0 <= self.token_dropout < 1:
+            raise ConfigError(f"token_dropout must be in [0, 1), got {self.token_dropout}.")
         if not 0 <= self.dropout < 1 or (self.attn_dropout is not None and not 0 <= self.attn_dropout < 1):
             raise ConfigError("dropout and attn_dropout must be in [0, 1).")
         if min(self.d_model, self.n_layers, self.n_heads, self.d_ff) < 1:

@@ -199,8 +199,11 @@ def _check_init_keys(rc: RunConfig, config: ModelConfig) -> None:
 
 
 def _check_checkpoint_keys(rc: RunConfig, config: ModelConfig) -> None:
-    """A scGPT checkpoint brings its encoder's sizes: explicit ``model.cell.*`` keys must agree."""
-    shown = _conflicts({k: v for k, v in rc.model_keys.items() if k.startswith("cell.")}, config)
+    """A scGPT checkpoint brings its encoder's sizes: explicit ``model.cell.*`` keys must agree,
+    except ``cell.expression_token``, a read-out of fresh encoders (``cpu-small`` asks for it) that a
+    scGPT encoder does not have and does not get."""
+    shown = _conflicts({k: v for k, v in rc.model_keys.items() if k.startswith("cell.") and k != "cell.expression_token"},
+                       config)
     if shown:
         raise ConfigError(f"The cell encoder comes from the scGPT checkpoint {rc.model.cell_checkpoint}; the "
                           f"configuration asks for {shown}. Drop the model.cell keys.")
