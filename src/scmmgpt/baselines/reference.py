@@ -1,8 +1,9 @@
-"""Supervised references that every scMMGPT annotation figure is printed beside.
+"""Supervised references that every scMMGPT figure is printed beside.
 
 A logistic regression on the log-normalised expression of the genes the data measured: what a
 user gets from a linear classifier trained on the same training cells. A zero-shot model that does
-not come near it on its own training types has not been trained well enough.
+not come near it on its own training types has not been trained well enough. For generation, each
+type's mean training profile.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["classifier_scores", "logistic_scores", "logistic_regression_reference"]
+__all__ = ["classifier_scores", "logistic_scores", "logistic_regression_reference", "type_mean_profiles"]
 
 
 def classifier_scores(clf, x_train, y_train: Sequence[str], x_test, labels: Sequence[str]) -> np.ndarray:
@@ -54,3 +55,15 @@ def logistic_regression_reference(lab, *, train: str = "train", test: str = "tes
     pred = np.array(labels)[logistic_scores(x(train), lab.types(train), x(test), labels, seed=seed).argmax(1)]
     return {"acc1": float((pred == truth).mean()),
             "macro_f1": float(f1_score(truth, pred, average="macro", labels=np.unique(truth)))}
+
+
+def type_mean_profiles(x, y: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    """(len(labels), n_genes) each label's mean profile over the rows of ``x`` (cells x genes,
+    eq.-1 values, sparse or dense) whose ``y`` is that label: the mean on the counts scale,
+    ``log1p(mean(expm1(x)))``, which is what an MSE-trained generator tends to."""
+    y = np.asarray(y).astype(str)
+    return np.stack([np.log1p(np.expm1(_dense(x[y == str(label)])).mean(0)) for label in labels])
+
+
+def _dense(x) -> np.ndarray:
+    return x.toarray() if hasattr(x, "toarray") else np.asarray(x)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..baselines.reference import logistic_regression_reference
+from ..baselines.reference import logistic_regression_reference, type_mean_profiles
 from ..data.labelled import DataConfig, load_labelled
 from ..eval.annotation import topk_accuracy
 from ..eval.cells import expression_pca, knn_accuracy
@@ -207,11 +207,12 @@ def _logistic_descriptions(model, lab, s: DemoSettings, seed: int) -> dict:
     from ..baselines.reference import logistic_scores
 
     tr, te = lab.split["train"], lab.split["test"]
-    x = lab.cells.rows_csr(np.arange(len(lab.descriptions)))[:, np.flatnonzero(lab.cells.measured)]
+    meas = np.flatnonzero(lab.cells.measured)
     y = lab.types("train").astype(str)
     names = sorted(set(y))
     sample = _test_sample(len(te), s, seed)
-    pred = np.array(names)[logistic_scores(x[tr], y, x[te[sample]], names, seed=seed).argmax(1)]
+    x_tr, x_te = lab.cells.rows_csr(tr)[:, meas], lab.cells.rows_csr(te[sample])[:, meas]
+    pred = np.array(names)[logistic_scores(x_tr, y, x_te, names, seed=seed).argmax(1)]
     desc = lab.descriptions["description"].astype(str).to_numpy()
     text_of = {n: str(_most_common(desc[tr][y == n])) for n in names}
     generated = [model.cut_text(text_of[p], s.max_new_tokens) for p in pred]
@@ -226,15 +227,12 @@ def _most_common(values: np.ndarray):
 
 
 def _type_mean_generation(lab, names: list[str], real: np.ndarray, k: int) -> dict:
-    """The pseudo-cell reference: each type's mean profile over its training cells (the average of
-    the counts-scale values, ``log1p(mean(expm1(x)))``, what an MSE-trained generator tends to),
-    scored with the same k-NN as scMMGPT's pseudo-cells."""
-    meas = lab.cells.measured
-    tr = lab.split["train"]
-    x = lab.cells.rows_csr(tr)
+    """The pseudo-cell reference: each type's mean profile over its training cells
+    (:func:`~scmmgpt.baselines.reference.type_mean_profiles`), scored with the same k-NN as
+    scMMGPT's pseudo-cells."""
     y = lab.types("train").astype(str)
     have = [n for n in names if (y == n).any()]
-    mean = np.stack([np.log1p(np.expm1(x[y == n].toarray()).mean(0)) for n in have])[:, meas]
+    mean = type_mean_profiles(lab.cells.rows_csr(lab.split["train"]), y, have)[:, lab.cells.measured]
     knn = knn_accuracy(real, lab.types("test"), mean, have, k=k, transform=expression_pca(real, 50))
     return {"knn_accuracy": knn, "n_generated": len(have), "k": k}
 

@@ -328,6 +328,7 @@ def _part_generation(ctx: _Trained, out: Path) -> dict:
     """Table 2: pseudo-cells per type (scMMGPT, the cell-sentence LM, the type's mean profile,
     random training cells), k-NN accuracy against the real test cells over seeds."""
     from ..baselines.cell_sentence import RankToExpression
+    from ..baselines.reference import type_mean_profiles
     from ..eval.cells import expression_pca, knn_accuracy_table
     from ..tl.generate import sample_cells
 
@@ -344,7 +345,7 @@ def _part_generation(ctx: _Trained, out: Path) -> dict:
     expected = model.generate_cells([text[x] for x in labels])          # one profile per type
     expected = np.repeat(expected, b.n_per_type, axis=0)
     tr_expr = lab.cells.rows_csr(tr)
-    type_mean = np.stack([np.log1p(np.expm1(tr_expr[types[tr] == x].toarray()).mean(0)) for x in labels])
+    type_mean = type_mean_profiles(tr_expr, types[tr], labels)
     type_mean = np.repeat(type_mean, b.n_per_type, axis=0)
     r2e = RankToExpression.fit(tr_expr, b.c2s_genes)
     runs: dict[str, list[np.ndarray]] = {"scmmgpt": [], "cell_sentence_lm": [], "type_mean": [], "random_cells": []}

@@ -177,9 +177,13 @@ def _conflicts(keys: dict, config: ModelConfig) -> str:
 _SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "d_ff")
 """Cell encoder preset keys that set the weights' shapes."""
 
-_NEW_MODEL_KEYS = frozenset({"n_input_genes", "cell.expression_token"})
+_FRESH_ENCODER_KEYS = frozenset({"cell.expression_token"})
+"""Cell encoder keys that only a fresh encoder reads: a saved model has its encoder's read-outs and a
+scGPT checkpoint's encoder has none of its own, so neither compares nor applies them."""
+
+_NEW_MODEL_KEYS = frozenset({"n_input_genes"}) | _FRESH_ENCODER_KEYS
 """Model keys that only a new model reads: a saved model has chosen its input panel (or has none) and
-has its cell encoder's read-outs, so a run from it neither compares nor applies them."""
+has its cell encoder, so a run from it neither compares nor applies them."""
 
 
 def _check_init_keys(rc: RunConfig, config: ModelConfig) -> None:
@@ -200,9 +204,9 @@ def _check_init_keys(rc: RunConfig, config: ModelConfig) -> None:
 
 def _check_checkpoint_keys(rc: RunConfig, config: ModelConfig) -> None:
     """A scGPT checkpoint brings its encoder's sizes: explicit ``model.cell.*`` keys must agree,
-    except ``cell.expression_token``, a read-out of fresh encoders (``cpu-small`` asks for it) that a
-    scGPT encoder does not have and does not get."""
-    shown = _conflicts({k: v for k, v in rc.model_keys.items() if k.startswith("cell.") and k != "cell.expression_token"},
+    except :data:`_FRESH_ENCODER_KEYS` (``cpu-small`` asks for the expression token, which a scGPT
+    encoder does not have and does not get)."""
+    shown = _conflicts({k: v for k, v in rc.model_keys.items() if k.startswith("cell.") and k not in _FRESH_ENCODER_KEYS},
                        config)
     if shown:
         raise ConfigError(f"The cell encoder comes from the scGPT checkpoint {rc.model.cell_checkpoint}; the "
