@@ -27,7 +27,8 @@ def test_paper_suite_fast(tmp_path, capsys):
     assert rec["n_types"] == 9 and rec["command"].startswith("scmmgpt benchmark --suite paper")
     assert rec["machine"]["cpu_count"] >= 1 and rec["seconds"]["total"] > 0
     zs, ft = rec["results"]["zero_shot"], rec["results"]["fine_tuned"]["0.3"]
-    assert set(zs) == {"scmmgpt", "logreg", "knn", "random"}
+    # logreg_corpus: the logistic regression trained on the pre-training cells (the cross-dataset reference)
+    assert set(zs) == {"scmmgpt", "logreg", "logreg_corpus", "knn", "random"}
     # the supervised reference is far above chance on seen types and cannot name unseen ones
     assert zs["logreg"]["all"]["acc@1"] > 0.8
     assert ft["logreg"]["seen"]["acc@1"] > 0.8 and ft["logreg"]["unseen"]["acc@1"] == 0.0
