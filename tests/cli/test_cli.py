@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +153,30 @@ def test_pretrain_from_a_scgpt_checkpoint(tmp_path, capsys):
     assert main(["pretrain", "--stage", "1", "--cell-checkpoint", str(ckpt), "--model", str(out / "model"),
                  "--out", str(tmp_path / "x")]) == 2
     assert "cannot be combined with --model" in capsys.readouterr().err
+
+
+def test_pretrain_in_the_census_vocabulary(tmp_path, capsys):
+    """model.vocab=census: a new model in scGPT's whole-human gene vocabulary (the paper's 60,697
+    tokens, scGPT's indices), so real scGPT weights and any human dataset map into it."""
+    import importlib.util
+
+    from scmmgpt.models.scmmgpt import ScMMGPT
+
+    out = tmp_path / "s1"
+    assert main(["pretrain", "--stage", "1", "--out", str(out), "--config", "cpu-small", "--set", "model.vocab=census",
+                 "--set", "train.progress=false", "--set", "train.val_every=null", "--set", "train.max_steps=2",
+                 "--set", "train.batch_size=8"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+    model = ScMMGPT.from_pretrained(out / "model")
+    vocab = model.vocab
+    assert len(vocab) == 60697 and (vocab.pad_id, vocab.cls_id, vocab.eoc_id) == (60694, 60695, 60696)
+    scgpt = json.loads((Path(importlib.util.find_spec("scgpt").submodule_search_locations[0])
+                        / "tokenizer" / "default_census_vocab.json").read_text())
+    assert all(vocab.tokens[i] == g for g, i in scgpt.items())
+    assert model.net.cell_encoder.encoder.embedding.num_embeddings == 60697
+    # a saved model keeps its vocabulary: a run from it that asks for another one is refused
+    assert main(["pretrain", "--stage", "1", "--model", str(out / "model"), "--out", str(tmp_path / "x"),
+                 "--set", "model.vocab=genes.json"]) == 2
+    assert "model.vocab='genes.json' (the model has 'census')" in capsys.readouterr().err
+    assert main(["pretrain", "--stage", "1", "--out", str(tmp_path / "y"), "--set", "model.vocab=censsus"]) == 2
+    assert "Unknown gene vocabulary 'censsus'" in capsys.readouterr().err

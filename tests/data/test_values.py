@@ -79,3 +79,20 @@ def test_quantile_bin_properties():
     order = np.argsort(v[v > 0])
     assert np.all(np.diff(b[v > 0][order]) >= 0)  # monotone in the value
     assert quantile_bin(np.zeros(5)).sum() == 0
+
+
+def test_quantile_bin_spreads_ties_over_their_bins():
+    # a count cell: most expressed genes hold 1 or 2 reads, so many bin edges equal those values
+    counts = np.array([1.0] * 60 + [2.0] * 25 + [3, 4, 5, 7, 9, 12, 20, 40, 80, 150], dtype=np.float32)
+    v = np.log1p(1e4 * counts / counts.sum()).astype(np.float32)
+    b = quantile_bin(v, 51, seed=3)
+    edges = np.quantile(v, np.linspace(0, 1, 50))
+    ones = b[counts == 1]
+    # the 60 tied cells spread over the bins their value's edges span, as scGPT's draw does
+    lo, hi = np.digitize(v[0], edges, right=True) + 1, np.digitize(v[0], edges)
+    assert hi - lo > 10 and ones.min() >= lo and ones.max() <= hi
+    assert len(np.unique(ones)) > 10
+    assert np.all(b[counts == 2] >= ones.max())                      # still monotone across values
+    np.testing.assert_array_equal(quantile_bin(v, 51, seed=3), b)   # reproducible by seed
+    assert not np.array_equal(quantile_bin(v, 51, seed=4), b)
+    assert b[-1] == 50 and np.all(np.diff(b[counts > 2]) >= 0)

@@ -26,7 +26,7 @@ __all__ = ["tokenize_cell", "tokenize_for_bert", "tokenize_for_lm", "CellTextDat
 
 def tokenize_cell(gene_ids: np.ndarray, values: np.ndarray, *, cls_id: int, max_genes: int,
                   n_bins: int | None = None, input_genes: np.ndarray | None = None,
-                  target_sum: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  target_sum: float | None = None, bin_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``<cls>`` + the ``max_genes`` highest-valued genes, sorted by value (ties: lower gene id).
 
     Parameters
@@ -35,7 +35,8 @@ def tokenize_cell(gene_ids: np.ndarray, values: np.ndarray, *, cls_id: int, max_
         The cell's expressed genes (vocabulary indices) and their eq.-1 values.
     n_bins
         If set, values are replaced by scGPT per-cell quantile bins (computed over all expressed
-        genes before truncation, as scGPT does).
+        genes before truncation, as scGPT does); ``bin_seed`` seeds their tie-breaking
+        (:func:`~scmmgpt.data.values.quantile_bin`).
     input_genes, target_sum
         A model's input panel (:mod:`scmmgpt.data.panel`): (V,) bool genes the tokens may come
         from. With ``target_sum``, eq. 1 is then applied again over the panel's genes only:
@@ -55,7 +56,7 @@ def tokenize_cell(gene_ids: np.ndarray, values: np.ndarray, *, cls_id: int, max_
             if total > 0:
                 values = np.log1p(x * (target_sum / total)).astype(np.float32)
     if n_bins is not None:
-        values = quantile_bin(values, n_bins)
+        values = quantile_bin(values, n_bins, seed=bin_seed)
     order = np.lexsort((gene_ids, -values))[:max_genes]
     ids = np.concatenate([[cls_id], gene_ids[order]]).astype(np.int64)
     vals = np.concatenate([[0.0], values[order]]).astype(np.float32)
@@ -113,7 +114,7 @@ class CellTextDataset(Dataset[dict[str, Any]]):
     def __getitem__(self, i: int) -> dict[str, Any]:
         genes, vals = self.cells.row(i)
         ids, values = tokenize_cell(genes, vals, cls_id=self.cls_id, max_genes=self.max_genes, n_bins=self.n_bins,
-                                    input_genes=self.input_genes, target_sum=self.target_sum)
+                                    input_genes=self.input_genes, target_sum=self.target_sum, bin_seed=i)
         item = {"gene_ids": ids, "values": values, "index": i}
         if self.texts is not None:
             item["text"] = self.texts[i]

@@ -158,7 +158,7 @@ def normalize_total_log1p(
     return X, kind
 
 
-def quantile_bin(values: np.ndarray, n_bins: int = 51) -> np.ndarray:
+def quantile_bin(values: np.ndarray, n_bins: int = 51, *, seed: int = 0) -> np.ndarray:
     """scGPT-style per-cell value binning (Cui et al. 2024, "value binning").
 
     The non-zero values of one cell are mapped to bins ``1 .. n_bins - 1`` by the cell's own
@@ -166,18 +166,37 @@ def quantile_bin(values: np.ndarray, n_bins: int = 51) -> np.ndarray:
     scGPT's pretrained checkpoints were trained on these bin indices (``n_bins=51``), so use this
     when loading such weights.
 
+    Ties as scGPT breaks them: a value equal to several bin edges (common in count data, where
+    many genes of a cell hold the same small count) is spread uniformly at random over the bins
+    those edges span, instead of all landing in the highest. The draw is
+    ``RandomState(seed).random_sample`` over the non-zero values in the order given, which is
+    scGPT's ``np.random.rand`` after ``np.random.seed(seed)``, so a cell's bins are reproducible.
+
     Parameters
     ----------
     values
         1-D array of one cell's expression values.
     n_bins
         Number of bins including the zero bin.
+    seed
+        Seed of the tie-breaking draw (the datasets pass the cell's index).
     """
-    values = np.asarray(values, dtype=np.float64)
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.floating):
+        values = values.astype(np.float32)
     out = np.zeros(values.shape, dtype=np.float32)
     nz = values > 0
     if not nz.any():
         return out
+    x = values[nz]             # edges in the values' own precision (float32 here, as in scGPT)
+    edges = np.quantile(x, np.linspace(0, 1, n_bins - 1))
+    # edges[i-1] <= v < edges[i] -> bin i (left); edges[i-1] < v <= edges[i] -> bin i (right). They
+    # differ only where v equals edges; a uniform draw picks one bin of (right, left].
+    left = np.digitize(x, edges)
+    right = np.digitize(x, edges, right=True)
+    u = np.random.RandomState(seed).random_sample(x.size)
+    out[nz] = np.ceil(u * (right - left) + left)
+    return out
     edges = np.quantile(values[nz], np.linspace(0, 1, n_bins - 1))
     # edges[i-1] <= v < edges[i] -> bin i; the minimum lands in bin 1, the maximum in n_bins - 1
     out[nz] = np.digitize(values[nz], edges)

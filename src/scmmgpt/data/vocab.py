@@ -1,7 +1,8 @@
 """Gene vocabulary: gene token <-> integer index, with the special tokens of scGPT/scMMGPT.
 
 The paper's vocabulary has 60,697 tokens (CELLxGENE census genes plus ``<pad>``, ``<cls>``,
-``<eoc>``). A scGPT ``vocab.json`` (``{token: index}``) is imported unchanged, keeping its indices.
+``<eoc>``): :meth:`GeneVocab.named` ``("census")`` gives it, with the indices of scGPT's whole-human
+model. A scGPT ``vocab.json`` (``{token: index}``) is imported unchanged, keeping its indices.
 Lookup is case-insensitive on gene symbols.
 """
 
@@ -17,10 +18,15 @@ import numpy as np
 
 from ..errors import InputDataError
 
-__all__ = ["GeneVocab", "PAD", "CLS", "EOC", "SPECIAL_TOKENS"]
+__all__ = ["GeneVocab", "PAD", "CLS", "EOC", "SPECIAL_TOKENS", "NAMED_VOCABS"]
 
 PAD, CLS, EOC = "<pad>", "<cls>", "<eoc>"
 SPECIAL_TOKENS = (PAD, CLS, EOC)
+
+#: Vocabularies shipped with the package, by name: ``census`` is the CELLxGENE census gene list of
+#: scGPT's whole-human model (``scgpt==0.2.4``'s ``default_census_vocab.json``, 60,694 genes at its
+#: indices), with ``<pad>``, ``<cls>``, ``<eoc>`` at 60694-60696: 60,697 tokens, the paper's.
+NAMED_VOCABS = {"census": "census_genes.txt.gz"}
 
 
 @dataclass
@@ -61,6 +67,21 @@ class GeneVocab:
                 continue
             seen.setdefault(str(g), None)
         return cls(list(SPECIAL_TOKENS) + list(seen))
+
+    @classmethod
+    def named(cls, name: str | os.PathLike[str]) -> "GeneVocab":
+        """A shipped vocabulary by name (:data:`NAMED_VOCABS`: ``"census"``), or a ``vocab.json``."""
+        if str(name) in NAMED_VOCABS:
+            import gzip
+            from importlib.resources import files
+
+            with gzip.open(str(files(__package__) / NAMED_VOCABS[str(name)]), "rt") as f:
+                genes = [line.rstrip("\n") for line in f if not line.startswith("#")]
+            return cls(genes + list(SPECIAL_TOKENS))
+        if not Path(name).is_file():
+            raise InputDataError(f"Unknown gene vocabulary {str(name)!r}: give one of {sorted(NAMED_VOCABS)} or the "
+                                 "path of a vocab.json ({token: index}).")
+        return cls.from_json(name)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> "GeneVocab":

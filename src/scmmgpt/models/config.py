@@ -154,6 +154,11 @@ class ModelConfig:
     """CL ids of the cell types whose descriptions the model was trained on, recorded by training
     (``fit(train_types=...)``). Zero-shot scores back off to them
     (:func:`~scmmgpt.data.label_texts.backoff_labels`)."""
+    vocab: str | None = None
+    """Gene vocabulary of a new model: ``None``, the training data's own genes; ``"census"``, the
+    CELLxGENE census vocabulary of scGPT's whole-human model (60,697 tokens at its indices, for a
+    model meant to take real scGPT weights or to read any human dataset); or a ``vocab.json`` path
+    (:meth:`~scmmgpt.data.vocab.GeneVocab.named`). A saved model keeps its own ``vocab.json``."""
     cell_checkpoint: str | None = None
     """A scGPT checkpoint directory (``args.json``, ``vocab.json``, ``best_model.pt``) to start the
     cell encoder from: its sizes, pad value, value binning and gene vocabulary replace ``cell`` and
@@ -171,6 +176,9 @@ class ModelConfig:
             raise ConfigError("target_sum must be > 0.")
         if self.n_input_genes is not None and self.n_input_genes < 1:
             raise ConfigError(f"n_input_genes must be >= 1 or null, got {self.n_input_genes}.")
+        if self.vocab is not None and self.cell_checkpoint is not None:
+            raise ConfigError(f"model.vocab={self.vocab!r} and model.cell_checkpoint were both given; the scGPT "
+                              "checkpoint brings its own vocabulary (its vocab.json): drop model.vocab.")
 
     @classmethod
     def from_preset(cls, cell: str = "small", **kwargs) -> "ModelConfig":

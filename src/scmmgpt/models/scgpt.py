@@ -28,8 +28,9 @@ __all__ = ["scgpt_config_from_args", "convert_scgpt_state_dict", "load_scgpt"]
 _ENCODER_PREFIXES = ("encoder.", "value_encoder.", "transformer_encoder.")
 
 
-def scgpt_config_from_args(args: dict, vocab: GeneVocab) -> CellEncoderConfig:
-    """Translate scGPT's ``args.json`` into a :class:`CellEncoderConfig`."""
+def scgpt_config_from_args(args: dict, vocab: GeneVocab, n_value_embeddings: int | None = None) -> CellEncoderConfig:
+    """Translate scGPT's ``args.json`` into a :class:`CellEncoderConfig`; ``n_value_embeddings``: the
+    rows of a ``category`` model's value embedding (its state dict's, ``n_bins + 2`` in scGPT)."""
     try:
         style = args.get("input_emb_style", "continuous")
         return CellEncoderConfig(
@@ -46,6 +47,7 @@ def scgpt_config_from_args(args: dict, vocab: GeneVocab) -> CellEncoderConfig:
             n_bins=int(args.get("n_bins", 51)) if args.get("input_style", "binned") == "binned" or
             style == "category" else None,
             pad_value=float(args.get("pad_value", -2)),
+            n_value_embeddings=n_value_embeddings if style == "category" else None,
         )
     except KeyError as exc:
         raise CheckpointError(f"scGPT args.json lacks the key {exc}.") from None
@@ -82,12 +84,14 @@ def load_scgpt(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     if missing:
         raise CheckpointError(f"{path} is not a scGPT checkpoint directory: missing {missing}.")
     vocab = GeneVocab.from_json(files["vocab.json"])
-    config = scgpt_config_from_args(json.loads(files["args.json"].read_text()), vocab)
     try:
         state = torch.load(files["best_model.pt"], map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"Could not read {files['best_model.pt']} as a weights-only state dict: {exc}") from None
     encoder_state, ignored = convert_scgpt_state_dict(state)
+    value_rows = encoder_state.get("value_encoder.embedding.weight")
+    config = scgpt_config_from_args(json.loads(files["args.json"].read_text()), vocab,
+                                    None if value_rows is None else int(value_rows.shape[0]))
     emb = encoder_state.get("encoder.embedding.weight")
     if emb is not None and emb.shape[0] != config.vocab_size:
         if emb.shape[0] > config.vocab_size:

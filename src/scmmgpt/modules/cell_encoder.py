@@ -54,6 +54,10 @@ class CellEncoderConfig:
     """``continuous``: value encoder ``LN(W2 ReLU(W1 x))``; ``category``: embedding of value bins."""
     n_bins: int | None = None
     """Per-cell quantile bins (scGPT: 51); required for ``category``, optional for ``continuous``."""
+    n_value_embeddings: int | None = None
+    """Rows of the ``category`` value embedding; ``None``: ``n_bins + 1`` (the bins and one padding
+    bin). scGPT's models have ``n_bins + 2`` (the bins, its pad value ``n_bins`` and its mask value
+    ``n_bins + 1``): :func:`~scmmgpt.models.scgpt.load_scgpt` reads the number from the checkpoint."""
     pad_value: float = 0.0
     """Value at padded positions (scGPT checkpoints use -2)."""
     max_value: float = 512.0
@@ -115,9 +119,9 @@ class ContinuousValueEncoder(nn.Module):
 class CategoryValueEncoder(nn.Module):
     """Embedding of binned values (scGPT ``input_emb_style="category"``)."""
 
-    def __init__(self, n_bins: int, d_model: int) -> None:
+    def __init__(self, n_embeddings: int, d_model: int) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(n_bins + 1, d_model)  # + the padding bin
+        self.embedding = nn.Embedding(n_embeddings, d_model)
         self.enc_norm = nn.LayerNorm(d_model)
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
@@ -206,7 +210,7 @@ class CellEncoder(nn.Module):
         self.value_encoder: CategoryValueEncoder | ContinuousValueEncoder
         if config.input_style == "category":
             assert config.n_bins is not None  # CellEncoderConfig.__post_init__ requires it
-            self.value_encoder = CategoryValueEncoder(config.n_bins, config.d_model)
+            self.value_encoder = CategoryValueEncoder(config.n_value_embeddings or config.n_bins + 1, config.d_model)
         else:
             self.value_encoder = ContinuousValueEncoder(config.d_model, config.dropout, config.max_value)
         self.expression: ExpressionToken | None = (

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.labelled import DataConfig, load_labelled
+from ..data.vocab import GeneVocab
 from ..errors import ConfigError
 from ..models.config import CELL_ENCODER_PRESETS, RUNTIME_KEYS, ModelConfig
 from ..utils.io import atomic_write_text
@@ -255,7 +256,8 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
         elif rc.model.cell_checkpoint is not None:
             model = ScMMGPT.build(_with_lm_dtype(rc.model, lm_keys), None, with_lm=spec.needs_lm)   # its vocabulary is the checkpoint's
             _check_checkpoint_keys(rc, model.config)
-        lab = load_labelled(rc.data, vocab=model.vocab if model is not None else None,
+        vocab = model.vocab if model is not None else GeneVocab.named(rc.model.vocab) if rc.model.vocab else None
+        lab = load_labelled(rc.data, vocab=vocab,
                             target_sum=(model.config if model is not None else rc.model).target_sum)
         if model is None:
             model = ScMMGPT.build(_with_lm_dtype(rc.model, lm_keys), lab.vocab, with_lm=spec.needs_lm)
