@@ -315,12 +315,13 @@ def _benchmark():
     annotation: stage 1 on --pretrain-data, then zero-shot and fine-tuned on 10/20/30% of the types
     of --data (Table 3). description / generation: stage 1 + 2 on --data, beside a cell-sentence LM
     (Tables 1, 2, 4; genes-per-cell sweep of Fig. 6). representation: expression vs cell-sentence MLP
-    (Fig. 2). batch: embedding silhouettes and UMAPs by type and batch (Fig. 5).
+    (Fig. 2). batch: embedding silhouettes and UMAPs by type and batch (Fig. 5). clustering: Leiden
+    ARI / NMI and the scIB metrics of scMMGPT, PCA and scVI embeddings of held-out cells (3 seeds).
     --suite paper: all of them on the datasets of --data-dir, plus one README.md."""
 
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("protocol", nargs="?", choices=["annotation", "description", "generation", "representation",
-                                                       "batch"], help="which table to reproduce")
+                                                       "batch", "clustering"], help="which table to reproduce")
         p.add_argument("--suite", choices=["paper"], help="run every protocol on --data-dir")
         p.add_argument("--data-dir", help="folder with the suite's .h5ad files (--suite)")
         p.add_argument("--data", nargs="+", help="evaluation .h5ad (counts); several for batch")
@@ -330,7 +331,7 @@ def _benchmark():
         p.add_argument("--label-key", default="cell_type", help="obs column with cell type labels")
         p.add_argument("--out", required=True, help="output folder")
         p.add_argument("--fast", action="store_true", help="tiny schedules (for CI)")
-        p.add_argument("--pretrain-steps", type=int, default=None, help="annotation / batch: stage-1 steps")
+        p.add_argument("--pretrain-steps", type=int, default=None, help="annotation / batch / clustering: stage-1 steps")
         p.add_argument("--finetune-steps", type=int, default=None, help="annotation: fine-tuning steps")
         p.add_argument("--fractions", type=float, nargs="+", default=None, help="type fractions fine-tuned on")
         p.add_argument("--seed", type=int, default=0)
@@ -379,6 +380,14 @@ def _benchmark():
                 args.data[0], label_key=args.label_key, seeds=(args.seed, args.seed + 1, args.seed + 2)
                 if not args.fast else (args.seed,))
             rec = run_representation_ablation(r, args.out, command=command)
+        elif args.protocol == "clustering":
+            from ..tasks.clustering import ClusteringBenchmark, run_clustering_benchmark
+
+            kw = {"steps": args.pretrain_steps} if args.pretrain_steps else {}
+            c = (ClusteringBenchmark.fast if args.fast else ClusteringBenchmark)(
+                tuple(args.data), label_key=args.label_key, config=args.config, overrides=list(args.overrides),
+                seeds=(args.seed,) if args.fast else (args.seed, args.seed + 1, args.seed + 2), **kw)
+            rec = run_clustering_benchmark(c, args.out, progress=True, command=command)
         else:
             from ..tasks.ablations import BatchView, run_batch_view
 
