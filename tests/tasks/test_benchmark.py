@@ -18,7 +18,8 @@ def test_paper_suite_fast(tmp_path, capsys):
     out = tmp_path / "suite"
     assert main(["benchmark", "--suite", "paper", "--fast", "--data-dir", str(data_dir), "--out", str(out)]) == 0
     suite = json.loads((out / "suite.json").read_text())
-    assert suite["parts"] == ["annotation", "generative", "representation", "batch"] and suite["fast"]
+    assert suite["parts"] == ["annotation", "generative", "representation", "batch", "clustering", "mapping", "ood"]
+    assert suite["fast"]
     readme = (out / "README.md").read_text()
     assert all(f"## {p}" in readme for p in suite["parts"]) and "--suite paper --fast" in readme
 

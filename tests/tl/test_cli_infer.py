@@ -64,3 +64,23 @@ def test_cli_refuses_unsafe_or_bad_requests(trained, h5ad, tmp_path, monkeypatch
     assert main(["generate", "B cell", "-o", str(tmp_path / "g.h5ad")]) == 2
     assert "No model given" in capsys.readouterr().err
     assert main(["search", str(tmp_path / "missing.h5ad"), "B cell", "--model", m]) == 2
+
+
+def test_transfer_cli(trained, h5ad, tmp_path, capsys):
+    """`scmmgpt transfer DATA --reference REF`: the reference's labels into DATA, as tl.transfer_labels writes them."""
+    from scmmgpt import tl
+
+    ref = tmp_path / "ref.h5ad"
+    trained.test[40:].copy().write_h5ad(ref)
+    out = tmp_path / "mapped.h5ad"
+    assert main(["transfer", str(h5ad), "--model", str(trained.path), "--reference", str(ref), "-k", "5",
+                 "--min-confidence", "0", "--precision", "fp32", "-o", str(out)]) == 0
+    a = ad.read_h5ad(out)
+    direct = tl.transfer_labels(ad.read_h5ad(h5ad), ad.read_h5ad(ref), trained.model, k=5, min_confidence=0.0,
+                                precision="fp32", copy=True)
+    np.testing.assert_array_equal(a.obs["scmmgpt_transfer"].astype(str), direct.obs["scmmgpt_transfer"].astype(str))
+    assert a.uns["scmmgpt"]["transfer_labels"]["k"] == 5
+    assert set(a.obs["scmmgpt_transfer"].astype(str)) <= set(trained.test.obs["cell_type"].astype(str))
+    assert main(["transfer", str(h5ad), "--model", str(trained.path), "--reference", str(tmp_path / "no.h5ad"),
+                 "-o", str(tmp_path / "x.h5ad")]) == 2
+    assert "No such reference file" in capsys.readouterr().err

@@ -26,7 +26,7 @@ def _loo_knn(x, labels, k=5):
 
 
 # ------------------------------------------------------------------------------- contract
-PUBLIC = {name: getattr(tl, name) for name in ("embed", "annotate", "describe", "generate", "search")}
+PUBLIC = {name: getattr(tl, name) for name in ("embed", "annotate", "describe", "generate", "search", "transfer_labels")}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLIC))
@@ -37,12 +37,12 @@ def test_contract(name):
     fn = PUBLIC[name]
     params = list(inspect.signature(fn).parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    first = "model" if name == "generate" else "adata"
+    first = {"generate": "model", "transfer_labels": "query"}.get(name, "adata")
     assert positional[0].name == first
     assert all(p.default is p.empty for p in positional), "positional parameters are the required ones"
     assert all(p.kind == p.KEYWORD_ONLY for p in params[len(positional):])
     doc = inspect.getdoc(fn)
-    if name in ("embed", "annotate", "describe"):
+    if name in ("embed", "annotate", "describe", "transfer_labels"):
         assert "copy" in inspect.signature(fn).parameters
         assert "Writes" in doc and (".obs[" in doc or ".obsm[" in doc)
     assert "Returns" in doc
@@ -303,3 +303,60 @@ def test_untrained_generation_side_warns(trained, test_cells):
     with warnings.catch_warnings():
         warnings.simplefilter("error", tl.UntrainedWarning)
         tl.generate(trained.model, "B cell")
+
+
+# ------------------------------------------------------------------------------- transfer_labels
+def _halves(a):
+    """Stratified halves of the held-out cells: a labelled reference and a query."""
+    rng = np.random.default_rng(0)
+    ref = np.zeros(a.n_obs, bool)
+    for t in a.obs["cell_type"].unique():
+        idx = np.flatnonzero(a.obs["cell_type"].to_numpy() == t)
+        ref[rng.permutation(idx)[: (len(idx) + 1) // 2]] = True
+    return a[ref].copy(), a[~ref].copy()
+
+
+def test_transfer_labels_maps_a_query_onto_a_reference(trained, test_cells):
+    ref, query = _halves(test_cells)
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    out = tl.transfer_labels(query, ref, trained.model, min_confidence=0.0, copy=True)
+    assert "scmmgpt_transfer" not in query.obs                  # copy=True leaves the query alone
+    pred = out.obs["scmmgpt_transfer"].astype(str).to_numpy()
+    conf = out.obs["scmmgpt_transfer_confidence"].to_numpy()
+    acc = float(np.mean(pred == truth))
+    majority = pd.Series(truth).value_counts(normalize=True).iloc[0]
+    assert acc > max(0.6, majority + 0.15), acc
+    assert ((conf > 0) & (conf <= 1)).all()
+    assert np.mean(pred[conf >= 0.8] == truth[conf >= 0.8]) >= acc         # confident calls are the better ones
+    rep = out.uns["scmmgpt"]["transfer_labels"]
+    assert rep["search"] == "exact" and rep["n_reference"] == ref.n_obs and rep["n_unassigned"] == 0
+    assert rep["precision"] in ("fp32", "bf16") and rep["gene_coverage"] > 0.9
+    # the cut-off: below it a cell is unassigned
+    cut = tl.transfer_labels(query, ref, trained.model, min_confidence=0.9, copy=True)
+    un = cut.obs["scmmgpt_transfer"].astype(str).to_numpy() == "unassigned"
+    np.testing.assert_array_equal(un, conf < 0.9)
+    # in place, with the <cls> space; unlabelled reference cells are left out of the reference
+    ref.obs.loc[ref.obs.index[:5], "cell_type"] = np.nan
+    assert tl.transfer_labels(query, ref, trained.path, space="cls") is None
+    assert query.uns["scmmgpt"]["transfer_labels"]["n_reference"] == ref.n_obs - 5
+    assert query.obs["scmmgpt_transfer"].notna().all()
+
+
+@pytest.mark.slow           # pynndescent compiles its numba kernels on first use: minutes on 2 busy cores
+def test_transfer_labels_approximate_search_agrees_with_exact(trained, test_cells):
+    ref, query = _halves(test_cells)
+    exact = tl.transfer_labels(query, ref, trained.model, min_confidence=0.0, copy=True)
+    approx = tl.transfer_labels(query, ref, trained.model, min_confidence=0.0, exact_max=0, copy=True)
+    assert approx.uns["scmmgpt"]["transfer_labels"]["search"] == "pynndescent"
+    same = approx.obs["scmmgpt_transfer"].astype(str).to_numpy() == exact.obs["scmmgpt_transfer"].astype(str).to_numpy()
+    assert same.mean() > 0.95
+
+
+def test_transfer_labels_bad_requests(trained, test_cells):
+    ref, query = _halves(test_cells)
+    with pytest.raises(InputDataError, match="no obs column 'celltype'"):
+        tl.transfer_labels(query, ref, trained.model, label_key="celltype")
+    with pytest.raises(InputDataError, match="min_confidence"):
+        tl.transfer_labels(query, ref, trained.model, min_confidence=1.5)
+    with pytest.raises(InputDataError, match="fewer than k=500"):
+        tl.transfer_labels(query, ref, trained.model, k=500)

@@ -309,6 +309,25 @@ def _data_kwargs(args) -> dict:
     return kw
 
 
+def _shift_benchmark(args, command: str) -> int:
+    """``scmmgpt benchmark mapping|ood``: the shifts of --shift, or the suite's of --data-dir."""
+    from ..tasks.shift import MAPPING_SHIFTS, OOD_SHIFTS, ShiftBenchmark, parse_shift, run_shift_benchmark
+
+    specs = args.shifts or ((MAPPING_SHIFTS if args.protocol == "mapping" else OOD_SHIFTS) if args.data_dir else ())
+    if not specs:
+        raise InputDataError(f"{args.protocol} needs --shift SRC>TGT (e.g. --shift 'ref.h5ad>query.h5ad') or "
+                             "--data-dir (the folder of the suite's datasets, for its default shifts).")
+    shifts = tuple(parse_shift(s, args.data_dir) for s in specs)
+    kw = {k: v for k, v in (("steps", args.pretrain_steps), ("finetune_steps", args.finetune_steps)) if v is not None}
+    b = (ShiftBenchmark.fast if args.fast else ShiftBenchmark)(
+        shifts, protocol=args.protocol, label_key=args.label_key, config=args.config, overrides=list(args.overrides),
+        seeds=(args.seed,) if args.fast else (args.seed, args.seed + 1, args.seed + 2), **kw)
+    rec = run_shift_benchmark(b, args.out, progress=True, command=command)
+    print(Path(args.out, "results.md").read_text())
+    print(f"wrote {Path(args.out) / 'results.json'} ({rec['seconds']['total']:.0f} s)")
+    return 0
+
+
 @command("benchmark")
 def _benchmark():
     """Run a paper protocol with baselines and write results.json + results.md (paper table layout).
@@ -317,11 +336,15 @@ def _benchmark():
     (Tables 1, 2, 4; genes-per-cell sweep of Fig. 6). representation: expression vs cell-sentence MLP
     (Fig. 2). batch: embedding silhouettes and UMAPs by type and batch (Fig. 5). clustering: Leiden
     ARI / NMI and the scIB metrics of scMMGPT, PCA and scVI embeddings of held-out cells (3 seeds).
+    mapping / ood: train on a source, label a shifted target (zero-shot, reference-mapped, fine-tuned,
+    beside logistic regression and k-NN on PCA; 3 seeds); --shift SRC[:COL=V]>TGT[:COL=V], or the
+    suite's default shifts of --data-dir.
     --suite paper: all of them on the datasets of --data-dir, plus one README.md."""
 
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("protocol", nargs="?", choices=["annotation", "description", "generation", "representation",
-                                                       "batch", "clustering"], help="which table to reproduce")
+                                                       "batch", "clustering", "mapping", "ood"],
+                       help="which table to reproduce")
         p.add_argument("--suite", choices=["paper"], help="run every protocol on --data-dir")
         p.add_argument("--data-dir", help="folder with the suite's .h5ad files (--suite)")
         p.add_argument("--data", nargs="+", help="evaluation .h5ad (counts); several for batch")
@@ -331,7 +354,11 @@ def _benchmark():
         p.add_argument("--label-key", default="cell_type", help="obs column with cell type labels")
         p.add_argument("--out", required=True, help="output folder")
         p.add_argument("--fast", action="store_true", help="tiny schedules (for CI)")
-        p.add_argument("--pretrain-steps", type=int, default=None, help="annotation / batch / clustering: stage-1 steps")
+        p.add_argument("--shift", dest="shifts", action="append", default=[], metavar="SRC[:COL=V1,V2]>TGT[:COL=V]",
+                       help="mapping / ood: a source -> target shift (files relative to --data-dir if given); "
+                            "repeat for several; default: the suite's shifts of --data-dir")
+        p.add_argument("--pretrain-steps", type=int, default=None,
+                       help="annotation / batch / clustering / mapping / ood: stage-1 steps")
         p.add_argument("--finetune-steps", type=int, default=None, help="annotation: fine-tuning steps")
         p.add_argument("--fractions", type=float, nargs="+", default=None, help="type fractions fine-tuned on")
         p.add_argument("--seed", type=int, default=0)
@@ -348,6 +375,8 @@ def _benchmark():
             run_paper_suite(args.data_dir, args.out, fast=args.fast, progress=True, command=command)
             print(Path(args.out, "README.md").read_text())
             return 0
+        if args.protocol in ("mapping", "ood"):
+            return _shift_benchmark(args, command)
         if not args.protocol or not args.data:
             raise InputDataError("Name a protocol and --data (e.g. `scmmgpt benchmark annotation --data X.h5ad "
                                  "--pretrain-data Y.h5ad --out DIR`), or use --suite paper --data-dir DIR.")
@@ -494,6 +523,41 @@ def _annotate():
                     top_k=args.top_k,
                     min_score=args.min_score, min_margin=args.min_margin, key_added=args.key_added,
                     **_data_kwargs(args))
+        counts = adata.obs[args.key_added].value_counts()
+        print(counts[counts > 0].to_string())
+        _write(adata, out)
+        return 0
+
+    return add, run
+
+
+@command("transfer")
+def _transfer():
+    """Reference mapping: the labels of --reference (an .h5ad with --label-key) carried to the cells of
+    DATA by a k-NN vote in the model's embedding, into .obs["scmmgpt_transfer"] with a confidence."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        _add_model_args(p)
+        p.add_argument("--reference", required=True, help="labelled reference .h5ad (read like DATA)")
+        p.add_argument("--label-key", default="cell_type", help="obs column of the reference's labels")
+        p.add_argument("--space", choices=["aligned", "cls"], default="aligned",
+                       help="aligned: the contrastive features; cls: the cell encoder's <cls> state")
+        p.add_argument("-k", "--neighbours", type=int, default=15, help="reference neighbours per cell")
+        p.add_argument("--min-confidence", type=float, default=0.5,
+                       help="below this share of the neighbours' vote a cell is 'unassigned'")
+        p.add_argument("--key-added", default="scmmgpt_transfer")
+
+    def run(args: argparse.Namespace) -> int:
+        from .. import tl
+        from ..data.io import read_h5ad
+
+        if not Path(args.reference).is_file():
+            raise InputDataError(f"No such reference file: {args.reference}")
+        out = _output_path(args)
+        adata = _read(args)
+        tl.transfer_labels(adata, read_h5ad(args.reference), _load_model(args, with_lm=False),
+                           label_key=args.label_key, space=args.space, k=args.neighbours,
+                           min_confidence=args.min_confidence, key_added=args.key_added, **_data_kwargs(args))
         counts = adata.obs[args.key_added].value_counts()
         print(counts[counts > 0].to_string())
         _write(adata, out)

@@ -8,7 +8,13 @@ annotation        pbmc3k_clustifyr (stage 1 on soupx_pbmc4k)        Table 3
 generative        pbmc3k_clustifyr                                  Tables 1, 2, 4; Fig. 6
 representation    pbmc3k_clustifyr                                  Fig. 2
 batch             symphony_pbmcs_small, muscat_kang_se              Fig. 5
+clustering        symphony_pbmcs_small, muscat_kang_se, pbmc3k      later version: clustering
+mapping           pbmc3k -> soupx_pbmc4k; symphony 3'v1 -> 5'       later version: reference mapping
+ood               symphony 3' -> 5'; baron human -> mouse           later version: out of distribution
 ================  ===============================================  =====================================
+
+The annotation part's fine-tuning fractions include 100% (every type seen: the later version's
+fine-tuned annotation figure).
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from ..utils.io import atomic_write_text
 
 __all__ = ["SUITE_FILES", "run_paper_suite"]
 
-SUITE_FILES = ("pbmc3k_clustifyr.h5ad", "soupx_pbmc4k.h5ad", "symphony_pbmcs_small.h5ad", "muscat_kang_se.h5ad")
-PARTS = ("annotation", "generative", "representation", "batch")
+SUITE_FILES = ("pbmc3k_clustifyr.h5ad", "soupx_pbmc4k.h5ad", "symphony_pbmcs_small.h5ad", "muscat_kang_se.h5ad",
+               "cider_baron_pancreas.h5ad")
+PARTS = ("annotation", "generative", "representation", "batch", "clustering", "mapping", "ood")
 
 
 def run_paper_suite(data_dir: str | Path, out: str | Path, *, fast: bool = False, parts=PARTS, progress: bool = False,
@@ -31,7 +38,9 @@ def run_paper_suite(data_dir: str | Path, out: str | Path, *, fast: bool = False
     """Run ``parts`` of the suite (full schedules, or ``fast`` CI ones); returns ``{part: record}``."""
     from .ablations import BatchView, RepresentationAblation, run_batch_view, run_representation_ablation
     from .benchmark import AnnotationBenchmark, machine_info, run_annotation_benchmark
+    from .clustering import ClusteringBenchmark, run_clustering_benchmark
     from .generative import GenerativeBenchmark, run_generative_benchmark
+    from .shift import MAPPING_SHIFTS, OOD_SHIFTS, ShiftBenchmark, parse_shift, run_shift_benchmark
 
     data_dir, out = Path(data_dir), Path(out)
     missing = [f for f in SUITE_FILES if not (data_dir / f).is_file()]
@@ -59,9 +68,19 @@ def run_paper_suite(data_dir: str | Path, out: str | Path, *, fast: bool = False
         elif part == "representation":
             r = (RepresentationAblation.fast if fast else RepresentationAblation)(f["pbmc3k_clustifyr"])
             records[part] = run_representation_ablation(r, out / part, command=command)
-        else:
+        elif part == "batch":
             v = (BatchView.fast if fast else BatchView)((f["symphony_pbmcs_small"], f["muscat_kang_se"]))
             records[part] = run_batch_view(v, out / part, progress=progress, command=command)
+        elif part == "clustering":
+            c = (ClusteringBenchmark.fast((f["symphony_pbmcs_small"],)) if fast else
+                 ClusteringBenchmark((f["symphony_pbmcs_small"], f["muscat_kang_se"], f["pbmc3k_clustifyr"])))
+            records[part] = run_clustering_benchmark(c, out / part, progress=progress, command=command)
+        else:       # mapping / ood; the CI version runs each protocol's symphony shift only
+            specs = MAPPING_SHIFTS if part == "mapping" else OOD_SHIFTS
+            shifts = tuple(parse_shift(x, data_dir) for x in specs)
+            sb = (ShiftBenchmark.fast(tuple(x for x in shifts if "symphony" in x.source), protocol=part) if fast
+                  else ShiftBenchmark(shifts, protocol=part))
+            records[part] = run_shift_benchmark(sb, out / part, progress=progress, command=command)
         seconds[part] = round(time.perf_counter() - t, 1)
     seconds["total"] = round(time.perf_counter() - t0, 1)
     summary = {"command": command, "fast": fast, "data_dir": str(data_dir), "parts": list(records),
