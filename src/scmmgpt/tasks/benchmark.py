@@ -39,7 +39,8 @@ import numpy as np
 from ..eval.annotation import annotation_metrics
 from ..utils.io import atomic_write_text
 
-__all__ = ["AnnotationBenchmark", "run_annotation_benchmark", "machine_info", "provenance_lines", "FAST_OVERRIDES"]
+__all__ = ["AnnotationBenchmark", "run_annotation_benchmark", "machine_info", "provenance_lines", "FAST_OVERRIDES",
+           "train_stage1"]
 
 #: Model and batch size of every protocol's ``fast()`` (CI) setting.
 FAST_OVERRIDES = ("model.max_genes=64", "train.batch_size=8")
@@ -96,6 +97,28 @@ def provenance_lines(record: dict, detail: str = "") -> list[str]:
     return [f"Command: `{record['command']}`" if record.get("command") else "",
             f"Machine: {m['platform']}, {m['cpu_count']} CPUs, CUDA: {m['cuda']}; commit {m.get('git_commit')}; "
             f"{record['seconds']['total']:.0f} s{f' ({detail})' if detail else ''}."]
+
+
+def train_stage1(config: str, overrides, seed: int, steps: int, data, *, progress: bool = False):
+    """``(model, cells, train config)``: a new model in the vocabulary of ``data`` (a
+    :class:`~scmmgpt.data.labelled.DataConfig`) trained ``steps`` stage-1 steps on its training cells,
+    deterministically, with a warm-up of at most a sixth of the steps; the protocols that train on the
+    data at hand (clustering, mapping / OOD) start so."""
+    from ..data.labelled import load_labelled
+    from ..models.scmmgpt import ScMMGPT
+    from ..train.loop import fit
+    from ..train.run import load_run_config
+    from ..utils.seed import seeded
+
+    rc = load_run_config(config, [f"train.seed={seed}", *overrides])
+    cfg = rc.train
+    cfg.stage, cfg.max_steps, cfg.progress, cfg.val_every, cfg.out_dir = "stage1", steps, progress, None, None
+    cfg.warmup_steps, cfg.deterministic = min(cfg.warmup_steps, max(1, steps // 6)), True
+    lab = load_labelled(data, target_sum=rc.model.target_sum)
+    with seeded(seed):
+        model = ScMMGPT.build(rc.model, lab.vocab, with_lm=False)
+    fit(model, lab.dataset("train", **model.reading), cfg, train_types=lab.types("train"))
+    return model, lab, cfg
 
 
 def _scores(model, lab, labels: list[str]) -> np.ndarray:

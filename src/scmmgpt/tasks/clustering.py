@@ -152,22 +152,13 @@ def _one(b: ClusteringBenchmark, path: str, seed: int, progress: bool) -> dict:
     from sklearn.decomposition import PCA
 
     from ..data.io import read_h5ad
-    from ..data.labelled import DataConfig, load_labelled
-    from ..models.scmmgpt import ScMMGPT
-    from ..train.loop import fit
-    from ..train.run import load_run_config
-    from ..utils.seed import seeded
+    from ..data.labelled import DataConfig
+    from .benchmark import train_stage1
 
     t = time.perf_counter()
-    rc = load_run_config(b.config, [f"train.seed={seed}", *b.overrides])
-    cfg = rc.train
-    cfg.stage, cfg.max_steps, cfg.progress, cfg.val_every, cfg.out_dir = "stage1", b.steps, progress, None, None
-    cfg.warmup_steps, cfg.deterministic = min(cfg.warmup_steps, max(1, b.steps // 6)), True
-    lab = load_labelled(DataConfig(path=path, label_key=b.label_key, split=b.split, seed=seed),
-                        target_sum=rc.model.target_sum)
-    with seeded(seed):
-        model = ScMMGPT.build(rc.model, lab.vocab, with_lm=False)
-    fit(model, lab.dataset("train", **model.reading), cfg, train_types=lab.types("train"))
+    model, lab, _ = train_stage1(b.config, b.overrides, seed, b.steps,
+                                 DataConfig(path=path, label_key=b.label_key, split=b.split, seed=seed),
+                                 progress=progress)
     train, test = lab.split["train"], lab.split["test"]
     feats = model.encode(lab.dataset("test", **model.reading))
     # the raw counts of the same cells, for scVI, and their batches

@@ -202,26 +202,18 @@ def _one(b: ShiftBenchmark, shift: Shift, files: tuple[str, str], seed: int, pro
     from .. import tl
     from ..data.io import read_h5ad
     from ..data.labelled import DataConfig, load_labelled
-    from ..models.scmmgpt import ScMMGPT
     from ..train.loop import fit
-    from ..train.run import load_run_config
-    from ..utils.seed import seeded
+    from .benchmark import train_stage1
 
     t = time.perf_counter()
-    rc = load_run_config(b.config, [f"train.seed={seed}", *b.overrides])
-    cfg = rc.train
-    cfg.stage, cfg.max_steps, cfg.progress, cfg.val_every, cfg.out_dir = "stage1", b.steps, progress, None, None
-    cfg.warmup_steps, cfg.deterministic = min(cfg.warmup_steps, max(1, b.steps // 6)), True
-    src = load_labelled(DataConfig(path=files[0], label_key=b.label_key, split=(1.0, 0.0, 0.0), seed=seed),
-                        target_sum=rc.model.target_sum)
-    with seeded(seed):
-        model = ScMMGPT.build(rc.model, src.vocab, with_lm=False)
-    fit(model, src.dataset("train", **model.reading), cfg, train_types=src.types("train"))
+    model, src, cfg = train_stage1(b.config, b.overrides, seed, b.steps,
+                                   DataConfig(path=files[0], label_key=b.label_key, split=(1.0, 0.0, 0.0), seed=seed),
+                                   progress=progress)
     t_train = time.perf_counter() - t
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)     # the other-species warning is recorded below instead
         tgt = load_labelled(DataConfig(path=files[1], label_key=b.label_key, split=(0.0, 0.0, 1.0), seed=seed),
-                            vocab=model.vocab, target_sum=rc.model.target_sum)
+                            vocab=model.vocab, target_sum=model.config.target_sum)
     tgt_rows = np.flatnonzero(~tgt.descriptions["ambiguous"].to_numpy())
     src_rows = src.split["train"]
     truth = tgt.types()[tgt_rows].astype(str)
