@@ -566,6 +566,39 @@ def _transfer():
     return add, run
 
 
+@command("explore")
+def _explore():
+    """A local web app over DATA: a map of the cells coloured by any obs column or gene, text search,
+    zero-shot annotation, one cell's genes, labels and description, pseudo-cells from a description on
+    the same map, and export. Binds to 127.0.0.1; nothing is fetched from the network."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("data", help="the .h5ad to explore (the only file the server reads)")
+        p.add_argument("--model", default=None,
+                       help="model folder, `pbmc-small`, or a Hub repository owner/name@COMMIT (default: "
+                            "$SCMMGPT_MODEL, else the model of the last `scmmgpt demo --set-default`)")
+        p.add_argument("--device", default=None, help="torch device (default: cpu)")
+        p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+        p.add_argument("--port", type=int, default=8000)
+        p.add_argument("--allow-remote", action="store_true",
+                       help="allow a --host other than this machine (the page runs the model, unauthenticated)")
+        p.add_argument("--no-cache", action="store_true",
+                       help="do not keep the embedding and the map in DATA.scmmgpt-explore/ beside the file")
+
+    def run(args: argparse.Namespace) -> int:
+        from ..explore import ExplorerSession
+        from ..explore.server import check_host, serve
+
+        check_host(args.host, args.allow_remote)
+        if not Path(args.data).is_file():
+            raise InputDataError(f"No such file: {args.data}")
+        session = ExplorerSession.open(args.data, _load_model(args, with_lm=True), cache=not args.no_cache)
+        serve(session, host=args.host, port=args.port, allow_remote=args.allow_remote)
+        return 0
+
+    return add, run
+
+
 @command("describe")
 def _describe():
     """A generated text description of every cell into .obs["scmmgpt_description"]."""

@@ -21,7 +21,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -308,22 +308,36 @@ class ScMMGPT:
         al. 2023)."""
         from ..inference import evaluation_mode
 
+        score = self.feature_scorer(candidates, chunk=chunk, backoff=backoff)
+        with evaluation_mode(self.net, precision):
+            for batch in batches:
+                out = self.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
+                sim = score(out.features)
+                if alpha > 0:
+                    sim = self._rerank(out, sim, candidates.texts, alpha, rerank_top)
+                yield batch.index, sim
+
+    def feature_scorer(self, candidates: Candidates, *, chunk: int = 2048, backoff: bool = True
+                       ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The scores of :meth:`iter_label_scores` (without CTM re-ranking) as a function of the cells'
+        query features ``(B, Q, D)`` -> ``(B, T)``: the candidates' texts are encoded once, here.
+        :meth:`iter_label_scores` applies it to the encoder's output; ``tl.search`` and
+        ``tl.annotate`` with ``use_rep`` to features stored by ``tl.embed(queries=True)``."""
         proxies, links = self.label_backoff(candidates) if backoff else (None, [])
         texts = candidates.texts + (proxies.texts if proxies is not None else [])
         n = len(candidates.texts)
         # the candidates are encoded once per call: in fp32, which costs nothing next to the cells and
         # keeps bf16 scores closer to fp32's (labels near a tie flip less)
         text = self.encode_texts(texts, precision="fp32")
-        with evaluation_mode(self.net, precision):
-            for batch in batches:
-                out = self.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
-                feats = out.features.float().cpu()
-                sim = torch.cat([similarity(feats, text[i:i + chunk]) for i in range(0, len(text), chunk)], dim=1)
-                if proxies is not None:
-                    sim = torch.from_numpy(back_off_scores(sim[:, :n].numpy(), sim[:, n:].numpy(), links))
-                if alpha > 0:
-                    sim = self._rerank(out, sim, candidates.texts, alpha, rerank_top)
-                yield batch.index, sim
+
+        def score(features: torch.Tensor) -> torch.Tensor:
+            feats = features.float().cpu()
+            sim = torch.cat([similarity(feats, text[i:i + chunk]) for i in range(0, len(text), chunk)], dim=1)
+            if proxies is not None:
+                sim = torch.from_numpy(back_off_scores(sim[:, :n].numpy(), sim[:, n:].numpy(), links))
+            return sim
+
+        return score
 
     def _rerank(self, out: CellOutput, sim: torch.Tensor, texts: list[str], alpha: float, top: int) -> torch.Tensor:
         B, T = sim.shape

@@ -157,3 +157,45 @@ def full_rows(values: np.ndarray, rows: np.ndarray, n_obs: int, fill=np.nan) -> 
     out = np.full((n_obs, *values.shape[1:]), fill, dtype=dtype)
     out[rows] = values
     return out
+
+
+@dataclass
+class StoredFeatures:
+    """Query features that :func:`~scmmgpt.tl.embed` stored (``queries=True``), read back for scoring
+    without the cell encoder: the same ``rows`` / ``n_obs`` / ``report()`` as :class:`ModelCells`."""
+
+    features: np.ndarray
+    """(kept cells, Q, D) as stored (float16)."""
+    rows: np.ndarray
+    n_obs: int
+    embed_report: dict
+
+    def report(self) -> dict:
+        return {**{k: v for k, v in self.embed_report.items() if k not in ("key_added", "aligned", "queries")},
+                "use_rep": True}
+
+    def scores(self, score, chunk: int = 8192) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(index, scores)`` per chunk of cells, as :meth:`ScMMGPT.iter_label_scores` yields them."""
+        for i in range(0, len(self.rows), chunk):
+            part = torch.from_numpy(np.ascontiguousarray(self.features[i:i + chunk], dtype=np.float32))
+            yield torch.arange(i, i + len(part)), score(part)
+
+
+def stored_features(adata, model, use_rep: str) -> StoredFeatures:
+    """The query features in ``adata.obsm[use_rep]`` (``tl.embed(..., queries=True)`` writes them to
+    ``.obsm["X_scmmgpt_queries"]``), checked against ``model``'s shape; rows that are NaN (cells with
+    no expression in the model's genes) are left out, as :func:`model_cells` leaves them out."""
+    if use_rep not in adata.obsm:
+        raise InputDataError(f"obsm has no {use_rep!r} (keys: {list(adata.obsm.keys())}). Run "
+                             "tl.embed(adata, model, queries=True) first, or leave use_rep unset.")
+    f = np.asarray(adata.obsm[use_rep])
+    q = model.config.qformer
+    if f.ndim != 3 or f.shape[1:] != (q.n_query, q.embed_dim):
+        raise InputDataError(f"obsm[{use_rep!r}] has shape {f.shape}; this model's query features are "
+                             f"(n_obs, {q.n_query}, {q.embed_dim}). Re-run tl.embed(adata, model, queries=True) "
+                             "with this model.")
+    keep = np.isfinite(f).all(axis=(1, 2))
+    rows = np.flatnonzero(keep)
+    report = dict(adata.uns.get("scmmgpt", {}).get("embed", {}))
+    return StoredFeatures(f[rows] if len(rows) < len(f) else f, rows, adata.n_obs, report)
+

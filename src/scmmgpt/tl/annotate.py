@@ -11,7 +11,17 @@ import torch
 
 from ..data.label_texts import MAX_LABELS, candidate_labels
 from ..errors import InputDataError
-from ._common import batches, full_rows, in_order, model_cells, resolve_model, start
+from ._common import (
+    ModelCells,
+    StoredFeatures,
+    batches,
+    full_rows,
+    in_order,
+    model_cells,
+    resolve_model,
+    start,
+    stored_features,
+)
 
 __all__ = ["annotate"]
 
@@ -23,7 +33,7 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
              descendants_of: str | None = None, context: str | None = None, alpha: float = 0.0,
              rerank_top: int = 10, top_k: int = 3, min_score: float | None = None, min_margin: float | None = None,
              unassigned: str = "unassigned", key_added: str = "scmmgpt_label", store_scores: bool | None = None,
-             batch_size: int = 64, layer: str | None = None, use_raw: bool = False,
+             use_rep: str | None = None, batch_size: int = 64, layer: str | None = None, use_raw: bool = False,
              gene_symbol_key: str | None = None, min_coverage: float = 0.5, device: str | None = None,
              precision: str = "auto", backoff: bool = True,
              progress: bool = False, max_labels: int = MAX_LABELS, copy: bool = False):
@@ -47,6 +57,10 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
     siblings.
     A cell whose best score is below ``min_score``, or beats the second best by less than
     ``min_margin``, is ``unassigned`` (open-set annotation).
+
+    With ``use_rep`` (``"X_scmmgpt_queries"``, written by ``tl.embed(adata, model, queries=True)``) the
+    labels are scored against those stored query features without running the cell encoder (the same
+    similarity up to float16 storage); CTM re-ranking (``alpha > 0``) needs the cells and is refused.
 
     ``precision`` (``auto | fp32 | bf16 | fp16``; :mod:`scmmgpt.utils.precision`) is resolved for the
     model's device (``auto``: bf16 where it has native bf16 matmul) and stored with the parameters.
@@ -86,9 +100,16 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
     cands = candidate_labels(labels=labels, obs_values=obs_values, descendants_of=descendants_of, context=context,
                              max_labels=max_labels)
     T = len(cands.names)
+    if use_rep is not None and alpha > 0:
+        raise InputDataError("alpha > 0 re-ranks with the CTM head, which reads the cells themselves: leave "
+                             "use_rep unset, or set alpha=0 to score the stored features.")
     model = resolve_model(model, device=device, with_lm=False)
-    mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key,
-                     min_coverage=min_coverage)
+    mc: ModelCells | StoredFeatures
+    if use_rep is not None:
+        mc = stored_features(adata, model, use_rep)
+    else:
+        mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key,
+                         min_coverage=min_coverage)
     keep_all = store_scores if store_scores is not None else len(mc.rows) * T <= MAX_SCORE_ENTRIES
     if keep_all:
         from ..utils.memory import check_fits
@@ -101,9 +122,12 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
     k = min(top_k, T)
     prec = model.precision(precision)
     all_scores, top_idx, top_val, second, index = [], [], [], [], []
-    for idx, sim in model.iter_label_scores(batches(model, mc.dataset, batch_size, progress=progress,
-                                                    desc="annotate"), cands, alpha=alpha, rerank_top=rerank_top,
-                                            precision=prec, backoff=backoff):
+    if isinstance(mc, StoredFeatures):
+        scored = mc.scores(model.feature_scorer(cands, backoff=backoff))
+    else:
+        scored = model.iter_label_scores(batches(model, mc.dataset, batch_size, progress=progress, desc="annotate"),
+                                         cands, alpha=alpha, rerank_top=rerank_top, precision=prec, backoff=backoff)
+    for idx, sim in scored:
         best = sim.topk(min(max(k, 2), T), dim=1)
         top_idx.append(best.indices[:, :k])
         top_val.append(best.values[:, :k])

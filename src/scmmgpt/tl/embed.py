@@ -11,7 +11,17 @@ import torch
 from ..data.label_texts import Candidates, query_texts
 from ..errors import InputDataError
 from ..inference import evaluation_mode
-from ._common import batches, full_rows, in_order, model_cells, resolve_model, start
+from ._common import (
+    ModelCells,
+    StoredFeatures,
+    batches,
+    full_rows,
+    in_order,
+    model_cells,
+    resolve_model,
+    start,
+    stored_features,
+)
 
 __all__ = ["embed", "search"]
 
@@ -28,7 +38,8 @@ def _cell_features(model, mc, batch_size: int, progress: bool, desc: str, precis
     return in_order(cls, index), in_order(feats, index)
 
 
-def embed(adata, model, *, aligned: bool = True, key_added: str = "X_scmmgpt", batch_size: int = 64,
+def embed(adata, model, *, aligned: bool = True, queries: bool = False, key_added: str = "X_scmmgpt",
+          batch_size: int = 64,
           layer: str | None = None, use_raw: bool = False, gene_symbol_key: str | None = None, min_coverage: float = 0.5,
           device: str | None = None, precision: str = "auto", progress: bool = False, copy: bool = False):
     """Embed cells with the model's cell encoder and Q-Former.
@@ -43,6 +54,10 @@ def embed(adata, model, *, aligned: bool = True, key_added: str = "X_scmmgpt", b
     aligned
         Also store the aligned features: the mean of the Q-Former query features in the space where
         cells and texts are compared (unit norm).
+    queries
+        Also store every Q-Former query feature, ``(n_obs, n_query, embed_dim)`` in float16, so that
+        :func:`search` and :func:`~scmmgpt.tl.annotate` with ``use_rep`` score texts against them
+        without running the cell encoder again (the explorer's search over 10^5 cells).
     key_added
         ``.obsm`` key of the embedding.
     layer, use_raw, gene_symbol_key
@@ -60,6 +75,8 @@ def embed(adata, model, *, aligned: bool = True, key_added: str = "X_scmmgpt", b
 
     * ``.obsm[key_added]`` — (n_obs, d_cell) the cell encoder's ``<cls>`` embedding;
     * ``.obsm[key_added + "_aligned"]`` — (n_obs, embed_dim) aligned features (``aligned=True``);
+    * ``.obsm[key_added + "_queries"]`` — (n_obs, n_query, embed_dim) float16 query features
+      (``queries=True``);
     * ``.uns["scmmgpt"]["embed"]`` — parameters and the gene coverage report.
 
     Cells with no expression in the model's genes get NaN rows.
@@ -74,13 +91,16 @@ def embed(adata, model, *, aligned: bool = True, key_added: str = "X_scmmgpt", b
     if aligned:
         al = torch.nn.functional.normalize(feats.mean(1), dim=-1).numpy()
         adata.obsm[key_added + "_aligned"] = full_rows(al, mc.rows, mc.n_obs)
-    adata.uns.setdefault("scmmgpt", {})["embed"] = {"key_added": key_added, "aligned": aligned, "precision": prec.name,
-                                                **mc.report()}
+    if queries:
+        adata.obsm[key_added + "_queries"] = full_rows(feats.numpy().astype(np.float16), mc.rows, mc.n_obs
+                                                       ).astype(np.float16)
+    adata.uns.setdefault("scmmgpt", {})["embed"] = {"key_added": key_added, "aligned": aligned, "queries": queries,
+                                                "precision": prec.name, **mc.report()}
     return adata if copy else None
 
 
 def search(adata, model, query: str | Sequence[str], *, top_k: int = 10, expand: bool = True,
-           key_added: str | None = None, batch_size: int = 64, layer: str | None = None, use_raw: bool = False,
+           key_added: str | None = None, use_rep: str | None = None, batch_size: int = 64, layer: str | None = None, use_raw: bool = False,
            gene_symbol_key: str | None = None, min_coverage: float = 0.5, device: str | None = None,
              precision: str = "auto",
            progress: bool = False) -> pd.DataFrame:
@@ -93,6 +113,10 @@ def search(adata, model, query: str | Sequence[str], *, top_k: int = 10, expand:
 
     ``precision`` (``auto | fp32 | bf16 | fp16``; :mod:`scmmgpt.utils.precision`) is resolved for the
     model's device (``auto``: bf16 where it has native bf16 matmul) and used for every score.
+
+    With ``use_rep`` (e.g. ``"X_scmmgpt_queries"``, written by ``tl.embed(adata, model, queries=True)``)
+    the texts are scored against those stored query features instead of running the cell encoder: the
+    same similarity, up to their float16 storage, in a fraction of the time on a large dataset.
 
     Returns
     -------
@@ -107,12 +131,18 @@ def search(adata, model, query: str | Sequence[str], *, top_k: int = 10, expand:
         raise InputDataError("top_k must be >= 1.")
     model = resolve_model(model, device=device, with_lm=False)
     texts = query_texts(queries, expand=expand)
-    mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key,
-                     min_coverage=min_coverage)
+    cands = Candidates(list(queries), [""] * len(queries), texts)
+    mc: ModelCells | StoredFeatures
+    if use_rep is not None:
+        mc = stored_features(adata, model, use_rep)
+        scored = mc.scores(model.feature_scorer(cands))
+    else:
+        mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key,
+                         min_coverage=min_coverage)
+        scored = model.iter_label_scores(batches(model, mc.dataset, batch_size, progress=progress, desc="search"),
+                                         cands, precision=model.precision(precision))
     sims, index = [], []
-    for idx, sim in model.iter_label_scores(batches(model, mc.dataset, batch_size, progress=progress, desc="search"),
-                                            Candidates(list(queries), [""] * len(queries), texts),
-                                            precision=model.precision(precision)):
+    for idx, sim in scored:
         sims.append(sim)
         index.append(idx)
     sim = in_order(sims, index).numpy()                       # (kept cells, queries)
