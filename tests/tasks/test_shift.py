@@ -7,7 +7,7 @@ import pytest
 
 from scmmgpt.cli.main import main
 from scmmgpt.errors import InputDataError
-from scmmgpt.tasks.shift import METHODS, parse_shift, to_target_labels
+from scmmgpt.tasks.shift import MAPPING_SHIFTS, METHODS, OOD_SHIFTS, parse_shift, to_target_labels
 from tests.conftest import data_path
 
 TARGET = {"CD4-positive, alpha-beta T cell": "CL:0000624", "B cell": "CL:0000236",
@@ -67,3 +67,23 @@ def test_ood_benchmark_cli_leaves_the_target_out(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no obs column 'chemistry'" in err and "'batch'" in err
     assert np.isfinite(run["gene_coverage"])
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("spec", [*MAPPING_SHIFTS, *OOD_SHIFTS])
+def test_the_suite_shifts_select_labelled_cells_the_source_can_name(spec):
+    """Every default shift parses against the shared data, each restricted side keeps cells, and every
+    target type has a source type at or below it in the Cell Ontology (else no method could be right)."""
+    import anndata as ad
+
+    s = parse_shift(spec, data_path("pbmc3k_clustifyr.h5ad").parent)
+    sides = []
+    for path, where in ((s.source, s.source_where), (s.target, s.target_where)):
+        a = ad.read_h5ad(path, backed="r")
+        keep = np.ones(a.n_obs, bool) if where is None else a.obs[where[0]].astype(str).isin(where[1]).to_numpy()
+        assert keep.sum() > 100
+        obs = a.obs[keep & a.obs["cell_type"].notna().to_numpy()]          # unlabelled cells are not scored
+        sides.append(dict(zip(obs["cell_type"].astype(str), obs["cell_type_ontology_term_id"].astype(str))))
+    src, tgt = sides
+    named = set(to_target_labels(list(src), src, tgt))
+    assert set(tgt) <= named, set(tgt) - named

@@ -29,7 +29,7 @@ from ..utils.io import atomic_write_text
 __all__ = ["SUITE_FILES", "run_paper_suite"]
 
 SUITE_FILES = ("pbmc3k_clustifyr.h5ad", "soupx_pbmc4k.h5ad", "symphony_pbmcs_small.h5ad", "muscat_kang_se.h5ad",
-               "cider_baron_pancreas.h5ad")
+               "cider_baron_pancreas.h5ad", "cluey_mouse_lung.h5ad")
 PARTS = ("annotation", "generative", "representation", "batch", "clustering", "mapping", "ood")
 
 
