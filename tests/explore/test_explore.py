@@ -221,3 +221,19 @@ def test_use_rep_in_tl(held_out_cells, pbmc_small_lm):
         b = a.copy()
         b.obsm["X_bad"] = np.zeros((a.n_obs, 3, 4), np.float16)
         tl.search(b, pbmc_small_lm, "B cell", use_rep="X_bad")
+
+
+def test_reads_raw_as_the_tl_functions_do(pbmc68k, pbmc_small_lm):
+    """scanpy's pbmc68k_reduced: scaled values in .X (which no count model can read), log-normalised
+    values in .raw, a UMAP in .obsm: the explorer reads .raw like tl does with use_raw."""
+    a = pbmc68k.copy()
+    with pytest.raises(InputDataError):
+        ExplorerSession.open(a.copy(), pbmc_small_lm)
+    s = ExplorerSession.open(a, pbmc_small_lm, use_raw=True)
+    assert s.map_source == "obsm['X_umap']" and s.adata.obsm["X_scmmgpt_queries"].shape[0] == a.n_obs
+    v = s.color_gene("CD79A")["values"]
+    assert v.shape == (a.n_obs,) and not s._counts
+    np.testing.assert_allclose(v, a.raw[:, "CD79A"].X.toarray().ravel(), rtol=1e-6)
+    b = a.obs["bulk_labels"].astype(str).to_numpy() == "CD19+ B"
+    hits = [i for i, _, _ in s.search("B cell", top=20)["hits"]]
+    assert np.mean(b[hits]) >= 0.8

@@ -584,6 +584,9 @@ def _explore():
                        help="allow a --host other than this machine (the page runs the model, unauthenticated)")
         p.add_argument("--no-cache", action="store_true",
                        help="do not keep the embedding and the map in DATA.scmmgpt-explore/ beside the file")
+        p.add_argument("--layer", default=None, help="matrix to read (default: X)")
+        p.add_argument("--use-raw", action="store_true", help="read adata.raw.X")
+        p.add_argument("--gene-symbol-key", default=None, help="var column with gene symbols")
 
     def run(args: argparse.Namespace) -> int:
         from ..explore import ExplorerSession
@@ -592,7 +595,8 @@ def _explore():
         check_host(args.host, args.allow_remote)
         if not Path(args.data).is_file():
             raise InputDataError(f"No such file: {args.data}")
-        session = ExplorerSession.open(args.data, _load_model(args, with_lm=True), cache=not args.no_cache)
+        session = ExplorerSession.open(args.data, _load_model(args, with_lm=True), cache=not args.no_cache,
+                                       layer=args.layer, use_raw=args.use_raw, gene_symbol_key=args.gene_symbol_key)
         serve(session, host=args.host, port=args.port, allow_remote=args.allow_remote)
         return 0
 

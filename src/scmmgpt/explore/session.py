@@ -43,12 +43,12 @@ class Limits:
     max_body_bytes: int = 64 * 1024
 
 
-def _fingerprint(path: Path | None, model) -> str:
+def _fingerprint(path: Path | None, model, read: dict) -> str:
     """Identifies (data file, model) for the cache: the file's size and mtime, the model's config."""
     h = hashlib.sha256()
     if path is not None:
         st = path.stat()
-        h.update(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{sorted(read.items())}".encode())
     h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     h.update(str(len(model.vocab)).encode())
     return h.hexdigest()[:16]
@@ -59,13 +59,22 @@ def _continuous(s: pd.Series) -> bool:
             and pd.api.types.is_numeric_dtype(s.dtype))
 
 
-def _expression(adata) -> tuple[object, bool]:
-    """The matrix to colour by a gene and to list a cell's top genes: ``.X``, read as log1p of
-    counts per 10k when it holds counts (integers), as it is otherwise."""
-    X = adata.X
+def _expression(adata, layer: str | None, use_raw: bool) -> tuple[object, pd.Index, bool]:
+    """The matrix the model reads (``.X``, a layer, or ``.raw``) and its gene names, to colour by a
+    gene and list a cell's top genes; whether it holds counts (then shown as log1p of counts per 10k)."""
+    if use_raw:
+        if adata.raw is None:
+            raise InputDataError("use_raw: the data has no .raw.")
+        X, names = adata.raw.X, adata.raw.var_names
+    elif layer is not None:
+        if layer not in adata.layers:
+            raise InputDataError(f"No layer {layer!r} (layers: {list(adata.layers.keys())}).")
+        X, names = adata.layers[layer], adata.var_names
+    else:
+        X, names = adata.X, adata.var_names
     sample = X[: min(200, adata.n_obs)]
     sample = sample.toarray() if hasattr(sample, "toarray") else np.asarray(sample)
-    return X, bool(np.all(np.equal(np.mod(sample, 1), 0)) and sample.max() > 20)
+    return X, pd.Index(names), bool(np.all(np.equal(np.mod(sample, 1), 0)) and sample.max() > 20)
 
 
 @dataclass
@@ -82,6 +91,8 @@ class ExplorerSession:
     path: Path | None = None
     cache_dir: Path | None = None
     limits: Limits = field(default_factory=Limits)
+    read: dict = field(default_factory=dict)
+    """How the model reads the data: ``layer``, ``use_raw``, ``gene_symbol_key`` (as in ``tl``)."""
     coords: np.ndarray | None = None
     map_source: str = ""
     reducer: object | None = None
@@ -90,8 +101,10 @@ class ExplorerSession:
 
     # ----------------------------------------------------------------------------- set-up
     @classmethod
-    def open(cls, data, model, *, cache: bool = True, limits: Limits | None = None) -> "ExplorerSession":
-        """``data``: an AnnData or an ``.h5ad`` path; ``model``: a model or anything ``load_model`` takes."""
+    def open(cls, data, model, *, cache: bool = True, limits: Limits | None = None, layer: str | None = None,
+             use_raw: bool = False, gene_symbol_key: str | None = None) -> "ExplorerSession":
+        """``data``: an AnnData or an ``.h5ad`` path; ``model``: a model or anything ``load_model`` takes;
+        ``layer`` / ``use_raw`` / ``gene_symbol_key``: which matrix and gene names the model reads."""
         import anndata as ad
 
         import scmmgpt
@@ -109,14 +122,15 @@ class ExplorerSession:
         if not hasattr(model, "config"):
             model = scmmgpt.load_model(model)
         cache_dir = Path(str(path) + ".scmmgpt-explore") if (cache and path is not None) else None
-        s = cls(data, model, path, cache_dir, limits or Limits())
+        read = {"layer": layer, "use_raw": use_raw, "gene_symbol_key": gene_symbol_key}
+        s = cls(data, model, path, cache_dir, limits or Limits(), read)
         s.prepare()
         return s
 
     def _cache(self, name: str) -> Path | None:
         if self.cache_dir is None:
             return None
-        return self.cache_dir / f"{_fingerprint(self.path, self.model)}.{name}"
+        return self.cache_dir / f"{_fingerprint(self.path, self.model, self.read)}.{name}"
 
     def prepare(self) -> None:
         from .. import tl
@@ -130,12 +144,12 @@ class ExplorerSession:
                 a.uns.setdefault("scmmgpt", {})["embed"] = json.loads(str(z["report"]))
             else:
                 logger.info("explore: embedding %d cells once (cached beside the file)", a.n_obs)
-                tl.embed(a, self.model, queries=True, aligned=False, min_coverage=0.0)
+                tl.embed(a, self.model, queries=True, aligned=False, min_coverage=0.0, **self.read)
                 if f is not None:
                     f.parent.mkdir(exist_ok=True)
                     np.savez(f, cls=a.obsm["X_scmmgpt"], queries=a.obsm[FEATURES_KEY],
                              report=json.dumps(a.uns["scmmgpt"]["embed"], default=str))
-        self._expr, self._counts = _expression(a)
+        self._expr, self._genes, self._counts = _expression(a, self.read.get("layer"), self.read.get("use_raw", False))
         if "X_umap" in a.obsm and np.asarray(a.obsm["X_umap"]).shape[1] >= 2:
             self.coords = np.asarray(a.obsm["X_umap"])[:, :2].astype(np.float32)
             self.map_source = "obsm['X_umap']"
@@ -185,7 +199,7 @@ class ExplorerSession:
         return {"kind": "categorical", "codes": cat.codes.astype(np.uint16), "categories": list(cat.categories)}
 
     def gene_index(self, gene: str) -> int:
-        names = self.adata.var_names
+        names = self._genes
         if gene in names:
             return int(names.get_loc(gene))
         upper = pd.Index(names.str.upper())
@@ -198,7 +212,7 @@ class ExplorerSession:
         X = X.toarray() if hasattr(X, "toarray") else np.asarray(X)
         X = np.atleast_2d(X).astype(np.float32)
         if self._counts:
-            tot = np.asarray(self.adata.X[rows].sum(1)).reshape(-1, 1)
+            tot = np.asarray(self._expr[rows].sum(1)).reshape(-1, 1)
             X = np.log1p(1e4 * X / np.maximum(tot, 1))
         return X
 
@@ -208,10 +222,10 @@ class ExplorerSession:
         col = col.toarray() if hasattr(col, "toarray") else np.asarray(col)
         v = np.asarray(col, dtype=np.float32).ravel()
         if self._counts:
-            tot = np.asarray(self.adata.X.sum(1)).ravel()
+            tot = np.asarray(self._expr.sum(1)).ravel()
             v = np.log1p(1e4 * v / np.maximum(tot, 1)).astype(np.float32)
         return {"kind": "continuous", "values": v, "min": float(v.min()), "max": float(v.max()),
-                "gene": str(self.adata.var_names[j])}
+                "gene": str(self._genes[j])}
 
     def cell(self, i: int, *, n_genes: int = 10) -> dict:
         a = self.adata
@@ -222,7 +236,7 @@ class ExplorerSession:
         out = {"index": i, "obs_name": str(a.obs_names[i]),
                "obs": {str(k): (None if pd.isna(v) else (v.item() if hasattr(v, "item") else str(v)))
                        for k, v in a.obs.iloc[i].items()},
-               "top_genes": [[str(a.var_names[j]), round(float(x[j]), 3)] for j in top if x[j] > 0]}
+               "top_genes": [[str(self._genes[j]), round(float(x[j]), 3)] for j in top if x[j] > 0]}
         if LABEL_KEY + "_topk" in a.obsm:
             labels = a.obsm[LABEL_KEY + "_topk"].iloc[i].tolist()
             scores = np.asarray(a.obsm[LABEL_KEY + "_topk_score"])[i].tolist()
@@ -288,7 +302,7 @@ class ExplorerSession:
         for k in list(one.obsm.keys()):
             del one.obsm[k]
         with self.lock:
-            tl.describe(one, self.model, max_new_tokens=48, min_coverage=0.0)
+            tl.describe(one, self.model, max_new_tokens=48, min_coverage=0.0, **self.read)
         return str(one.obs["scmmgpt_description"].iloc[0])
 
     def generate(self, text: str, n: int = 20, *, seed: int = 0) -> dict:
@@ -306,7 +320,7 @@ class ExplorerSession:
             raise InputDataError(f"n must be in [1, {self.limits.max_pseudo_cells}].")
         if self.model.lm is None:
             raise InputDataError("This model was loaded without its language model: generate needs it.")
-        tot = np.asarray(self.adata.X.sum(1)).ravel() if self._counts else None
+        tot = np.asarray(self._expr.sum(1)).ravel() if self._counts else None
         library = int(np.median(tot)) if tot is not None else 5000
         with self.lock:
             pseudo = tl.generate(self.model, text, n_per_text=n, library_size=library, seed=seed)
