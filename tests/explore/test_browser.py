@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scmmgpt.explore import ExplorerSession
-from scmmgpt.explore.server import serve
+from scmmgpt.explorer import ExplorerSession
+from scmmgpt.explorer.server import serve
 
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "explorer.png"
 

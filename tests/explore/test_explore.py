@@ -13,8 +13,8 @@ import pytest
 
 from scmmgpt import tl
 from scmmgpt.errors import ConfigError, InputDataError
-from scmmgpt.explore import ExplorerSession
-from scmmgpt.explore.server import check_host, create_app
+from scmmgpt.explorer import ExplorerSession
+from scmmgpt.explorer.server import check_host, create_app
 
 
 def _arr(a):
@@ -237,3 +237,20 @@ def test_reads_raw_as_the_tl_functions_do(pbmc68k, pbmc_small_lm):
     b = a.obs["bulk_labels"].astype(str).to_numpy() == "CD19+ B"
     hits = [i for i, _, _ in s.search("B cell", top=20)["hits"]]
     assert np.mean(b[hits]) >= 0.8
+
+
+def test_scmmgpt_explore_starts_the_app_from_python(held_out_cells, pbmc_small_lm):
+    """``scmmgpt.explore(adata, model, block=False)``: the notebook path, a running server."""
+    import httpx
+
+    import scmmgpt
+
+    with pytest.raises(ConfigError, match="allow-remote"):
+        scmmgpt.explore(held_out_cells, pbmc_small_lm, host="0.0.0.0", block=False)
+    srv = scmmgpt.explore(held_out_cells.copy(), pbmc_small_lm, port=0, block=False)
+    try:
+        port = srv.servers[0].sockets[0].getsockname()[1]
+        assert httpx.get(f"http://127.0.0.1:{port}/api/meta").json()["n_obs"] == held_out_cells.n_obs
+    finally:
+        srv.should_exit = True
+        srv.thread.join(10)

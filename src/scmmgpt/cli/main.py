@@ -589,8 +589,8 @@ def _explore():
         p.add_argument("--gene-symbol-key", default=None, help="var column with gene symbols")
 
     def run(args: argparse.Namespace) -> int:
-        from ..explore import ExplorerSession
-        from ..explore.server import check_host, serve
+        from ..explorer import ExplorerSession
+        from ..explorer.server import check_host, serve
 
         check_host(args.host, args.allow_remote)
         if not Path(args.data).is_file():
