@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, InputDataError
-from .session import ExplorerSession, encode_arrays
+from .session import ExplorerSession, _bounded, encode_arrays
 
 logger = logging.getLogger("scmmgpt")
 
@@ -189,10 +189,8 @@ def create_app(session: ExplorerSession):
         data = await body(request)
         text = field(data, "text", str, required=True)
         n = field(data, "n", int, 20)
-        if not 1 <= n <= limits.max_pseudo_cells:
-            raise InputDataError(f"n must be in [1, {limits.max_pseudo_cells}].")
-        if len(text) > limits.max_query_chars:
-            raise InputDataError(f"The description has {len(text)} characters; at most {limits.max_query_chars}.")
+        session._text(text, "Generate needs a description.", "description")      # refused now, not in the job
+        _bounded("n", n, limits.max_pseudo_cells)
         return JSONResponse({"job": jobs.submit("generate", lambda: encode_arrays(session.generate(text, n)))})
 
     async def job(request: Request):

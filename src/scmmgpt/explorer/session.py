@@ -244,16 +244,19 @@ class ExplorerSession:
         return out
 
     # ----------------------------------------------------------------------------- actions
+    def _text(self, text: str, empty: str, what: str) -> str:
+        text = (text or "").strip()
+        if not text:
+            raise InputDataError(empty)
+        if len(text) > self.limits.max_query_chars:
+            raise InputDataError(f"The {what} has {len(text)} characters; at most {self.limits.max_query_chars}.")
+        return text
+
     def search(self, query: str, top: int = 50) -> dict:
         from .. import tl
 
-        query = (query or "").strip()
-        if not query:
-            raise InputDataError("The search needs a query text.")
-        if len(query) > self.limits.max_query_chars:
-            raise InputDataError(f"The query has {len(query)} characters; at most {self.limits.max_query_chars}.")
-        if not 1 <= top <= self.limits.max_top:
-            raise InputDataError(f"top must be in [1, {self.limits.max_top}].")
+        query = self._text(query, "The search needs a query text.", "query")
+        _bounded("top", top, self.limits.max_top)
         with self.lock:
             hits = tl.search(self.adata, self.model, query, top_k=top, key_added=SEARCH_KEY, use_rep=FEATURES_KEY)
         scores = self.adata.obs[SEARCH_KEY].to_numpy(dtype=np.float32)
@@ -311,13 +314,8 @@ class ExplorerSession:
         mean position of each pseudo-cell's 10 nearest real cells in the ``<cls>`` space."""
         from .. import tl
 
-        text = (text or "").strip()
-        if not text:
-            raise InputDataError("Generate needs a description.")
-        if len(text) > self.limits.max_query_chars:
-            raise InputDataError(f"The description has {len(text)} characters; at most {self.limits.max_query_chars}.")
-        if not 1 <= n <= self.limits.max_pseudo_cells:
-            raise InputDataError(f"n must be in [1, {self.limits.max_pseudo_cells}].")
+        text = self._text(text, "Generate needs a description.", "description")
+        _bounded("n", n, self.limits.max_pseudo_cells)
         if self.model.lm is None:
             raise InputDataError("This model was loaded without its language model: generate needs it.")
         tot = np.asarray(self._expr.sum(1)).ravel() if self._counts else None
@@ -364,6 +362,11 @@ class ExplorerSession:
             f = Path(d) / "out.h5ad"
             _clean_uns(a).write_h5ad(f)
             return f.read_bytes()
+
+
+def _bounded(name: str, value: int, most: int) -> None:
+    if not 1 <= value <= most:
+        raise InputDataError(f"{name} must be in [1, {most}].")
 
 
 def _clean_uns(a):
