@@ -30,6 +30,7 @@ def _small(tmp_path, *extra) -> list[str]:
             "--new-tokens", "3", *extra]
 
 
+@pytest.mark.slow  # times every path, profiles and measures the matmul peak (~4 min on 2 cores): a benchmark
 def test_naive_reference_matches_ours_and_flops_are_counted(perf, tmp_path):
     rec = perf.main(_small(tmp_path))
     assert json.loads((tmp_path / "perf.json").read_text()) == json.loads(json.dumps(rec))

@@ -26,6 +26,7 @@ def test_leiden_finds_separated_types_and_not_noise():
     assert noise["best"]["ari"] < 0.1
 
 
+@pytest.mark.slow  # scib-metrics' jax kernels compile for ~1.5 min; the clustering CLI test runs the Benchmarker
 def test_scib_with_one_batch_is_bio_conservation_alone():
     clear, labels, rng = _blobs()
     s = _scib({"clear": clear, "noise": rng.normal(0, 1, clear.shape)}, labels, ["b0"] * len(labels),

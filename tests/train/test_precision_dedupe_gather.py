@@ -42,6 +42,7 @@ def data():
     return _data()
 
 
+@pytest.mark.slow  # two 30-step training runs (~2-3 min on 2 cores); bf16 inference parity stays in the default run
 def test_bf16_training_tracks_fp32(data):
     vocab, cells, texts = data
     ds = CellTextDataset(cells.subset(np.arange(400)), texts[:400], cls_id=vocab.cls_id, max_genes=64)
