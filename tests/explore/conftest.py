@@ -1,7 +1,7 @@
 """The explorer's tests run the real shipped model (pbmc-small, with its language model) on the
 pbmc3k cells its pre-training held out (262 cells, 9 types). The map comes with the data as
 ``.obsm["X_umap"]`` (here a 2-D PCA), as in most users' files; the slow test lets the explorer fit
-its own UMAP (numba compiles for minutes on a small CPU)."""
+its own UMAP (numba compiles its kernels on first use, about a minute)."""
 
 import json
 

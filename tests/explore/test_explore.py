@@ -192,7 +192,7 @@ def test_embedding_is_cached_beside_the_file(tmp_path, held_out_cells, pbmc_smal
         ExplorerSession.open(tmp_path / "none.h5ad", pbmc_small_lm)
 
 
-@pytest.mark.slow  # umap-learn's numba kernels compile for minutes on a 2-core CPU
+@pytest.mark.slow  # umap-learn's numba kernels compile on first use (about a minute on a 2-core CPU)
 def test_without_a_map_a_umap_is_fitted_cached_and_used_for_pseudo_cells(tmp_path, held_out_cells, pbmc_small_lm):
     a = held_out_cells.copy()
     del a.obsm["X_umap"]
