@@ -150,6 +150,11 @@ class ExplorerSession:
                     np.savez(f, cls=a.obsm["X_scmmgpt"], queries=a.obsm[FEATURES_KEY],
                              report=json.dumps(a.uns["scmmgpt"]["embed"], default=str))
         self._expr, self._genes, self._counts = _expression(a, self.read.get("layer"), self.read.get("use_raw", False))
+        # warm the text side once (the Cell Ontology's names for query expansion, the text tower's
+        # kernels) so that the page's first search costs what the later ones do
+        from ..data.label_texts import query_texts
+
+        self.model.encode_texts(query_texts(["B cell"], expand=True), precision="fp32")
         if "X_umap" in a.obsm and np.asarray(a.obsm["X_umap"]).shape[1] >= 2:
             self.coords = np.asarray(a.obsm["X_umap"])[:, :2].astype(np.float32)
             self.map_source = "obsm['X_umap']"
