@@ -334,6 +334,14 @@ def test_transfer_labels_maps_a_query_onto_a_reference(trained, test_cells):
     rep = out.uns["scmmgpt"]["transfer_labels"]
     assert rep["search"] == "exact" and rep["n_reference"] == ref.n_obs and rep["n_unassigned"] == 0
     assert rep["precision"] in ("fp32", "bf16") and rep["gene_coverage"] > 0.9
+    # move_query: the query moved onto the reference by the difference of their means; halves of one
+    # dataset differ little, so the labels barely move, and the reference itself maps onto itself
+    moved = tl.transfer_labels(query, ref, trained.model, min_confidence=0.0, move_query=True, copy=True)
+    assert moved.uns["scmmgpt"]["transfer_labels"]["move_query"] is True
+    assert abs(np.mean(moved.obs["scmmgpt_transfer"].astype(str).to_numpy() == truth) - acc) <= 0.05
+    same = [tl.transfer_labels(ref, ref, trained.model, min_confidence=0.0, move_query=m, copy=True)
+            .obs["scmmgpt_transfer"].astype(str).tolist() for m in (False, True)]
+    assert same[0] == same[1]
     # the cut-off: below it a cell is unassigned
     cut = tl.transfer_labels(query, ref, trained.model, min_confidence=0.9, copy=True)
     un = cut.obs["scmmgpt_transfer"].astype(str).to_numpy() == "unassigned"

@@ -545,6 +545,8 @@ def _transfer():
         p.add_argument("-k", "--neighbours", type=int, default=15, help="reference neighbours per cell")
         p.add_argument("--min-confidence", type=float, default=0.5,
                        help="below this share of the neighbours' vote a cell is 'unassigned'")
+        p.add_argument("--move-query", action="store_true",
+                       help="move the query onto the reference by the difference of their mean embeddings first")
         p.add_argument("--key-added", default="scmmgpt_transfer")
 
     def run(args: argparse.Namespace) -> int:
@@ -557,7 +559,8 @@ def _transfer():
         adata = _read(args)
         tl.transfer_labels(adata, read_h5ad(args.reference), _load_model(args, with_lm=False),
                            label_key=args.label_key, space=args.space, k=args.neighbours,
-                           min_confidence=args.min_confidence, key_added=args.key_added, **_data_kwargs(args))
+                           min_confidence=args.min_confidence, move_query=args.move_query,
+                           key_added=args.key_added, **_data_kwargs(args))
         counts = adata.obs[args.key_added].value_counts()
         print(counts[counts > 0].to_string())
         _write(adata, out)

@@ -71,7 +71,8 @@ def knn_vote(neighbour_labels: np.ndarray, similarities: np.ndarray) -> tuple[np
 
 
 def transfer_labels(query, reference, model, *, label_key: str = "cell_type", space: Literal["aligned", "cls"] = "aligned",
-                    k: int = 15, min_confidence: float = 0.5, key_added: str = "scmmgpt_transfer",
+                    k: int = 15, min_confidence: float = 0.5, move_query: bool = False,
+                    key_added: str = "scmmgpt_transfer",
                     exact_max: int = 100_000, batch_size: int = 64, layer: str | None = None, use_raw: bool = False,
                     gene_symbol_key: str | None = None, min_coverage: float = 0.5, device: str | None = None,
                     precision: str = "auto", seed: int = 0, progress: bool = False, copy: bool = False):
@@ -90,6 +91,13 @@ def transfer_labels(query, reference, model, *, label_key: str = "cell_type", sp
     k, min_confidence
         Neighbours per query cell; below this share of the neighbours' weight a cell is
         ``"unassigned"``.
+    move_query
+        Move the query's cells as a whole onto the reference before the vote: each query
+        embedding gets ``mean(reference) - mean(query)`` added, so the reference's space stays as it
+        is. This is the least a query-side adaptation (scArches' idea) does: it removes a batch's
+        offset. It assumes the query holds roughly the reference's mix of types (a query of one
+        type would be pulled to the reference's centre). ``benchmarks/mapping_diagnosis.py``
+        measures what it recovers on a chemistry shift.
     exact_max
         Exact search up to this many reference cells, ``pynndescent`` above.
     layer, use_raw, gene_symbol_key, min_coverage, device, precision
@@ -132,14 +140,18 @@ def transfer_labels(query, reference, model, *, label_key: str = "cell_type", sp
     conf = np.full(len(q), np.nan)
     method = "none"
     if read.any():
-        idx, sim, method = _neighbours(ref[use], q[read], k, exact_max, seed)
+        qr = q[read]
+        if move_query:
+            qr = qr - qr.mean(0) + ref[use].mean(0)
+        idx, sim, method = _neighbours(ref[use], qr, k, exact_max, seed)
         lab, c = knn_vote(ref_labels[idx], sim)
         lab[c < min_confidence] = UNASSIGNED
         pred[read], conf[read] = lab, c
     target.obs[key_added] = pd.Categorical(pred)
     target.obs[key_added + "_confidence"] = conf
     target.uns.setdefault("scmmgpt", {})["transfer_labels"] = {
-        "label_key": label_key, "space": space, "k": k, "min_confidence": min_confidence, "search": method,
+        "label_key": label_key, "space": space, "k": k, "min_confidence": min_confidence, "move_query": move_query,
+        "search": method,
         "precision": report["precision"], "gene_coverage": report["gene_coverage"], "n_reference": int(use.sum()),
         "n_unassigned": int((pred == UNASSIGNED).sum())}
     return target if copy else None
