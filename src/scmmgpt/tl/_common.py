@@ -88,9 +88,10 @@ COVERAGE_FIXES = ("Pass gene_symbol_key= (a var column of gene symbols), or lowe
 
 
 def model_cells(adata, model, *, layer: str | None = None, use_raw: bool = False, gene_symbol_key: str | None = None,
-                min_coverage: float = 0.5, with_targets: bool = False) -> ModelCells:
+                min_coverage: float = 0.5, with_targets: bool = False, stacklevel: int = 3) -> ModelCells:
     """Map ``adata`` into ``model``'s vocabulary; log and (when low) warn the gene coverage; warn
-    about cells with no expression in vocabulary genes (they get no result)."""
+    about cells with no expression in vocabulary genes (they get no result). ``stacklevel``: the
+    warnings point at the caller of the ``tl`` function (3 when it calls this directly)."""
     if not 0.0 <= min_coverage <= 1.0:
         raise ConfigError(f"min_coverage must be in [0, 1], got {min_coverage}.")
     cells = model.match_cells(adata, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key,
@@ -100,11 +101,11 @@ def model_cells(adata, model, *, layer: str | None = None, use_raw: bool = False
     if m.coverage < COVERAGE_WARN:
         warnings.warn(f"{m.summary()}; genes outside the vocabulary are ignored (e.g. {m.unmapped_examples[:5]}). "
                       "Check the gene ids, or use a model whose vocabulary covers this data.",
-                      GeneCoverageWarning, stacklevel=3)
+                      GeneCoverageWarning, stacklevel=stacklevel)
     rows = np.asarray(cells.cell_index)
     if len(rows) < adata.n_obs:
         warnings.warn(f"{adata.n_obs - len(rows)} of {adata.n_obs} cells have no expression in the model's genes; "
-                      "their results are left empty (NaN / '').", GeneCoverageWarning, stacklevel=3)
+                      "their results are left empty (NaN / '').", GeneCoverageWarning, stacklevel=stacklevel)
     ds = model.dataset(cells, with_targets=with_targets)
     return ModelCells(cells, ds, rows, adata.n_obs, min_coverage)
 
@@ -199,4 +200,28 @@ def stored_features(adata, model, use_rep: str) -> StoredFeatures:
     rows = np.flatnonzero(keep)
     report = dict(adata.uns.get("scmmgpt", {}).get("embed", {}))
     return StoredFeatures(f[rows] if len(rows) < len(f) else f, rows, adata.n_obs, report)
+
+
+def label_scores(adata, model, candidates, *, use_rep: str | None, precision, batch_size: int, progress: bool,
+                 desc: str, alpha: float = 0.0, rerank_top: int = 10, backoff: bool = True, layer: str | None = None,
+                 use_raw: bool = False, gene_symbol_key: str | None = None, min_coverage: float = 0.5
+                 ) -> tuple[ModelCells | StoredFeatures, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """The cells ``tl.search`` and ``tl.annotate`` score, and an iterator of ``(index, scores)`` per
+    chunk: through the cell encoder (:meth:`ScMMGPT.iter_label_scores`), or, with ``use_rep``,
+    against the query features ``tl.embed(queries=True)`` stored (CTM re-ranking needs the cells)."""
+    if use_rep is None:
+        mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key,
+                         min_coverage=min_coverage, stacklevel=4)
+        return mc, model.iter_label_scores(batches(model, mc.dataset, batch_size, progress=progress, desc=desc),
+                                           candidates, alpha=alpha, rerank_top=rerank_top, precision=precision,
+                                           backoff=backoff)
+    if alpha > 0:
+        raise InputDataError("alpha > 0 re-ranks with the CTM head, which reads the cells themselves: leave "
+                             "use_rep unset, or set alpha=0 to score the stored features.")
+    stored = stored_features(adata, model, use_rep)
+
+    def scored():          # lazy, as iter_label_scores is: the texts are encoded when scoring starts
+        yield from stored.scores(model.feature_scorer(candidates, backoff=backoff))
+
+    return stored, scored()
 

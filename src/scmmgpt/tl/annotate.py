@@ -11,17 +11,7 @@ import torch
 
 from ..data.label_texts import MAX_LABELS, candidate_labels
 from ..errors import InputDataError
-from ._common import (
-    ModelCells,
-    StoredFeatures,
-    batches,
-    full_rows,
-    in_order,
-    model_cells,
-    resolve_model,
-    start,
-    stored_features,
-)
+from ._common import full_rows, in_order, label_scores, resolve_model, start
 
 __all__ = ["annotate"]
 
@@ -100,16 +90,11 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
     cands = candidate_labels(labels=labels, obs_values=obs_values, descendants_of=descendants_of, context=context,
                              max_labels=max_labels)
     T = len(cands.names)
-    if use_rep is not None and alpha > 0:
-        raise InputDataError("alpha > 0 re-ranks with the CTM head, which reads the cells themselves: leave "
-                             "use_rep unset, or set alpha=0 to score the stored features.")
     model = resolve_model(model, device=device, with_lm=False)
-    mc: ModelCells | StoredFeatures
-    if use_rep is not None:
-        mc = stored_features(adata, model, use_rep)
-    else:
-        mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key,
-                         min_coverage=min_coverage)
+    prec = model.precision(precision)
+    mc, scored = label_scores(adata, model, cands, use_rep=use_rep, precision=prec, batch_size=batch_size,
+                              progress=progress, desc="annotate", alpha=alpha, rerank_top=rerank_top, backoff=backoff,
+                              layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key, min_coverage=min_coverage)
     keep_all = store_scores if store_scores is not None else len(mc.rows) * T <= MAX_SCORE_ENTRIES
     if keep_all:
         from ..utils.memory import check_fits
@@ -120,13 +105,7 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
         warnings.warn(f"{len(mc.rows)} cells x {T} labels: the full score matrix is not stored (pass "
                       "store_scores=True to keep it); top-k labels and scores are.", stacklevel=2)
     k = min(top_k, T)
-    prec = model.precision(precision)
     all_scores, top_idx, top_val, second, index = [], [], [], [], []
-    if isinstance(mc, StoredFeatures):
-        scored = mc.scores(model.feature_scorer(cands, backoff=backoff))
-    else:
-        scored = model.iter_label_scores(batches(model, mc.dataset, batch_size, progress=progress, desc="annotate"),
-                                         cands, alpha=alpha, rerank_top=rerank_top, precision=prec, backoff=backoff)
     for idx, sim in scored:
         best = sim.topk(min(max(k, 2), T), dim=1)
         top_idx.append(best.indices[:, :k])

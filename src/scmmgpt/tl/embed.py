@@ -11,17 +11,7 @@ import torch
 from ..data.label_texts import Candidates, query_texts
 from ..errors import InputDataError
 from ..inference import evaluation_mode
-from ._common import (
-    ModelCells,
-    StoredFeatures,
-    batches,
-    full_rows,
-    in_order,
-    model_cells,
-    resolve_model,
-    start,
-    stored_features,
-)
+from ._common import batches, full_rows, in_order, label_scores, model_cells, resolve_model, start
 
 __all__ = ["embed", "search"]
 
@@ -92,15 +82,16 @@ def embed(adata, model, *, aligned: bool = True, queries: bool = False, key_adde
         al = torch.nn.functional.normalize(feats.mean(1), dim=-1).numpy()
         adata.obsm[key_added + "_aligned"] = full_rows(al, mc.rows, mc.n_obs)
     if queries:
-        adata.obsm[key_added + "_queries"] = full_rows(feats.numpy().astype(np.float16), mc.rows, mc.n_obs
-                                                       ).astype(np.float16)
+        # full_rows widens to float32 when it fills empty cells with NaN: cast once, after it
+        adata.obsm[key_added + "_queries"] = full_rows(feats.numpy(), mc.rows, mc.n_obs).astype(np.float16)
     adata.uns.setdefault("scmmgpt", {})["embed"] = {"key_added": key_added, "aligned": aligned, "queries": queries,
                                                 "precision": prec.name, **mc.report()}
     return adata if copy else None
 
 
 def search(adata, model, query: str | Sequence[str], *, top_k: int = 10, expand: bool = True,
-           key_added: str | None = None, use_rep: str | None = None, batch_size: int = 64, layer: str | None = None, use_raw: bool = False,
+           key_added: str | None = None, use_rep: str | None = None, batch_size: int = 64, layer: str | None = None,
+           use_raw: bool = False,
            gene_symbol_key: str | None = None, min_coverage: float = 0.5, device: str | None = None,
              precision: str = "auto",
            progress: bool = False) -> pd.DataFrame:
@@ -131,16 +122,10 @@ def search(adata, model, query: str | Sequence[str], *, top_k: int = 10, expand:
         raise InputDataError("top_k must be >= 1.")
     model = resolve_model(model, device=device, with_lm=False)
     texts = query_texts(queries, expand=expand)
-    cands = Candidates(list(queries), [""] * len(queries), texts)
-    mc: ModelCells | StoredFeatures
-    if use_rep is not None:
-        mc = stored_features(adata, model, use_rep)
-        scored = mc.scores(model.feature_scorer(cands))
-    else:
-        mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key,
-                         min_coverage=min_coverage)
-        scored = model.iter_label_scores(batches(model, mc.dataset, batch_size, progress=progress, desc="search"),
-                                         cands, precision=model.precision(precision))
+    mc, scored = label_scores(adata, model, Candidates(list(queries), [""] * len(queries), texts), use_rep=use_rep,
+                              precision=model.precision(precision), batch_size=batch_size, progress=progress,
+                              desc="search", layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key,
+                              min_coverage=min_coverage)
     sims, index = [], []
     for idx, sim in scored:
         sims.append(sim)
