@@ -59,9 +59,12 @@ def _continuous(s: pd.Series) -> bool:
             and pd.api.types.is_numeric_dtype(s.dtype))
 
 
-def _expression(adata, layer: str | None, use_raw: bool) -> tuple[object, pd.Index, bool]:
-    """The matrix the model reads (``.X``, a layer, or ``.raw``) and its gene names, to colour by a
-    gene and list a cell's top genes; whether it holds counts (then shown as log1p of counts per 10k)."""
+def _expression(adata, layer: str | None, use_raw: bool) -> tuple[object, pd.Index, np.ndarray | None]:
+    """The matrix the model reads (``.X``, a layer, or ``.raw``), its gene names, and each cell's
+    library size when it holds counts (:func:`~scmmgpt.data.values.detect_value_kind`, the test the
+    ``tl`` functions apply): then genes are shown as log1p of counts per 10k, else as they are."""
+    from ..data.values import detect_value_kind
+
     if use_raw:
         if adata.raw is None:
             raise InputDataError("use_raw: the data has no .raw.")
@@ -72,9 +75,8 @@ def _expression(adata, layer: str | None, use_raw: bool) -> tuple[object, pd.Ind
         X, names = adata.layers[layer], adata.var_names
     else:
         X, names = adata.X, adata.var_names
-    sample = X[: min(200, adata.n_obs)]
-    sample = sample.toarray() if hasattr(sample, "toarray") else np.asarray(sample)
-    return X, pd.Index(names), bool(np.all(np.equal(np.mod(sample, 1), 0)) and sample.max() > 20)
+    library = np.asarray(X.sum(1), dtype=np.float64).ravel() if detect_value_kind(X) == "counts" else None
+    return X, pd.Index(names), library
 
 
 @dataclass
@@ -149,7 +151,8 @@ class ExplorerSession:
                     f.parent.mkdir(exist_ok=True)
                     np.savez(f, cls=a.obsm["X_scmmgpt"], queries=a.obsm[FEATURES_KEY],
                              report=json.dumps(a.uns["scmmgpt"]["embed"], default=str))
-        self._expr, self._genes, self._counts = _expression(a, self.read.get("layer"), self.read.get("use_raw", False))
+        self._expr, self._genes, self._library = _expression(a, self.read.get("layer"),
+                                                             self.read.get("use_raw", False))
         # warm the text side once (the Cell Ontology's names for query expansion, the text tower's
         # kernels) so that the page's first search costs what the later ones do
         from ..data.label_texts import query_texts
@@ -212,23 +215,25 @@ class ExplorerSession:
             return int(np.flatnonzero(upper == gene.upper())[0])
         raise InputDataError(f"No gene {gene!r} in the data's {len(names)} genes (var_names).")
 
+    @property
+    def _counts(self) -> bool:
+        return self._library is not None
+
+    def _shown(self, X: np.ndarray, rows) -> np.ndarray:
+        """Dense values of ``rows`` as shown: log1p of counts per 10k for counts, else as they are."""
+        X = np.atleast_2d(np.asarray(X, dtype=np.float32))
+        if self._library is None:
+            return X
+        return np.log1p(1e4 * X / np.maximum(self._library[rows], 1).reshape(-1, 1)).astype(np.float32)
+
     def _rows(self, rows) -> np.ndarray:
         X = self._expr[rows]
-        X = X.toarray() if hasattr(X, "toarray") else np.asarray(X)
-        X = np.atleast_2d(X).astype(np.float32)
-        if self._counts:
-            tot = np.asarray(self._expr[rows].sum(1)).reshape(-1, 1)
-            X = np.log1p(1e4 * X / np.maximum(tot, 1))
-        return X
+        return self._shown(X.toarray() if hasattr(X, "toarray") else X, rows)
 
     def color_gene(self, gene: str) -> dict:
         j = self.gene_index(gene)
-        col = self._expr[:, j]
-        col = col.toarray() if hasattr(col, "toarray") else np.asarray(col)
-        v = np.asarray(col, dtype=np.float32).ravel()
-        if self._counts:
-            tot = np.asarray(self._expr.sum(1)).ravel()
-            v = np.log1p(1e4 * v / np.maximum(tot, 1)).astype(np.float32)
+        col = self._expr[:, [j]]
+        v = self._shown(col.toarray() if hasattr(col, "toarray") else col, slice(None)).ravel()
         return {"kind": "continuous", "values": v, "min": float(v.min()), "max": float(v.max()),
                 "gene": str(self._genes[j])}
 
@@ -323,8 +328,7 @@ class ExplorerSession:
         _bounded("n", n, self.limits.max_pseudo_cells)
         if self.model.lm is None:
             raise InputDataError("This model was loaded without its language model: generate needs it.")
-        tot = np.asarray(self._expr.sum(1)).ravel() if self._counts else None
-        library = int(np.median(tot)) if tot is not None else 5000
+        library = int(np.median(self._library)) if self._library is not None else 5000
         with self.lock:
             pseudo = tl.generate(self.model, text, n_per_text=n, library_size=library, seed=seed)
             tl.embed(pseudo, self.model, aligned=False)
