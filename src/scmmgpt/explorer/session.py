@@ -337,10 +337,10 @@ class ExplorerSession:
             xy = np.asarray(self.reducer.transform(x), dtype=np.float32)
             how = "UMAP transform"
         else:
+            from ..tl.transfer import nearest_neighbours
+
             ref = np.nan_to_num(np.asarray(self.adata.obsm["X_scmmgpt"], dtype=np.float32))
-            ref = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-8)
-            q = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
-            nn = np.argsort(-(q @ ref.T), axis=1)[:, :10]
+            nn, _, _ = nearest_neighbours(ref, x, 10, exact_max=len(ref))
             xy = self.coords[nn].mean(1).astype(np.float32)
             how = "mean position of the 10 nearest real cells (<cls> cosine)"
         key = hashlib.sha256(f"{text}:{n}:{seed}:{len(self.generated)}".encode()).hexdigest()[:12]
@@ -360,11 +360,15 @@ class ExplorerSession:
         """The data with its annotation (``key=None``), or generated pseudo-cells, as ``.h5ad`` bytes;
         the stored query features are left out (``tl.embed(queries=True)`` remakes them)."""
         if key is None:
-            a = self.adata.copy()
-            for k in (FEATURES_KEY,):
-                a.obsm.pop(k, None)
+            with self.lock:           # copy the data once, without its stored features (the largest part)
+                features = self.adata.obsm.pop(FEATURES_KEY, None)
+                try:
+                    a = self.adata.copy()
+                finally:
+                    if features is not None:
+                        self.adata.obsm[FEATURES_KEY] = features
         elif key in self.generated:
-            a = self.generated[key]
+            a = self.generated[key].copy()
         else:
             raise InputDataError(f"No generated cells {key!r}.")
         with tempfile.TemporaryDirectory() as d:
@@ -379,8 +383,8 @@ def _bounded(name: str, value: int, most: int) -> None:
 
 
 def _clean_uns(a):
-    """h5ad cannot store every ``.uns`` value (None, mixed lists): store them as JSON text."""
-    a = a.copy()
+    """h5ad cannot store every ``.uns`` value (None, mixed lists): store them as JSON text (in ``a``,
+    a copy the caller owns)."""
 
     def fix(v):
         if isinstance(v, dict):

@@ -36,9 +36,11 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _neighbours(ref: np.ndarray, query: np.ndarray, k: int, exact_max: int, seed: int
-                ) -> tuple[np.ndarray, np.ndarray, str]:
-    """``(indices, similarities, method)`` of each query row's ``k`` most cosine-similar ``ref`` rows."""
+def nearest_neighbours(ref: np.ndarray, query: np.ndarray, k: int, exact_max: int = 100_000, seed: int = 0
+                       ) -> tuple[np.ndarray, np.ndarray, str]:
+    """``(indices, similarities, method)`` of each query row's ``k`` most cosine-similar ``ref`` rows:
+    exact up to ``exact_max`` reference rows, ``pynndescent`` above (the explorer places pseudo-cells
+    with it too)."""
     ref, query = _unit(ref), _unit(query)
     if len(ref) <= exact_max:
         idx = np.empty((len(query), k), dtype=np.int64)
@@ -143,7 +145,7 @@ def transfer_labels(query, reference, model, *, label_key: str = "cell_type", sp
         qr = q[read]
         if move_query:
             qr = qr - qr.mean(0) + ref[use].mean(0)
-        idx, sim, method = _neighbours(ref[use], qr, k, exact_max, seed)
+        idx, sim, method = nearest_neighbours(ref[use], qr, k, exact_max, seed)
         lab, c = knn_vote(ref_labels[idx], sim)
         lab[c < min_confidence] = UNASSIGNED
         pred[read], conf[read] = lab, c
