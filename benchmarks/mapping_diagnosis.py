@@ -8,7 +8,9 @@ Per seed, on the model the mapping protocol trains (stage 1 on every source cell
 PCA (50) of log-normalised expression fitted on the source:
 
 * ``transfer``: k-NN (k=15, cosine) votes of the source cells, scored at the target's Cell
-  Ontology resolution, as ``tl.transfer_labels`` gives them;
+  Ontology resolution. The vote here is an unweighted majority (``knn_vote`` below), where
+  ``tl.transfer_labels`` weights each neighbour by its similarity, so its figures sit near, not on,
+  the mapping table's;
 * ``transfer_centred``: the same after each side's mean is removed;
 * ``transfer_moved``: the same with the query moved onto the reference (``mean(reference) -
   mean(query)`` added to each query cell; the reference untouched): ``tl.transfer_labels(...,
