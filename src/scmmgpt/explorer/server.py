@@ -181,8 +181,7 @@ def create_app(session: ExplorerSession):
     async def describe(request: Request):
         data = await body(request)
         i = field(data, "cell", int, required=True)
-        if not 0 <= i < session.adata.n_obs:
-            raise InputDataError(f"No cell {i}: the data has {session.adata.n_obs}.")
+        session.check_cell(i)                      # refused now, not in the job
         return JSONResponse({"job": jobs.submit("describe", session.describe, i)})
 
     async def generate(request: Request):

@@ -238,9 +238,8 @@ class ExplorerSession:
                 "gene": str(self._genes[j])}
 
     def cell(self, i: int, *, n_genes: int = 10) -> dict:
+        self.check_cell(i)
         a = self.adata
-        if not 0 <= i < a.n_obs:
-            raise InputDataError(f"No cell {i}: the data has {a.n_obs}.")
         x = self._rows([i])[0]
         top = np.argsort(-x)[:n_genes]
         out = {"index": i, "obs_name": str(a.obs_names[i]),
@@ -254,6 +253,10 @@ class ExplorerSession:
         return out
 
     # ----------------------------------------------------------------------------- actions
+    def check_cell(self, i: int) -> None:
+        if not 0 <= i < self.adata.n_obs:
+            raise InputDataError(f"No cell {i}: the data has {self.adata.n_obs}.")
+
     def _text(self, text: str, empty: str, what: str) -> str:
         text = (text or "").strip()
         if not text:
@@ -307,8 +310,7 @@ class ExplorerSession:
     def describe(self, i: int) -> str:
         from .. import tl
 
-        if not 0 <= i < self.adata.n_obs:
-            raise InputDataError(f"No cell {i}: the data has {self.adata.n_obs}.")
+        self.check_cell(i)
         if self.model.lm is None:
             raise InputDataError("This model was loaded without its language model: describe needs it.")
         one = self.adata[[i]].copy()
