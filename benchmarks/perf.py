@@ -4,8 +4,9 @@ Three columns, the same weights on the same cells:
 
 * ``naive`` does what the authors' code does: every cell padded to ``max_genes``, cells taken in
   file order (no length bucketing), every row's text through the text tower and the LM (no
-  de-duplication), fp32, eager attention (SDPA's math kernel), torch's default AdamW, and text
-  generation without the LM's KV cache;
+  de-duplication), each matching pair's queries and text through every Q-Former layer (BLIP-2's
+  ITM), fp32, eager attention (SDPA's math kernel), torch's default AdamW, and text generation
+  without the LM's KV cache;
 * ``ours-fp32``: the library's paths in fp32: batches padded to their own longest cell, cells
   grouped by length (inference sorts by length and restores the order; stage-2 training buckets by
   length), each distinct description encoded once, fused SDPA kernels, fused AdamW, the KV cache;
@@ -13,7 +14,7 @@ Three columns, the same weights on the same cells:
   bf16 matmul), with the frozen LM held in bf16 as training and inference hold it.
 
 The embeddings of the naive and fp32 paths are checked to agree, and bf16's against fp32's
-(per-cell cosine).
+(per-cell cosine); so are the matching logits of the two matching computations.
 
 Model FLOPs: the timed training steps are replayed (forward + backward) under
 :class:`torch.utils.flop_counter.FlopCounterMode`, which counts the matmul and attention FLOPs of
@@ -32,6 +33,7 @@ JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import resource
@@ -100,6 +102,35 @@ _count_cpu_attention()
 
 
 VARIANTS = ("naive", "fp32", "bf16")
+
+
+@contextlib.contextmanager
+def _matching(net, variant: str):
+    """naive: BLIP-2's matching computation (every pair's queries and text through every Q-Former
+    layer, :meth:`~scmmgpt.modules.qformer.QFormer.forward_match_per_pair`); ours: the library's."""
+    if variant != "naive":
+        yield
+        return
+    net.qformer.forward_match = net.qformer.forward_match_per_pair
+    try:
+        yield
+    finally:
+        del net.qformer.forward_match
+
+
+def match_agreement(model, ds, batch_size: int) -> float:
+    """Largest difference between the CTM logits of the library's matching path and of the per-pair
+    reference, on one batch's positive and shifted (negative) pairs, in eval mode."""
+    net = model.net
+    batch = model.collator()([ds[i] for i in range(batch_size)]).to(model.device)
+    idx = torch.arange(batch_size, device=model.device)
+    cells, texts = torch.cat([idx, idx]), torch.cat([idx, idx.roll(1)])
+    with evaluation_mode(net), torch.no_grad():
+        out = net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
+        ours = net.match_logits(out.states, out.padding, batch.text_input_ids, batch.text_attention_mask, cells, texts)
+        with _matching(net, "naive"):
+            ref = net.match_logits(out.states, out.padding, batch.text_input_ids, batch.text_attention_mask, cells, texts)
+    return float((ours - ref).abs().max())
 
 
 def _mode(device, variant: str):
@@ -203,7 +234,7 @@ def train_steps(model, ds, batch_size: int, steps: int, stage: str, *, variant: 
         if i == 1:                       # the first step warms up; time the rest
             _sync(dev)
             t = time.perf_counter()
-        with _mode(dev, variant):
+        with _mode(dev, variant), _matching(net, variant):
             loss = net(batch, spec, measured, gen).loss
         loss.backward()
         opt.step()
@@ -218,7 +249,7 @@ def train_steps(model, ds, batch_size: int, steps: int, stage: str, *, variant: 
         counter = FlopCounterMode(display=False)
         with counter:
             for idx in batches[1:]:
-                with _mode(dev, variant):
+                with _mode(dev, variant), _matching(net, variant):
                     loss = net(batch_of(idx), spec, measured, gen).loss
                 loss.backward()
                 opt.zero_grad(set_to_none=True)
@@ -322,6 +353,7 @@ def main(argv=None) -> dict:
         row["embed_bf16_min_cosine"] = float(((a * b).sum(1) / np.linalg.norm(a, axis=1)
                                               / np.linalg.norm(b, axis=1)).min())
         row["embed_cells_per_s"] = _with_ratios(speed)
+        row["match_max_abs_diff"] = match_agreement(models["float32"], part, args.batch_size)
         for stage in ("stage1", "stage2"):
             meas = torch.from_numpy(lab.cells.measured).to(dev) if stage == "stage2" else None
             res = {v: train_steps(by_variant[v], ds, args.batch_size, args.steps, stage, variant=v, measured=meas,
@@ -395,6 +427,10 @@ def table_lines(record: dict) -> list[str]:
                 cells = [f"{v[k]:.1f}" if k in v else "–" for k in VARIANTS]
                 ratios = [f"{v[f'ratio_{k}']:.2f}x" if f"ratio_{k}" in v else "–" for k in ("fp32", "bf16")]
                 lines.append(f"| {r['max_genes']} | {key} | " + " | ".join(cells + ratios) + " |")
+    lines += [""] + [f"Agreement at {r['max_genes']} genes: embeddings naive vs fp32, largest difference "
+                     f"{r['embed_max_abs_diff']:.1e}; bf16 vs fp32, smallest per-cell cosine "
+                     f"{r['embed_bf16_min_cosine']:.5f}; matching logits, library vs per-pair reference, largest "
+                     f"difference {r.get('match_max_abs_diff', float('nan')):.1e}." for r in record["results"]]
     lines += ["", f"Model FLOP/s of the timed training steps (`FlopCounterMode`), as a share of this machine's matmul "
               f"peak measured in the same run (fp32 {pk['fp32'] / 1e12:.3f}, bf16 {pk['bf16'] / 1e12:.3f} TFLOP/s"
               f"; native bf16: {record['native_bf16']}); MFU against the GPU's dense bf16 data-sheet peak:", "",

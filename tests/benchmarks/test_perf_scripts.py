@@ -38,6 +38,8 @@ def test_naive_reference_matches_ours_and_flops_are_counted(perf, tmp_path):
     # padding every cell to max_genes and file order change the speed, not the result; bf16 the last bits
     assert row["embed_max_abs_diff"] < 1e-4
     assert row["embed_bf16_min_cosine"] > 0.999
+    # the library's matching path and BLIP-2's per-pair computation (the naive column's) agree
+    assert row["match_max_abs_diff"] < 1e-4
     for key in ("embed_cells_per_s", "stage1_cells_per_s", "stage2_cells_per_s", "describe_tokens_per_s"):
         v = row[key]
         assert min(v["naive"], v["fp32"], v["bf16"]) > 0

@@ -59,3 +59,30 @@ def test_match_path_with_cell_rows_equals_repeated_cells(bert):
         by_index = q.forward_match(cell, pad, enc["input_ids"], enc["attention_mask"], rows)
         repeated = q.forward_match(cell[rows], pad[rows], enc["input_ids"], enc["attention_mask"])
     torch.testing.assert_close(by_index, repeated, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_layers,freq", [(1, 1), (2, 2), (2, 1), (3, 2), (4, 1)])
+def test_match_path_equals_per_pair_computation(bert, n_layers, freq):
+    """The matching path (first layer once per distinct text, last layer's query rows only) gives
+    BLIP-2's per-pair result, with texts and cells shared between pairs; and gradients agree."""
+    cfg, model, tok = bert
+    torch.manual_seed(0)
+    q = QFormer(cfg, cell_dim=32, n_query=4, cross_attention_freq=freq, n_layers=n_layers).eval()
+    cell = torch.randn(3, 7, 32, requires_grad=True)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[2, 3:] = True
+    enc = tok(["B cell", "a natural killer cell of the blood", "monocyte"], padding=True, return_tensors="pt")
+    cell_rows = torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    text_rows = torch.tensor([0, 0, 1, 2, 2, 1, 0])
+    fast = q.forward_match(cell, pad, enc["input_ids"], enc["attention_mask"], cell_rows, text_rows)
+    ref = q.forward_match_per_pair(cell, pad, enc["input_ids"], enc["attention_mask"], cell_rows, text_rows)
+    assert fast.shape == (7, 4, cfg.hidden_size)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    # not a constant: pairs of one text with different cells differ
+    assert not torch.allclose(fast[0], fast[1])
+    wrt = [cell, q.layers[0].attention.query.weight, q.word_embeddings.weight]
+    probe = torch.randn_like(ref)        # (a sum of squares of LayerNorm outputs has ~no gradient)
+    g_fast = torch.autograd.grad((fast * probe).sum(), wrt)
+    g_ref = torch.autograd.grad((ref * probe).sum(), wrt)
+    for a, b in zip(g_fast, g_ref):      # summed in another order: compared as a whole
+        assert float((a - b).norm() / b.norm()) < 1e-5

@@ -227,10 +227,11 @@ class ScMMGPTNetwork(nn.Module):
         return F.normalize(_fp32_linear(self.text_proj, pooled), dim=-1)
 
     def match_logits(self, states: torch.Tensor, padding: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor, cell_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """CTM logits ``(B, 2)`` for aligned (cell_i, text_i) pairs, or (cell ``cell_rows[i]``, text_i);
-        index 1 = matched."""
-        q = self.qformer.forward_match(states, padding, input_ids, attention_mask, cell_rows)
+                     attention_mask: torch.Tensor, cell_rows: torch.Tensor | None = None,
+                     text_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """CTM logits ``(P, 2)`` of the pairs (cell ``cell_rows[p]``, text ``text_rows[p]``), each row
+        index defaulting to ``p``; index 1 = matched."""
+        q = self.qformer.forward_match(states, padding, input_ids, attention_mask, cell_rows, text_rows)
         return self.ctm_head(q).mean(1)
 
     # ------------------------------------------------------------------------------- stage 1
@@ -270,9 +271,10 @@ class ScMMGPTNetwork(nn.Module):
             cell_rows = torch.cat([idx, idx[ok_t], neg_c[ok_c]])
             text_rows = torch.cat([idx, neg_t[ok_t], idx[ok_c]])
             labels = torch.cat([torch.ones(B), torch.zeros(int(ok_t.sum()) + int(ok_c.sum()))]).long().to(sim.device)
-            # each cell's keys/values are projected once for its 3 pairs
-            logits = self.match_logits(cell.states, cell.padding, batch.text_input_ids[text_rows],
-                                       batch.text_attention_mask[text_rows], cell_rows)
+            # each cell's keys/values are projected once for its 3 pairs, each distinct text's first
+            # layer once for all of its pairs
+            logits = self.match_logits(cell.states, cell.padding, batch.text_input_ids[first],
+                                       batch.text_attention_mask[first], cell_rows, inverse.index_select(0, text_rows))
             l_ctm = ctm_loss(logits, labels)
         return AlignOutput(loss=l_ctc + l_ctm, loss_ctc=l_ctc, loss_ctm=l_ctm, sim=sim.detach())
 

@@ -352,9 +352,13 @@ class ScMMGPT:
         top = min(top, T)
         cand = sim.topk(top, dim=1).indices                                    # (B, top)
         device = out.states.device
-        ids, mask = self.tokenize_texts([texts[int(j)] for j in cand.flatten()])
+        # each candidate text is tokenised once and its pairs point at it (the matching path runs the
+        # first layer once per text)
+        used, text_rows = torch.unique(cand.flatten(), return_inverse=True)
+        ids, mask = self.tokenize_texts([texts[int(j)] for j in used])
         rows = torch.arange(B, device=device).repeat_interleave(top)
-        logits = self.net.match_logits(out.states, out.padding, ids.to(device), mask.to(device), rows)
+        logits = self.net.match_logits(out.states, out.padding, ids.to(device), mask.to(device), rows,
+                                       text_rows.to(device))
         p = logits.float().softmax(-1)[:, 1].cpu().view(B, top)
         final = (1 - alpha) * sim
         final.scatter_add_(1, cand, alpha * p)

@@ -44,16 +44,31 @@ class Attention(nn.Module):
                 kv_rows: torch.Tensor | None = None) -> torch.Tensor:
         """``kv_rows`` (B,): row ``i`` of ``x`` attends to ``kv[kv_rows[i]]``; keys and values are
         projected once per distinct ``kv`` row (the matching path pairs each cell with several texts)."""
+        k, v = self.key(kv), self.value(kv)
+        if kv_rows is not None:    # index_select: its backward is an index_add, ~6x faster than indexing's
+            k, v = k.index_select(0, kv_rows), v.index_select(0, kv_rows)
+            key_mask = None if key_mask is None else key_mask.index_select(0, kv_rows)
+        return self._attend(x, k, v, key_mask)
+
+    def attend_with(self, x: torch.Tensor, ext: torch.Tensor, ext_mask: torch.Tensor,
+                    ext_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention of ``x`` (B, Lq, d) over itself and ``ext[ext_rows[i]]`` (the text of its pair),
+        returning ``x``'s rows only. The keys and values of ``ext`` are projected once per row of
+        ``ext``; ``ext_mask`` marks its real positions."""
+        k_ext, v_ext = self.key(ext), self.value(ext)
+        if ext_rows is not None:
+            k_ext, v_ext, ext_mask = (t.index_select(0, ext_rows) for t in (k_ext, v_ext, ext_mask))
+        own = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return self._attend(x, torch.cat([self.key(x), k_ext], 1), torch.cat([self.value(x), v_ext], 1),
+                            torch.cat([own, ext_mask.bool()], 1))
+
+    def _attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         B, Lq, D = x.shape
         H = self.n_heads
 
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(B, -1, H, D // H).transpose(1, 2)
 
-        k, v = self.key(kv), self.value(kv)
-        if kv_rows is not None:    # index_select: its backward is an index_add, ~6x faster than indexing's
-            k, v = k.index_select(0, kv_rows), v.index_select(0, kv_rows)
-            key_mask = None if key_mask is None else key_mask.index_select(0, kv_rows)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         out = attention(split(self.query(x)), split(k), split(v), mask, self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, Lq, D)
@@ -190,11 +205,60 @@ class QFormer(nn.Module):
         return self._run(self.embed_text(input_ids), attention_mask.bool(), 0, None, None)
 
     def forward_match(self, cell_states: torch.Tensor, cell_padding: torch.Tensor, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor, cell_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Query+text path for matching: returns the query outputs ``(B, n_query, d)``. Text ``i`` is
-        paired with cell ``i``, or with cell ``cell_rows[i]`` of the given states when that is given."""
+                      attention_mask: torch.Tensor, cell_rows: torch.Tensor | None = None,
+                      text_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Query+text path for matching: the query outputs ``(P, n_query, d)`` of P (cell, text) pairs.
+        Pair ``p`` joins cell ``cell_rows[p]`` of the given states with text ``text_rows[p]`` of
+        ``input_ids`` (each defaults to ``p``).
+
+        The result is that of :meth:`forward_match_per_pair`, BLIP-2's computation (every pair's
+        queries and text through every layer), with less work. Every pair's queries enter as the same
+        learned tokens, and the cell reaches them only through the first layer's cross-attention,
+        which follows that layer's self-attention. So that self-attention, and the first layer's text
+        feed-forward, depend on the text alone: they run once per text, not once per pair (a batch of
+        16 PBMCs has 5-9 distinct descriptions for its 48 pairs). Only the query outputs are read, so
+        the last layer computes its query rows alone; its text rows give keys and values, projected
+        once per text when nothing cell-dependent reached them (a 2-layer Q-Former). In training the
+        pairs of one text share that text's dropout masks in the first layer.
+        """
+        layers = self.qformer_layers()
+        first = layers[0]
+        if first.crossattention is None or len(layers) == 1:
+            return self.forward_match_per_pair(cell_states, cell_padding, input_ids, attention_mask, cell_rows, text_rows)
+        nq, T = self.n_query, input_ids.shape[0]
+        text_mask = attention_mask.bool()
+        cell_mask = ~cell_padding
+        # layer 1 self-attention and text feed-forward: once per text
+        x = torch.cat([self.embed_queries(T), self.embed_text(input_ids)], dim=1)
+        x = first.attention(x, x, torch.cat([torch.ones(T, nq, dtype=torch.bool, device=x.device), text_mask], 1))
+        q, t = x[:, :nq], first.ffn(x[:, nq:])
+        if text_rows is not None:
+            q = q.index_select(0, text_rows)
+        # from the cross-attention on, per pair
+        q = first.ffn_query(first.crossattention(q, cell_states, cell_mask, cell_rows))
+        middle, last = layers[1:-1], layers[-1]
+        if middle:
+            if text_rows is not None:
+                t, text_mask, text_rows = t.index_select(0, text_rows), text_mask.index_select(0, text_rows), None
+            x = torch.cat([q, t], dim=1)
+            mask = torch.cat([torch.ones(q.shape[:2], dtype=torch.bool, device=x.device), text_mask], 1)
+            for layer in middle:
+                x = layer(x, mask, nq, cell_states, cell_mask, cell_rows)
+            q, t = x[:, :nq], x[:, nq:]
+        # last layer: the query rows alone
+        q = last.attention.attend_with(q, t, text_mask, text_rows)
+        if last.crossattention is not None:
+            q = last.crossattention(q, cell_states, cell_mask, cell_rows)
+        return last.ffn_query(q)
+
+    def forward_match_per_pair(self, cell_states: torch.Tensor, cell_padding: torch.Tensor, input_ids: torch.Tensor,
+                               attention_mask: torch.Tensor, cell_rows: torch.Tensor | None = None,
+                               text_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """BLIP-2's matching computation, the reference :meth:`forward_match` is tested against: each
+        pair's queries and text tokens go through every layer, text rows included."""
+        if text_rows is not None:
+            input_ids, attention_mask = input_ids.index_select(0, text_rows), attention_mask.index_select(0, text_rows)
         B = input_ids.shape[0]
-        q = self.embed_queries(B)
-        x = torch.cat([q, self.embed_text(input_ids)], dim=1)
+        x = torch.cat([self.embed_queries(B), self.embed_text(input_ids)], dim=1)
         mask = torch.cat([torch.ones(B, self.n_query, dtype=torch.bool, device=x.device), attention_mask.bool()], 1)
         return self._run(x, mask, self.n_query, cell_states, ~cell_padding, cell_rows)[:, : self.n_query]
