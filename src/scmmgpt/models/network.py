@@ -219,19 +219,20 @@ class ScMMGPTNetwork(nn.Module):
         feats = F.normalize(_fp32_linear(self.cell_proj, query), dim=-1)
         return CellOutput(states, padding, states[:, 0], query, feats)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    embedded: torch.Tensor | None = None) -> torch.Tensor:
         """Text features ``(B, embed_dim)``, unit norm, from the ``[CLS]`` output or the mean over the
-        text's tokens (``config.qformer.text_pooling``)."""
-        h = self.qformer.forward_text(input_ids, attention_mask)
+        text's tokens (``config.qformer.text_pooling``); ``embedded`` as in ``QFormer.forward_text``."""
+        h = self.qformer.forward_text(input_ids, attention_mask, embedded)
         pooled = h[:, 0] if self.config.qformer.text_pooling == "cls" else masked_mean(h, attention_mask.bool())
         return F.normalize(_fp32_linear(self.text_proj, pooled), dim=-1)
 
     def match_logits(self, states: torch.Tensor, padding: torch.Tensor, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor, cell_rows: torch.Tensor | None = None,
-                     text_rows: torch.Tensor | None = None) -> torch.Tensor:
+                     text_rows: torch.Tensor | None = None, embedded: torch.Tensor | None = None) -> torch.Tensor:
         """CTM logits ``(P, 2)`` of the pairs (cell ``cell_rows[p]``, text ``text_rows[p]``), each row
         index defaulting to ``p``; index 1 = matched."""
-        q = self.qformer.forward_match(states, padding, input_ids, attention_mask, cell_rows, text_rows)
+        q = self.qformer.forward_match(states, padding, input_ids, attention_mask, cell_rows, text_rows, embedded)
         return self.ctm_head(q).mean(1)
 
     # ------------------------------------------------------------------------------- stage 1
@@ -246,7 +247,11 @@ class ScMMGPTNetwork(nn.Module):
         """
         cell = self.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
         first, inverse = _distinct_rows(batch.texts, cell.features.device)
-        text = self.encode_text(batch.text_input_ids[first], batch.text_attention_mask[first]).index_select(0, inverse)
+        text_ids, text_mask = batch.text_input_ids[first], batch.text_attention_mask[first]
+        # the distinct texts' token embeddings, shared by the text tower and the matching path (one
+        # backward through the word-embedding table, not two)
+        embedded = self.qformer.embed_text(text_ids)
+        text = self.encode_text(text_ids, text_mask, embedded).index_select(0, inverse)
         # step 4: similarities (B, B) and symmetric InfoNCE with same-description positives
         codes = text_codes(batch.texts, text.device)
         same = codes[:, None] == codes[None, :]
@@ -273,8 +278,8 @@ class ScMMGPTNetwork(nn.Module):
             labels = torch.cat([torch.ones(B), torch.zeros(int(ok_t.sum()) + int(ok_c.sum()))]).long().to(sim.device)
             # each cell's keys/values are projected once for its 3 pairs, each distinct text's first
             # layer once for all of its pairs
-            logits = self.match_logits(cell.states, cell.padding, batch.text_input_ids[first],
-                                       batch.text_attention_mask[first], cell_rows, inverse.index_select(0, text_rows))
+            logits = self.match_logits(cell.states, cell.padding, text_ids, text_mask, cell_rows,
+                                       inverse.index_select(0, text_rows), embedded)
             l_ctm = ctm_loss(logits, labels)
         return AlignOutput(loss=l_ctc + l_ctm, loss_ctc=l_ctc, loss_ctm=l_ctm, sim=sim.detach())
 

@@ -42,13 +42,27 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor | None,
                 kv_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """``kv_rows`` (B,): row ``i`` of ``x`` attends to ``kv[kv_rows[i]]``; keys and values are
-        projected once per distinct ``kv`` row (the matching path pairs each cell with several texts)."""
+        """``kv_rows`` (B,): row ``i`` of ``x`` attends to ``kv[kv_rows[i]]`` (the matching path pairs
+        each cell with several texts). Keys and values are then projected once per row of ``kv``, and
+        never copied per row of ``x``: the rows of ``x`` that share a ``kv`` row are stacked into one
+        longer query sequence against it (attention treats each query position on its own)."""
         k, v = self.key(kv), self.value(kv)
-        if kv_rows is not None:    # index_select: its backward is an index_add, ~6x faster than indexing's
-            k, v = k.index_select(0, kv_rows), v.index_select(0, kv_rows)
-            key_mask = None if key_mask is None else key_mask.index_select(0, kv_rows)
-        return self._attend(x, k, v, key_mask)
+        if kv_rows is None:
+            return self._attend(x, k, v, key_mask)
+        P, Lq, D = x.shape
+        n_kv = kv.shape[0]
+        counts = torch.bincount(kv_rows, minlength=n_kv)
+        m = int(counts.max())
+        # slot of each row among the rows of its kv row: its rank in a stable sort by kv row
+        order = torch.argsort(kv_rows, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.empty_like(kv_rows)
+        slot[order] = torch.arange(P, device=x.device) - starts[kv_rows[order]]
+        flat = kv_rows * m + slot
+        q = self.query(x)
+        stacked = q.new_zeros(n_kv * m, Lq, D).index_copy(0, flat, q).reshape(n_kv, m * Lq, D)
+        out = self._scores(stacked, k, v, key_mask).reshape(n_kv * m, Lq, D).index_select(0, flat)
+        return self.LayerNorm(x + F.dropout(self.dense(out), self.dropout, self.training))
 
     def attend_with(self, x: torch.Tensor, ext: torch.Tensor, ext_mask: torch.Tensor,
                     ext_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,16 +77,20 @@ class Attention(nn.Module):
                             torch.cat([own, ext_mask.bool()], 1))
 
     def _attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        B, Lq, D = x.shape
+        out = self._scores(self.query(x), k, v, key_mask)
+        return self.LayerNorm(x + F.dropout(self.dense(out), self.dropout, self.training))
+
+    def _scores(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Multi-head attention of projected queries (B, Lq, d) over projected keys/values -> (B, Lq, d)."""
+        B, Lq, D = q.shape
         H = self.n_heads
 
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(B, -1, H, D // H).transpose(1, 2)
 
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = attention(split(self.query(x)), split(k), split(v), mask, self.dropout if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(B, Lq, D)
-        return self.LayerNorm(x + F.dropout(self.dense(out), self.dropout, self.training))
+        out = attention(split(q), split(k), split(v), mask, self.dropout if self.training else 0.0)
+        return out.transpose(1, 2).reshape(B, Lq, D)
 
 
 class FeedForward(nn.Module):
@@ -200,16 +218,18 @@ class QFormer(nn.Module):
         q = self.embed_queries(B)
         return self._run(q, None, self.n_query, cell_states, ~cell_padding)
 
-    def forward_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Text-only BERT path: ``(B, T) -> (B, T, d)``."""
-        return self._run(self.embed_text(input_ids), attention_mask.bool(), 0, None, None)
+    def forward_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     embedded: torch.Tensor | None = None) -> torch.Tensor:
+        """Text-only BERT path: ``(B, T) -> (B, T, d)``. ``embedded``: :meth:`embed_text` of
+        ``input_ids``, when the caller has it (stage 1 shares it with the matching path)."""
+        return self._run(self.embed_text(input_ids) if embedded is None else embedded, attention_mask.bool(), 0, None, None)
 
     def forward_match(self, cell_states: torch.Tensor, cell_padding: torch.Tensor, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor, cell_rows: torch.Tensor | None = None,
-                      text_rows: torch.Tensor | None = None) -> torch.Tensor:
+                      text_rows: torch.Tensor | None = None, embedded: torch.Tensor | None = None) -> torch.Tensor:
         """Query+text path for matching: the query outputs ``(P, n_query, d)`` of P (cell, text) pairs.
         Pair ``p`` joins cell ``cell_rows[p]`` of the given states with text ``text_rows[p]`` of
-        ``input_ids`` (each defaults to ``p``).
+        ``input_ids`` (each defaults to ``p``); ``embedded`` as in :meth:`forward_text`.
 
         The result is that of :meth:`forward_match_per_pair`, BLIP-2's computation (every pair's
         queries and text through every layer), with less work. Every pair's queries enter as the same
@@ -224,12 +244,13 @@ class QFormer(nn.Module):
         layers = self.qformer_layers()
         first = layers[0]
         if first.crossattention is None or len(layers) == 1:
-            return self.forward_match_per_pair(cell_states, cell_padding, input_ids, attention_mask, cell_rows, text_rows)
+            return self.forward_match_per_pair(cell_states, cell_padding, input_ids, attention_mask, cell_rows, text_rows,
+                                               embedded)
         nq, T = self.n_query, input_ids.shape[0]
         text_mask = attention_mask.bool()
         cell_mask = ~cell_padding
         # layer 1 self-attention and text feed-forward: once per text
-        x = torch.cat([self.embed_queries(T), self.embed_text(input_ids)], dim=1)
+        x = torch.cat([self.embed_queries(T), self.embed_text(input_ids) if embedded is None else embedded], dim=1)
         x = first.attention(x, x, torch.cat([torch.ones(T, nq, dtype=torch.bool, device=x.device), text_mask], 1))
         q, t = x[:, :nq], first.ffn(x[:, nq:])
         if text_rows is not None:
@@ -253,12 +274,18 @@ class QFormer(nn.Module):
 
     def forward_match_per_pair(self, cell_states: torch.Tensor, cell_padding: torch.Tensor, input_ids: torch.Tensor,
                                attention_mask: torch.Tensor, cell_rows: torch.Tensor | None = None,
-                               text_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """BLIP-2's matching computation, the reference :meth:`forward_match` is tested against: each
-        pair's queries and text tokens go through every layer, text rows included."""
+                               text_rows: torch.Tensor | None = None, embedded: torch.Tensor | None = None
+                               ) -> torch.Tensor:
+        """BLIP-2's matching computation, the reference :meth:`forward_match` is tested against: the
+        cell states are repeated for each pair, and each pair's queries and text tokens go through every
+        layer, text rows included."""
+        if embedded is None:
+            embedded = self.embed_text(input_ids)
         if text_rows is not None:
-            input_ids, attention_mask = input_ids.index_select(0, text_rows), attention_mask.index_select(0, text_rows)
-        B = input_ids.shape[0]
-        x = torch.cat([self.embed_queries(B), self.embed_text(input_ids)], dim=1)
+            embedded, attention_mask = embedded.index_select(0, text_rows), attention_mask.index_select(0, text_rows)
+        if cell_rows is not None:
+            cell_states, cell_padding = cell_states.index_select(0, cell_rows), cell_padding.index_select(0, cell_rows)
+        B = embedded.shape[0]
+        x = torch.cat([self.embed_queries(B), embedded], dim=1)
         mask = torch.cat([torch.ones(B, self.n_query, dtype=torch.bool, device=x.device), attention_mask.bool()], 1)
-        return self._run(x, mask, self.n_query, cell_states, ~cell_padding, cell_rows)[:, : self.n_query]
+        return self._run(x, mask, self.n_query, cell_states, ~cell_padding)[:, : self.n_query]
