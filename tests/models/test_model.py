@@ -281,3 +281,28 @@ def test_token_dropout_leaves_genes_out_in_training_only(setup):
     finally:
         cfg.token_dropout = 0.0
         net.eval()
+
+
+def test_cdgen_computes_only_the_description_logits(setup, monkeypatch):
+    """CDGen asks the LM for the logits of the positions that predict description tokens alone; the
+    loss and its gradients equal those of the whole sequence's logits."""
+    import scmmgpt.models.network as network
+
+    model, batch, _ = setup
+    net = model.net
+    net.eval()
+    assert network._keeps_logits(net.lm)
+    assert net.lm.get_base_model().config._attn_implementation == "eager"      # the LM's CPU kernel
+    params = [p for p in net.lm_proj.parameters()]
+
+    def loss_and_grads():
+        loss = net.forward_cdgen(batch)
+        return loss.detach(), torch.autograd.grad(loss, params)
+
+    fast, g_fast = loss_and_grads()
+    monkeypatch.setattr(network, "_keeps_logits", lambda lm: False)
+    full, g_full = loss_and_grads()
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_fast, g_full):
+        assert float((a - b).norm() / b.norm()) < 1e-4
+    assert 0 < float(full) < 20

@@ -59,3 +59,19 @@ def test_ctm_and_cdgen_and_pcgen():
     target = torch.tensor([[1.0, 0.0, 3.0]])
     assert pcgen_loss(pred, target) == torch.tensor(4.0 / 3)
     assert pcgen_loss(pred, target, torch.tensor([True, False, True])) == 0.0
+
+
+def test_cdgen_shifted_equals_unshifted():
+    """Logits already aligned with their labels (the prefix positions never computed) give the same
+    loss as the full sequence's logits shifted by one."""
+    g = torch.Generator().manual_seed(0)
+    B, P, T, V = 3, 4, 5, 11
+    full = torch.randn(B, P + T, V, generator=g)
+    text = torch.randint(0, V, (B, T), generator=g)
+    text[1, 3:] = -100                                  # padding
+    labels = torch.cat([torch.full((B, P), -100), text], 1)
+    torch.testing.assert_close(cdgen_loss(full[:, P - 1:P + T - 1], text, shifted=True), cdgen_loss(full, labels))
+    # and it is the mean negative log-likelihood of the labelled tokens
+    logp = full[:, P - 1:P + T - 1].log_softmax(-1)
+    keep = text != -100
+    torch.testing.assert_close(cdgen_loss(full, labels), -logp[keep].gather(1, text[keep][:, None]).mean())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,12 @@ def _fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` in fp32, also under autocast."""
     with torch.autocast(x.device.type, enabled=False):
         return layer(x.float())
+
+
+def _keeps_logits(lm: nn.Module) -> bool:
+    """Whether the causal LM's forward takes ``logits_to_keep`` (most of transformers' do)."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def world_size() -> int:
@@ -307,10 +314,15 @@ class ScMMGPTNetwork(nn.Module):
         B, P = prefix.shape[:2]
         mask = torch.cat([torch.ones(B, P, dtype=batch.lm_attention_mask.dtype, device=embeds.device),
                           batch.lm_attention_mask], dim=1)
-        labels = torch.cat([torch.full((B, P), -100, device=embeds.device, dtype=torch.long),
-                            batch.lm_input_ids.masked_fill(batch.lm_attention_mask == 0, -100)], dim=1)
+        labels = batch.lm_input_ids.masked_fill(batch.lm_attention_mask == 0, -100)      # (B, T)
+        if _keeps_logits(self.lm):
+            # the vocabulary logits of the positions that predict a description token, not of the prefix
+            T = labels.shape[1]
+            keep = torch.arange(P - 1, P + T - 1, device=embeds.device)
+            logits = self.lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep).logits
+            return cdgen_loss(logits, labels, shifted=True)
         logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits
-        return cdgen_loss(logits, labels)
+        return cdgen_loss(logits, torch.cat([torch.full((B, P), -100, device=embeds.device, dtype=torch.long), labels], 1))
 
     def text_to_cell_states(self, lm_input_ids: torch.Tensor, lm_attention_mask: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -125,12 +125,15 @@ def ctm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
-def cdgen_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token loss (paper eq. 5). ``logits`` (B, T, V) predict position t+1; ``labels`` (B, T)
-    with -100 outside the description."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100)
+def cdgen_loss(logits: torch.Tensor, labels: torch.Tensor, *, shifted: bool = False) -> torch.Tensor:
+    """Next-token loss (paper eq. 5), the mean over the labelled positions. ``logits`` (B, T, V)
+    predict position t+1 of ``labels`` (B, T), with -100 outside the description; ``shifted``: they
+    are already aligned (``logits[:, t]`` predicts ``labels[:, t]``). Only the labelled rows are cast
+    to fp32 (a batch's logits over a 49k vocabulary are ~100 MB in fp32)."""
+    if not shifted:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    keep = labels != -100
+    return F.cross_entropy(logits[keep].float(), labels[keep])
 
 
 def measured_rows(masks: torch.Tensor | None, group: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:

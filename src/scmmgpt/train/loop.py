@@ -28,6 +28,7 @@ from ..data.source import measured_genes
 from ..errors import CheckpointError, ConfigError, OutputError
 from ..eval.annotation import topk_accuracy
 from ..inference import evaluation_mode, iter_batches
+from ..models.scmmgpt import set_lm_attention
 from ..models.stages import StageSpec, stage_spec
 from ..modules.losses import measured_rows
 from ..utils.io import atomic_write_text
@@ -359,6 +360,7 @@ def _setup(model, train: CellTextDataset, cfg: TrainConfig, measured, resume: bo
     precision = resolve_precision(cfg.precision, accelerator.device, quiet=True)
     scaler = torch.amp.GradScaler(accelerator.device.type) if precision.name == "fp16" else None
     net = model.net
+    set_lm_attention(net.lm, accelerator.device)      # accelerate moves the network; the LM's kernel follows it
     spec = net.set_trainable(cfg.stage)
     net.train()
     if cfg.gradient_checkpointing:
