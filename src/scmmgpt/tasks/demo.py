@@ -43,7 +43,7 @@ __all__ = ["DemoSettings", "run_demo"]
 class DemoSettings:
     """Schedule sizes. ``fast`` is the CI setting (about a minute); the default fits ~10 min on 2 cores."""
 
-    stage1_steps: int = 300
+    stage1_steps: int = 600
     """Stage-1 steps of ``cpu-small``'s 32 cells (its 50-step warm-up; benchmarks/results/recipe/)."""
     stage2_steps: int = 60
     stage2_batch: int = 8
