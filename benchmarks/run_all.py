@@ -47,11 +47,12 @@ def main(argv=None) -> None:
     lines = [f"# Performance ({rp['date'][:10]}; {m['platform']}, {m['cpu_count']} CPUs, device {rp['device']}, "
              f"torch {m['torch']}, commit {str(m.get('git_commit'))[:10]})", "",
              f"`{rp['command']}`: model `{rp['model']}`, the same weights on the same cells. naive = every cell "
-             "padded to max_genes, file order, every row's text encoded, fp32, eager attention, per-tensor AdamW, "
-             "no KV cache; ours-fp32 / ours-bf16 = the library's paths at that precision.", ""]
+             "padded to max_genes, file order, every row's text encoded, each matching pair through every Q-Former "
+             "layer (BLIP-2), fp32, eager attention, per-tensor AdamW, no KV cache; ours-fp32 / ours-bf16 = the library's paths at that precision.", ""]
     lines += perf.table_lines(rp)
     if rs is not None:
-        lines += ["", f"`{rs['command']}`: embedding from shards (tiny model), peak anonymous memory.", "",
+        lines += ["", f"`{rs['command']}` ({rs['date'][:10]}, commit {str(rs['machine'].get('git_commit'))[:10]}): "
+                  "embedding from shards (tiny model), peak anonymous memory.", "",
                   "| cells | cells/s | peak RssAnon (MiB) | counts in memory (MiB) |", "|---|---|---|---|"]
     for r in (rs or {}).get("results", []):
         lines.append(f"| {r['cells']} | {r['cells_per_s']:.0f} | {r['rss_anon_peak'] / 2**20:.0f} | "
