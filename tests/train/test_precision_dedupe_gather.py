@@ -80,7 +80,7 @@ def test_distinct_texts_encoded_once_same_losses(data, monkeypatch):
     assert len(set(batch.texts)) < 24
     seen = []
     orig = net.encode_text
-    monkeypatch.setattr(net, "encode_text", lambda ids, mask: seen.append(len(ids)) or orig(ids, mask))
+    monkeypatch.setattr(net, "encode_text", lambda ids, mask, *rest: seen.append(len(ids)) or orig(ids, mask, *rest))
     net.train()
     out = net.forward_align(batch, torch.Generator().manual_seed(0), losses=("ctc",))
     assert seen == [len(set(batch.texts))]
