@@ -284,25 +284,33 @@ def test_token_dropout_leaves_genes_out_in_training_only(setup):
 
 
 def test_cdgen_computes_only_the_description_logits(setup, monkeypatch):
-    """CDGen asks the LM for the logits of the positions that predict description tokens alone; the
-    loss and its gradients equal those of the whole sequence's logits."""
+    """CDGen applies the LM's vocabulary head to the hidden states that predict a real description
+    token alone (a Llama: logits are the head on the last hidden state); the loss and its gradients
+    equal those of ``logits_to_keep`` and of the whole sequence's logits, LoRA included."""
     import scmmgpt.models.network as network
 
     model, batch, _ = setup
     net = model.net
     net.eval()
-    assert network._keeps_logits(net.lm)
+    assert network._decoder_and_head(net.lm) is not None and network._keeps_logits(net.lm)
     assert net.lm.get_base_model().config._attn_implementation == "eager"      # the LM's CPU kernel
-    params = [p for p in net.lm_proj.parameters()]
+    mask = batch.lm_attention_mask.clone()
+    mask[0, -5:] = 0                                                  # a shorter description: padding to leave out
+    batch = dataclasses.replace(batch, lm_attention_mask=mask)
+    params = [p for p in net.lm_proj.parameters()] + net.submodule_params("lora")
+    assert len(params) > 2
 
     def loss_and_grads():
         loss = net.forward_cdgen(batch)
         return loss.detach(), torch.autograd.grad(loss, params)
 
-    fast, g_fast = loss_and_grads()
+    rows, g_rows = loss_and_grads()
+    monkeypatch.setattr(network, "_decoder_and_head", lambda lm: None)
+    kept, g_kept = loss_and_grads()
     monkeypatch.setattr(network, "_keeps_logits", lambda lm: False)
     full, g_full = loss_and_grads()
-    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g_fast, g_full):
-        assert float((a - b).norm() / b.norm()) < 1e-4
+    for loss, grads in ((rows, g_rows), (kept, g_kept)):
+        torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, g_full):
+            assert float((a - b).norm() / b.norm().clamp(min=1e-12)) < 1e-4
     assert 0 < float(full) < 20
