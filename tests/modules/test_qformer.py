@@ -86,3 +86,35 @@ def test_match_path_equals_per_pair_computation(bert, n_layers, freq):
     g_ref = torch.autograd.grad((ref * probe).sum(), wrt)
     for a, b in zip(g_fast, g_ref):      # summed in another order: compared as a whole
         assert float((a - b).norm() / b.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_folded_cross_attention_equals_projected_keys_and_values(paired):
+    """Cross-attention over cell states no wider than a head runs folded (every head on the raw
+    states, no projected keys or values): the same outputs and gradients as projecting them, in
+    float64, with padded keys and, for the matching path, queries paired with cells by index."""
+    from scmmgpt.modules.qformer import Attention
+
+    torch.manual_seed(0)
+    att = Attention(64, 4, 0.0, 1e-12, kv_dim=16).double().train()
+    kv = torch.randn(3, 11, 16, dtype=torch.double, requires_grad=True)
+    mask = torch.ones(3, 11, dtype=torch.bool)
+    mask[1, 5:] = False
+    rows = torch.tensor([2, 0, 2, 1, 2]) if paired else None
+    x = torch.randn(5 if paired else 3, 6, 64, dtype=torch.double, requires_grad=True)
+    probe = torch.randn_like(x)
+    wrt = [x, kv, att.query.weight, att.key.weight, att.key.bias, att.value.weight, att.value.bias]
+    assert att.folds(kv)
+    folded = att(x, kv, mask, rows)
+    g_folded = torch.autograd.grad((folded * probe).sum(), wrt)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Attention, "folds", lambda self, kv: False)
+        projected = att(x, kv, mask, rows)
+        g_projected = torch.autograd.grad((projected * probe).sum(), wrt)
+    torch.testing.assert_close(folded, projected, rtol=1e-10, atol=1e-10)
+    for a, b in zip(g_folded, g_projected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    # states wider than a head, or dropout on the weights in training: keys and values are projected
+    assert not Attention(64, 4, 0.0, 1e-12, kv_dim=17).folds(torch.randn(1, 2, 17))
+    assert not Attention(64, 4, 0.1, 1e-12, kv_dim=16).train().folds(kv)
+    assert Attention(64, 4, 0.1, 1e-12, kv_dim=16).eval().folds(kv)

@@ -29,15 +29,16 @@ SHORT = 8192
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-              dropout_p: float = 0.0) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(d) + mask) v`` for (B, H, L, d) tensors; the output has ``q``'s dtype
-    (or autocast's, on CUDA)."""
+              dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """``softmax(scale q k^T + mask) v`` for (B, H, L, d) tensors, ``scale`` defaulting to
+    ``1 / sqrt(d)``; the output has ``q``'s dtype (or autocast's, on CUDA)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.device.type == "cpu" and torch.is_grad_enabled() and (q.dtype in _LOW or torch.is_autocast_enabled("cpu")):
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
         with torch.autocast("cpu", enabled=False):
             if q.shape[-2] * k.shape[-2] <= SHORT:
                 q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-                scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))
+                scores = (q @ k.transpose(-1, -2)).float() * scale
                 if attn_mask is not None and attn_mask.dtype == torch.bool:
                     scores = scores.masked_fill(~attn_mask, float("-inf"))
                 elif attn_mask is not None:
@@ -45,9 +46,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
                 probs = F.dropout(scores.softmax(-1), dropout_p, training=dropout_p > 0)
                 return probs.to(dtype) @ v
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
-                                                 dropout_p=dropout_p)
+                                                 dropout_p=dropout_p, scale=scale)
         return out.to(dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 
 def masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

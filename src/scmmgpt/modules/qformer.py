@@ -15,6 +15,7 @@ All layers are this module's own; :meth:`QFormer.load_bert` copies a Hugging Fac
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 import torch
@@ -46,9 +47,9 @@ class Attention(nn.Module):
         each cell with several texts). Keys and values are then projected once per row of ``kv``, and
         never copied per row of ``x``: the rows of ``x`` that share a ``kv`` row are stacked into one
         longer query sequence against it (attention treats each query position on its own)."""
-        k, v = self.key(kv), self.value(kv)
         if kv_rows is None:
-            return self._attend(x, k, v, key_mask)
+            out = self._cross(self.query(x), kv, key_mask)
+            return self.LayerNorm(x + F.dropout(self.dense(out), self.dropout, self.training))
         P, Lq, D = x.shape
         n_kv = kv.shape[0]
         counts = torch.bincount(kv_rows, minlength=n_kv)
@@ -61,8 +62,44 @@ class Attention(nn.Module):
         flat = kv_rows * m + slot
         q = self.query(x)
         stacked = q.new_zeros(n_kv * m, Lq, D).index_copy(0, flat, q).reshape(n_kv, m * Lq, D)
-        out = self._scores(stacked, k, v, key_mask).reshape(n_kv * m, Lq, D).index_select(0, flat)
+        out = self._cross(stacked, kv, key_mask).reshape(n_kv * m, Lq, D).index_select(0, flat)
         return self.LayerNorm(x + F.dropout(self.dense(out), self.dropout, self.training))
+
+    def folds(self, kv: torch.Tensor) -> bool:
+        """Whether attention over ``kv`` runs folded (:meth:`_folded`): keys as narrow as a head or
+        narrower, and no dropout on the attention weights."""
+        return kv.shape[-1] <= self.query.out_features // self.n_heads and not (self.training and self.dropout > 0)
+
+    def _cross(self, q: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of projected queries (B, Lq, d) over the unprojected states ``kv`` -> (B, Lq, d)."""
+        if self.folds(kv):
+            return self._folded(q, kv, key_mask)
+        return self._scores(q, self.key(kv), self.value(kv), key_mask)
+
+    def _folded(self, q: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`_scores` of ``q`` over ``key(kv)`` and ``value(kv)``, computed on ``kv`` itself.
+
+        With head ``h``'s key and value maps ``W_k^h``, ``W_v^h`` (``d_h x c``) and biases, its score
+        of state ``s`` is ``q_h . (W_k^h s + b_k^h) = (W_k^h^T q_h) . s + q_h . b_k^h``; the last term
+        is the same for every state and leaves the softmax unchanged. Its output is
+        ``sum_s p_s (W_v^h s + b_v^h) = W_v^h (sum_s p_s s) + b_v^h``, since the weights sum to 1 (no
+        dropout on them). So every head attends over the same ``c``-wide states: the heads' folded
+        queries form one query sequence of one head (multi-query attention), and no ``(B, L, d)``
+        keys and values, nor their gradients, exist. It costs no more than the projected form when
+        ``c <= d_h`` (the ``tiny`` cell encoder: 32 against the Q-Former's 32 per head).
+        """
+        B, Lq, D = q.shape
+        H, c = self.n_heads, kv.shape[-1]
+        w_k = self.key.weight.reshape(H, D // H, c)
+        w_v = self.value.weight.reshape(H, D // H, c)
+        folded = torch.einsum("blhe,hec->bhlc", q.reshape(B, Lq, H, D // H), w_k).reshape(B, 1, H * Lq, c)
+        states = kv[:, None]
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        mixed = attention(folded, states, states, mask, scale=1.0 / math.sqrt(D // H)).reshape(B, H, Lq, c)
+        out = torch.einsum("bhlc,hec->blhe", mixed, w_v).reshape(B, Lq, D) + self.value.bias
+        # the key bias's gradient is exactly zero in either form; it stays in the graph with that zero,
+        # so DDP (which expects a gradient for every trainable parameter) needs no unused-parameter search
+        return out + 0.0 * self.key.bias.sum()
 
     def attend_with(self, x: torch.Tensor, ext: torch.Tensor, ext_mask: torch.Tensor,
                     ext_rows: torch.Tensor | None = None) -> torch.Tensor:
