@@ -105,17 +105,30 @@ VARIANTS = ("naive", "fp32", "bf16")
 
 
 @contextlib.contextmanager
-def _matching(net, variant: str):
+def _paths(net, variant: str):
     """naive: BLIP-2's matching computation (every pair's queries and text through every Q-Former
-    layer, :meth:`~scmmgpt.modules.qformer.QFormer.forward_match_per_pair`); ours: the library's."""
+    layer, :meth:`~scmmgpt.modules.qformer.QFormer.forward_match_per_pair`), cross-attention over
+    projected keys and values (never folded), and CDGen's vocabulary logits at every position of
+    the LM's sequence; ours: the library's."""
     if variant != "naive":
         yield
         return
+    from scmmgpt.models import network
+
+    cross = [layer.crossattention for layer in net.qformer.qformer_layers() if layer.crossattention is not None]
+    saved = network._decoder_and_head, network._keeps_logits
     net.qformer.forward_match = net.qformer.forward_match_per_pair
+    network._decoder_and_head = lambda lm: None
+    network._keeps_logits = lambda lm: False
+    for att in cross:
+        att.folds = lambda kv: False
     try:
         yield
     finally:
         del net.qformer.forward_match
+        network._decoder_and_head, network._keeps_logits = saved
+        for att in cross:
+            del att.folds
 
 
 def match_agreement(model, ds, batch_size: int) -> float:
@@ -128,7 +141,7 @@ def match_agreement(model, ds, batch_size: int) -> float:
     with evaluation_mode(net), torch.no_grad():
         out = net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
         ours = net.match_logits(out.states, out.padding, batch.text_input_ids, batch.text_attention_mask, cells, texts)
-        with _matching(net, "naive"):
+        with _paths(net, "naive"):
             ref = net.match_logits(out.states, out.padding, batch.text_input_ids, batch.text_attention_mask, cells, texts)
     return float((ours - ref).abs().max())
 
@@ -191,7 +204,7 @@ def embed(model, ds, batch_size: int, *, variant: str) -> tuple[float, np.ndarra
     t = time.perf_counter()
     if variant == "naive":
         feats = []
-        with evaluation_mode(model.net), _mode(dev, "naive"):
+        with evaluation_mode(model.net), _mode(dev, "naive"), _paths(model.net, "naive"):
             for batch in iter_batches(model, ds, batch_size):
                 batch = pad_to(batch, model.config.max_genes + 1, model.vocab.pad_id, model.config.cell.pad_value)
                 feats.append(model.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask).features.float().cpu())
@@ -234,7 +247,7 @@ def train_steps(model, ds, batch_size: int, steps: int, stage: str, *, variant: 
         if i == 1:                       # the first step warms up; time the rest
             _sync(dev)
             t = time.perf_counter()
-        with _mode(dev, variant), _matching(net, variant):
+        with _mode(dev, variant), _paths(net, variant):
             loss = net(batch, spec, measured, gen).loss
         loss.backward()
         opt.step()
@@ -249,7 +262,7 @@ def train_steps(model, ds, batch_size: int, steps: int, stage: str, *, variant: 
         counter = FlopCounterMode(display=False)
         with counter:
             for idx in batches[1:]:
-                with _mode(dev, variant), _matching(net, variant):
+                with _mode(dev, variant), _paths(net, variant):
                     loss = net(batch_of(idx), spec, measured, gen).loss
                 loss.backward()
                 opt.zero_grad(set_to_none=True)
