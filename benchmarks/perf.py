@@ -319,8 +319,16 @@ def main(argv=None) -> dict:
                    help="where --model paper writes its synthetic BERT and LM folders")
     p.add_argument("--lm-layers", type=int, default=None, help="--model paper: fewer LM layers (smoke tests)")
     p.add_argument("--bert-layers", type=int, default=None, help="--model paper: fewer BERT layers (smoke tests)")
-    p.add_argument("--no-profile", action="store_true", help="skip the op profile of a bf16 stage-1 step")
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                   help="the library's columns beside naive; a CPU without bf16 units emulates bf16 (its matmul "
+                        "runs at ~1%% of fp32's on an AVX2 CPU), so use --precisions fp32 there")
+    p.add_argument("--no-profile", action="store_true",
+                   help="skip the op profile of a stage-1 step (bf16, or fp32 without the bf16 column)")
     args = p.parse_args(argv)
+    if "fp32" not in args.precisions:
+        p.error("--precisions must include fp32: the agreement checks compare against it")
+    variants = ("naive", *(v for v in ("fp32", "bf16") if v in args.precisions))
+    ours = variants[1:]
     t0 = time.perf_counter()
     from scmmgpt.utils.precision import native_bf16
 
@@ -340,12 +348,13 @@ def main(argv=None) -> dict:
     for max_genes in args.max_genes:
         rc.model.max_genes = max_genes
         models = {}
-        for lm_dtype in ("float32", "bfloat16"):       # the same weights; bf16 holds its frozen LM in bf16
+        for lm_dtype in ("float32", "bfloat16")[:len(ours)]:   # the same weights; bf16 holds its frozen LM in bf16
             torch.manual_seed(0)
             models[lm_dtype] = ScMMGPT.build(dataclasses.replace(rc.model, lm=dataclasses.replace(
                 rc.model.lm, dtype=lm_dtype)), lab.vocab, with_lm=True).to(dev)
-        models["bfloat16"].net.load_state_dict(models["float32"].net.state_dict())
-        by_variant = {"naive": models["float32"], "fp32": models["float32"], "bf16": models["bfloat16"]}
+        if "bfloat16" in models:
+            models["bfloat16"].net.load_state_dict(models["float32"].net.state_dict())
+        by_variant = {"naive": models["float32"], "fp32": models["float32"], "bf16": models.get("bfloat16")}
         if args.model == "paper":
             m = models["float32"]
             sizes = {"cell_encoder": n_parameters(m.net.cell_encoder), "qformer": n_parameters(m.net.qformer),
@@ -359,35 +368,36 @@ def main(argv=None) -> dict:
                      "vocab_size": len(lab.vocab)}
         feats = {}
         speed = {}
-        for v in VARIANTS:
+        for v in variants:
             speed[v], feats[v] = embed(by_variant[v], part, args.batch_size * 4, variant=v)
         row["embed_max_abs_diff"] = float(np.abs(feats["naive"] - feats["fp32"]).max())
-        a, b = feats["fp32"].reshape(n, -1), feats["bf16"].reshape(n, -1)
-        row["embed_bf16_min_cosine"] = float(((a * b).sum(1) / np.linalg.norm(a, axis=1)
-                                              / np.linalg.norm(b, axis=1)).min())
+        if "bf16" in feats:
+            a, b = feats["fp32"].reshape(n, -1), feats["bf16"].reshape(n, -1)
+            row["embed_bf16_min_cosine"] = float(((a * b).sum(1) / np.linalg.norm(a, axis=1)
+                                                  / np.linalg.norm(b, axis=1)).min())
         row["embed_cells_per_s"] = _with_ratios(speed)
         row["match_max_abs_diff"] = match_agreement(models["float32"], part, args.batch_size)
         for stage in ("stage1", "stage2"):
             meas = torch.from_numpy(lab.cells.measured).to(dev) if stage == "stage2" else None
             res = {v: train_steps(by_variant[v], ds, args.batch_size, args.steps, stage, variant=v, measured=meas,
-                                  count_flops=v != "naive") for v in VARIANTS}
+                                  count_flops=v != "naive") for v in variants}
             row[f"{stage}_cells_per_s"] = _with_ratios({v: r["cells_per_s"] for v, r in res.items()})
             row[f"{stage}_tokens_per_s"] = {v: r["tokens_per_s"] for v, r in res.items()}
             row[f"{stage}_flops"] = {v: {"model_flops": res[v]["model_flops"], "flops_per_s": res[v]["flops_per_s"],
                                          "share_of_measured_peak": res[v]["flops_per_s"] / peaks[v],
-                                         "mfu": res[v].get("mfu")} for v in ("fp32", "bf16")}
+                                         "mfu": res[v].get("mfu")} for v in ours}
             row[f"{stage}_cuda_max_allocated"] = {v: r["cuda_max_allocated"] for v, r in res.items()}
         if max_genes == args.max_genes[0]:
             row["describe_tokens_per_s"] = _with_ratios({v: describe(by_variant[v], part, args.describe_cells,
                                                                      args.describe_cells, args.new_tokens, variant=v)
-                                                         for v in VARIANTS})
+                                                         for v in variants})
             import warnings
 
             from scmmgpt import tl
 
             prompts = sorted(set(part.texts))[:8]
             gen_speed = {}
-            for v in ("fp32", "bf16"):
+            for v in ours:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")       # an untrained model: throughput only
                     _sync(dev)
@@ -398,7 +408,7 @@ def main(argv=None) -> dict:
                 gen_speed[v] = gen.n_obs / (time.perf_counter() - t)
             row["generate_cells_per_s"] = gen_speed
             if not args.no_profile:
-                profile = profile_step(by_variant["bf16"], ds, args.batch_size, "stage1")
+                profile = profile_step(by_variant[ours[-1]], ds, args.batch_size, "stage1", precision=ours[-1])
         rows.append(row)
         del models, by_variant
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -408,7 +418,7 @@ def main(argv=None) -> dict:
               "data": args.data, "settings": vars(args), "model": args.model,
               "parameters": sizes or None, "peak_rss_bytes": peak,
               "cuda_max_allocated": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
-              "profile_stage1_bf16": profile, "seconds": round(time.perf_counter() - t0, 1), "results": rows}
+              "profile_stage1": profile, "seconds": round(time.perf_counter() - t0, 1), "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))
     print("\n".join(table_lines(record)))
@@ -423,7 +433,7 @@ MEASURES = ("embed_cells_per_s", "stage1_cells_per_s", "stage2_cells_per_s", "de
 def _with_ratios(speed: dict) -> dict:
     out = dict(speed)
     for v in ("fp32", "bf16"):
-        if "naive" in speed:
+        if "naive" in speed and v in speed:
             out[f"ratio_{v}"] = speed[v] / speed["naive"]
     return out
 
@@ -442,7 +452,7 @@ def table_lines(record: dict) -> list[str]:
                 lines.append(f"| {r['max_genes']} | {key} | " + " | ".join(cells + ratios) + " |")
     lines += [""] + [f"Agreement at {r['max_genes']} genes: embeddings naive vs fp32, largest difference "
                      f"{r['embed_max_abs_diff']:.1e}; bf16 vs fp32, smallest per-cell cosine "
-                     f"{r['embed_bf16_min_cosine']:.5f}; matching logits, library vs per-pair reference, largest "
+                     f"{r.get('embed_bf16_min_cosine', float('nan')):.5f}; matching logits, library vs per-pair reference, largest "
                      f"difference {r.get('match_max_abs_diff', float('nan')):.1e}." for r in record["results"]]
     lines += ["", f"Model FLOP/s of the timed training steps (`FlopCounterMode`), as a share of this machine's matmul "
               f"peak measured in the same run (fp32 {pk['fp32'] / 1e12:.3f}, bf16 {pk['bf16'] / 1e12:.3f} TFLOP/s"
@@ -456,17 +466,18 @@ def table_lines(record: dict) -> list[str]:
                 mfu = f"{100 * f['mfu']:.1f}%" if f.get("mfu") else "–"
                 lines.append(f"| {r['max_genes']} | {stage} | {v} | {f['model_flops'] / steps / 1e9:.1f} | "
                              f"{f['flops_per_s'] / 1e12:.3f} | {100 * f['share_of_measured_peak']:.0f}% | {mfu} |")
-    prof = record.get("profile_stage1_bf16")
+    prof = record.get("profile_stage1") or record.get("profile_stage1_bf16")   # the key of records before 2026-12-07
     if prof:
-        lines += ["", f"Where a bf16 stage-1 step's time goes (`torch.profiler`, self time, "
+        lines += ["", f"Where a {prof.get('precision', 'bf16')} stage-1 step's time goes (`torch.profiler`, self time, "
                   f"max_genes {record['results'][0]['max_genes']}, {prof['ms_per_step']:.0f} ms per step):", "",
                   "| op | share |", "|---|---|"]
         lines += [f"| {name} | {100 * share:.0f}% |" for name, share in prof["ops"]]
     return lines
 
 
-def profile_step(model, ds, batch_size: int, stage: str, steps: int = 3) -> dict:
-    """Self time per op (largest first) of ``steps`` bf16 training steps, under ``torch.profiler``."""
+def profile_step(model, ds, batch_size: int, stage: str, steps: int = 3, *, precision: str = "bf16") -> dict:
+    """Self time per op (largest first) of ``steps`` training steps in ``precision``, under
+    ``torch.profiler``."""
     from torch.profiler import ProfilerActivity, profile
 
     from scmmgpt.data.dataset import LengthBucketSampler
@@ -481,7 +492,7 @@ def profile_step(model, ds, batch_size: int, stage: str, steps: int = 3) -> dict
     gen = torch.Generator().manual_seed(0)
 
     def step(b):
-        with _mode(model.device, "bf16"):
+        with _mode(model.device, precision):
             loss = net(b, spec, None, gen).loss
         loss.backward()
         opt.step()
@@ -499,7 +510,7 @@ def profile_step(model, ds, batch_size: int, stage: str, steps: int = 3) -> dict
     total = sum(t for _, t in ev) or 1.0
     top = sorted(ev, key=lambda x: -x[1])[:10]
     net.eval()
-    return {"ms_per_step": ms, "ops": [(k[:60], t / total) for k, t in top]}
+    return {"precision": precision, "ms_per_step": ms, "ops": [(k[:60], t / total) for k, t in top]}
 
 
 if __name__ == "__main__":

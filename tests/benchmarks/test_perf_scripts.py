@@ -57,7 +57,7 @@ def test_naive_reference_matches_ours_and_flops_are_counted(perf, tmp_path):
                                                                        rel=0.01)
     # bf16 is measured, not assumed: a CPU without AMX/AVX512-BF16 emulates it at ~1 GFLOP/s
     assert rec["matmul_peak_flops"]["fp32"] > 1e9 and rec["matmul_peak_flops"]["bf16"] > 0
-    assert rec["profile_stage1_bf16"]["ops"] and rec["profile_stage1_bf16"]["ms_per_step"] > 0
+    assert rec["profile_stage1"]["ops"] and rec["profile_stage1"]["ms_per_step"] > 0
     lines = perf.table_lines(rec)
     assert any("ours-bf16" in line for line in lines) and any("share of measured peak" in line for line in lines)
     assert rec["machine"]["git_commit"] and rec["device"] == "cpu"
@@ -97,3 +97,10 @@ def test_cpu_attention_flops_are_counted(perf):
     with FlopCounterMode(display=False) as counter:
         F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(2, 1, 1, 128, dtype=torch.bool))
     assert counter.get_total_flops() == 2 * (2 * 2 * 4 * 128 * 128 * 32)      # QK^T and AV
+
+
+def test_precisions_must_keep_the_fp32_column(perf, tmp_path, capsys):
+    """The agreement checks compare against fp32; a run without it is refused before any work."""
+    with pytest.raises(SystemExit):
+        perf.main(_small(tmp_path, "--precisions", "bf16"))
+    assert "--precisions must include fp32" in capsys.readouterr().err
