@@ -67,10 +67,14 @@ def _fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return layer(x.float())
 
 
+def base_lm(lm: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a LoRA (peft) wrapper, or ``lm`` itself."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
 def _keeps_logits(lm: nn.Module) -> bool:
     """Whether the causal LM's forward takes ``logits_to_keep`` (most of transformers' do)."""
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return "logits_to_keep" in inspect.signature(base_lm(lm).forward).parameters
 
 
 #: Causal LMs (``config.model_type``) whose logits are exactly ``lm_head(last hidden state)``: no
@@ -81,7 +85,7 @@ _PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "
 def _decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """``(decoder, lm_head)`` of a causal LM whose logits are the head applied to the decoder's last
     hidden state (LoRA adapters stay in place: peft injects them into these modules), else ``None``."""
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    base = base_lm(lm)
     if getattr(getattr(base, "config", None), "model_type", None) not in _PLAIN_HEAD:
         return None
     decoder, head = getattr(base, "model", None), base.get_output_embeddings()
@@ -330,6 +334,7 @@ class ScMMGPTNetwork(nn.Module):
         mask = torch.cat([torch.ones(B, P, dtype=batch.lm_attention_mask.dtype, device=embeds.device),
                           batch.lm_attention_mask], dim=1)
         labels = batch.lm_input_ids.masked_fill(batch.lm_attention_mask == 0, -100)      # (B, T)
+        T = labels.shape[1]
         parts = _decoder_and_head(self.lm)
         if parts is not None:
             # the vocabulary head on the hidden states that predict a real description token alone: no
@@ -337,13 +342,9 @@ class ScMMGPTNetwork(nn.Module):
             # 49k vocabulary that was a fifth of a CPU stage-2 step)
             decoder, head = parts
             hidden = decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-            T = labels.shape[1]
-            keep = labels != -100
-            rows = hidden[:, P - 1:P + T - 1][keep]                       # (N labelled, d_lm)
-            return F.cross_entropy(head(rows).float(), labels[keep])
+            return cdgen_loss(hidden[:, P - 1:P + T - 1], labels, shifted=True, head=head)
         if _keeps_logits(self.lm):
             # the vocabulary logits of the positions that predict a description token, not of the prefix
-            T = labels.shape[1]
             keep = torch.arange(P - 1, P + T - 1, device=embeds.device)
             logits = self.lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep).logits
             return cdgen_loss(logits, labels, shifted=True)

@@ -39,7 +39,7 @@ from ..modules.qformer import QFormer
 from ..utils.distinct import distinct
 from ..utils.precision import Precision, native_bf16, resolve_precision
 from .config import RUNTIME_KEYS, ModelConfig
-from .network import AlignOutput, CellOutput, GenOutput, ScMMGPTNetwork
+from .network import AlignOutput, CellOutput, GenOutput, ScMMGPTNetwork, base_lm
 
 __all__ = ["ScMMGPT", "LabelScores", "CellOutput", "AlignOutput", "GenOutput", "load_lm"]
 
@@ -522,7 +522,7 @@ def set_lm_attention(lm: torch.nn.Module | None, device: str | torch.device) -> 
     """Switch a loaded LM (LoRA-wrapped or not) to :func:`lm_attention` of ``device``."""
     if lm is None:
         return
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    base = base_lm(lm)
     if hasattr(base, "set_attn_implementation") and base.config._attn_implementation != lm_attention(device):
         base.set_attn_implementation(lm_attention(device))
 

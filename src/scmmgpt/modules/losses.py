@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -125,15 +125,19 @@ def ctm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
-def cdgen_loss(logits: torch.Tensor, labels: torch.Tensor, *, shifted: bool = False) -> torch.Tensor:
+def cdgen_loss(logits: torch.Tensor, labels: torch.Tensor, *, shifted: bool = False,
+               head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Next-token loss (paper eq. 5), the mean over the labelled positions. ``logits`` (B, T, V)
     predict position t+1 of ``labels`` (B, T), with -100 outside the description; ``shifted``: they
     are already aligned (``logits[:, t]`` predicts ``labels[:, t]``). Only the labelled rows are cast
-    to fp32 (a batch's logits over a 49k vocabulary are ~100 MB in fp32)."""
+    to fp32 (a batch's logits over a 49k vocabulary are ~100 MB in fp32). With ``head`` (the LM's
+    vocabulary head), ``logits`` are the hidden states (B, T, d) and the head is applied to the
+    labelled rows alone."""
     if not shifted:
         logits, labels = logits[:, :-1], labels[:, 1:]
     keep = labels != -100
-    return F.cross_entropy(logits[keep].float(), labels[keep])
+    rows = logits[keep]
+    return F.cross_entropy((rows if head is None else head(rows)).float(), labels[keep])
 
 
 def measured_rows(masks: torch.Tensor | None, group: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
