@@ -47,9 +47,9 @@ class Attention(nn.Module):
         each cell with several texts). Keys and values are then projected once per row of ``kv``, and
         never copied per row of ``x``: the rows of ``x`` that share a ``kv`` row are stacked into one
         longer query sequence against it (attention treats each query position on its own)."""
+        q = self.query(x)
         if kv_rows is None:
-            out = self._cross(self.query(x), kv, key_mask)
-            return self.LayerNorm(x + F.dropout(self.dense(out), self.dropout, self.training))
+            return self._output(x, self._cross(q, kv, key_mask))
         P, Lq, D = x.shape
         n_kv = kv.shape[0]
         counts = torch.bincount(kv_rows, minlength=n_kv)
@@ -60,10 +60,9 @@ class Attention(nn.Module):
         slot = torch.empty_like(kv_rows)
         slot[order] = torch.arange(P, device=x.device) - starts[kv_rows[order]]
         flat = kv_rows * m + slot
-        q = self.query(x)
         stacked = q.new_zeros(n_kv * m, Lq, D).index_copy(0, flat, q).reshape(n_kv, m * Lq, D)
         out = self._cross(stacked, kv, key_mask).reshape(n_kv * m, Lq, D).index_select(0, flat)
-        return self.LayerNorm(x + F.dropout(self.dense(out), self.dropout, self.training))
+        return self._output(x, out)
 
     def folds(self, kv: torch.Tensor) -> bool:
         """Whether attention over ``kv`` runs folded (:meth:`_folded`): keys as narrow as a head or
@@ -114,8 +113,11 @@ class Attention(nn.Module):
                             torch.cat([own, ext_mask.bool()], 1))
 
     def _attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        out = self._scores(self.query(x), k, v, key_mask)
-        return self.LayerNorm(x + F.dropout(self.dense(out), self.dropout, self.training))
+        return self._output(x, self._scores(self.query(x), k, v, key_mask))
+
+    def _output(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """BERT's attention output: ``LN(x + dropout(dense(attended)))``."""
+        return self.LayerNorm(x + F.dropout(self.dense(attended), self.dropout, self.training))
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """Multi-head attention of projected queries (B, Lq, d) over projected keys/values -> (B, Lq, d)."""
