@@ -348,15 +348,15 @@ def main(argv=None) -> dict:
     for max_genes in args.max_genes:
         rc.model.max_genes = max_genes
         models = {}
-        for lm_dtype in ("float32", "bfloat16")[:len(ours)]:   # the same weights; bf16 holds its frozen LM in bf16
+        for v in ours:                   # the same weights; bf16 holds its frozen LM in bf16
             torch.manual_seed(0)
-            models[lm_dtype] = ScMMGPT.build(dataclasses.replace(rc.model, lm=dataclasses.replace(
-                rc.model.lm, dtype=lm_dtype)), lab.vocab, with_lm=True).to(dev)
-        if "bfloat16" in models:
-            models["bfloat16"].net.load_state_dict(models["float32"].net.state_dict())
-        by_variant = {"naive": models["float32"], "fp32": models["float32"], "bf16": models.get("bfloat16")}
+            models[v] = ScMMGPT.build(dataclasses.replace(rc.model, lm=dataclasses.replace(
+                rc.model.lm, dtype={"fp32": "float32", "bf16": "bfloat16"}[v])), lab.vocab, with_lm=True).to(dev)
+        if "bf16" in models:
+            models["bf16"].net.load_state_dict(models["fp32"].net.state_dict())
+        by_variant = {"naive": models["fp32"], **models}
         if args.model == "paper":
-            m = models["float32"]
+            m = models["fp32"]
             sizes = {"cell_encoder": n_parameters(m.net.cell_encoder), "qformer": n_parameters(m.net.qformer),
                      "lm": n_parameters(m.lm)}
         ds = lab.dataset("train", max_genes=max_genes, with_targets=True)
@@ -376,7 +376,7 @@ def main(argv=None) -> dict:
             row["embed_bf16_min_cosine"] = float(((a * b).sum(1) / np.linalg.norm(a, axis=1)
                                                   / np.linalg.norm(b, axis=1)).min())
         row["embed_cells_per_s"] = _with_ratios(speed)
-        row["match_max_abs_diff"] = match_agreement(models["float32"], part, args.batch_size)
+        row["match_max_abs_diff"] = match_agreement(models["fp32"], part, args.batch_size)
         for stage in ("stage1", "stage2"):
             meas = torch.from_numpy(lab.cells.measured).to(dev) if stage == "stage2" else None
             res = {v: train_steps(by_variant[v], ds, args.batch_size, args.steps, stage, variant=v, measured=meas,
