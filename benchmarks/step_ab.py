@@ -7,7 +7,10 @@ machine's drift falls on both arms. The switches:
 
 * ``fold``: the Q-Former's folded cross-attention (:meth:`~scmmgpt.modules.qformer.Attention.folds`);
   off, keys and values are projected;
-* ``cdgen_rows``: CDGen's vocabulary head on the labelled rows alone; off, ``logits_to_keep``.
+* ``cdgen_rows``: CDGen's vocabulary head on the labelled rows alone; off, ``logits_to_keep``;
+* ``malloc``: on, glibc's allocator keeps large blocks (``MALLOC_MMAP_THRESHOLD_`` and
+  ``MALLOC_TRIM_THRESHOLD_`` of 10^9 in the worker's environment, read before Python starts); off,
+  its defaults, which hand every block above 32 MB back to the kernel when freed.
 
 A step's time is a figure of this machine only; compare the arms of one run.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,7 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SWITCHES = ("fold", "cdgen_rows")
+SWITCHES = ("fold", "cdgen_rows", "malloc")
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
 
 
 def _switch_off(name: str) -> None:
@@ -94,7 +99,8 @@ def main(argv=None) -> dict:
     p.add_argument("--worker", choices=["off", "on"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.stage, args.switch, args.worker == "off", args.steps, args.reps)))
+        off = args.worker == "off" and args.switch != "malloc"        # malloc: set in the environment, below
+        print(json.dumps(worker(args.stage, args.switch, off, args.steps, args.reps)))
         return {}
     t0 = time.perf_counter()
     arms: dict[str, list[list[float]]] = {"off": [], "on": []}
@@ -102,7 +108,10 @@ def main(argv=None) -> dict:
         for arm in ("off", "on"):
             cmd = [sys.executable, __file__, "--stage", args.stage, "--switch", args.switch, "--steps", str(args.steps),
                    "--reps", str(args.reps), "--worker", arm]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+            env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+            if args.switch == "malloc" and arm == "on":
+                env.update(MALLOC_ENV)
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
             arms[arm].append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1} {args.switch} {arm}: " + " ".join(f"{s:.3f}" for s in arms[arm][-1]) + " s/step",
                   flush=True)
