@@ -358,7 +358,8 @@ def _benchmark():
                        help="mapping / ood: a source -> target shift (files relative to --data-dir if given); "
                             "repeat for several; default: the suite's shifts of --data-dir")
         p.add_argument("--pretrain-steps", type=int, default=None,
-                       help="annotation / batch / clustering / mapping / ood: stage-1 steps")
+                       help="annotation / description / generation / batch / clustering / mapping / ood: stage-1 "
+                            "steps (description / generation: default the config's train.max_steps)")
         p.add_argument("--finetune-steps", type=int, default=None, help="annotation: fine-tuning steps")
         p.add_argument("--fractions", type=float, nargs="+", default=None, help="type fractions fine-tuned on")
         p.add_argument("--seed", type=int, default=0)
@@ -399,8 +400,9 @@ def _benchmark():
             from ..tasks.generative import GenerativeBenchmark, run_generative_benchmark
 
             parts = ("description", "gene_sweep") if args.protocol == "description" else ("generation",)
+            kw = {"stage1_steps": args.pretrain_steps} if args.pretrain_steps else {}
             g = (GenerativeBenchmark.fast if args.fast else GenerativeBenchmark)(
-                args.data[0], parts=parts, config=args.config, overrides=list(args.overrides), **common)
+                args.data[0], parts=parts, config=args.config, overrides=list(args.overrides), **common, **kw)
             rec = run_generative_benchmark(g, args.out, progress=True, command=command)
         elif args.protocol == "representation":
             from ..tasks.ablations import RepresentationAblation, run_representation_ablation

@@ -61,7 +61,9 @@ class GenerativeBenchmark:
     seed: int = 0
     config: str = "cpu-small"
     overrides: list[str] = field(default_factory=list)
-    stage1_steps: int = 150
+    stage1_steps: int | None = None
+    """Stage-1 steps; ``None``: the run config's ``train.max_steps`` (600 in ``cpu-small``, the demo's
+    schedule), so the protocol trains what users train."""
     stage2_steps: int = 60
     stage2_batch: int = 8
     t2c_warmup_steps: int = 300
@@ -276,7 +278,8 @@ def _train(b: GenerativeBenchmark, out: Path, progress: bool):
     with seeded(b.seed):
         model = ScMMGPT.build(rc.model, lab.vocab, with_lm=True)
     mc = model.config
-    r1, r2 = train_two_stages(model, lab, rc, stage1_steps=b.stage1_steps, stage2_steps=b.stage2_steps,
+    r1, r2 = train_two_stages(model, lab, rc, stage1_steps=b.stage1_steps or rc.train.max_steps,
+                              stage2_steps=b.stage2_steps,
                               stage2_batch=b.stage2_batch, t2c_warmup_steps=b.t2c_warmup_steps, progress=progress,
                               validate=False)
     model.save_pretrained(out / "model")
