@@ -123,5 +123,18 @@ def test_annotation_benchmark_smoke(tmp_path, capsys):
     # the cross-dataset reference, trained on pbmc68k's cells only, still beats chance by far
     assert zs["logreg_corpus"]["all"]["acc@1"] > zs["random"]["all"]["acc@1"] + 0.2
     assert 0 <= zs["scmmgpt"]["all"]["acc@1"] <= zs["scmmgpt"]["all"]["acc@5"] <= 1
-    assert "| scmmgpt |" in (out / "results.md").read_text()
+    # beside the fine-tuned model, on the same seen / unseen cells: its WiSE-FT interpolation with the
+    # pre-trained weights, and the pre-trained (zero-shot) model itself
+    ft = rec["results"]["fine_tuned"]["0.3"]
+    assert rec["settings"]["wise_alpha"] == 0.5
+    for part in ("seen", "unseen"):
+        assert ft["scmmgpt_wise"][part]["n_cells"] == ft["scmmgpt_zero_shot"][part]["n_cells"] == \
+            ft["scmmgpt"][part]["n_cells"] > 0
+    # the zero-shot row of the fine-tuned columns is the zero-shot scores, split by this fraction's types
+    zs_cells = ft["scmmgpt_zero_shot"]["seen"]["n_cells"] + ft["scmmgpt_zero_shot"]["unseen"]["n_cells"]
+    zs_right = sum(ft["scmmgpt_zero_shot"][part]["acc@1"] * ft["scmmgpt_zero_shot"][part]["n_cells"]
+                   for part in ("seen", "unseen"))
+    assert zs_right / zs_cells == pytest.approx(zs["scmmgpt"]["all"]["acc@1"])
+    md = (out / "results.md").read_text()
+    assert "| scmmgpt |" in md and "| scmmgpt_wise | – |" in md and "WiSE-FT, alpha 0.5" in md
     capsys.readouterr()

@@ -85,6 +85,12 @@ class TrainConfig:
     """Recompute the cell encoder's (and the LM's) layer activations in the backward pass instead of
     storing them: much less activation memory for long cells (2048 genes), about a third more
     compute."""
+    wise_alpha: float = 1.0
+    """Task fine-tuning (annotate / describe / generate) only: the weights a run ends with are
+    ``(1 - wise_alpha) * start + wise_alpha * trained`` for every parameter the task trains, where
+    ``start`` is the model the run started from (WiSE-FT: Wortsman et al., "Robust fine-tuning of
+    zero-shot models", CVPR 2022). 1 keeps the fine-tuned weights; below 1 keeps more of what the
+    pre-trained model knew of types the fine-tuning data lacks."""
     compile: bool = False
     """``torch.compile`` the cell encoder and the Q-Former (dynamic shapes; in place, so weights and
     checkpoints keep their names). Pays off on long GPU runs; the first steps compile."""
@@ -106,6 +112,13 @@ class TrainConfig:
         stages = ("stage1", "stage2", "annotate", "describe", "generate")
         if self.stage not in stages:
             raise ConfigError(f"Unknown stage {self.stage!r}; choose from {stages}.")
+        if not 0.0 < self.wise_alpha <= 1.0:
+            raise ConfigError(f"train.wise_alpha must be in (0, 1], got {self.wise_alpha}.")
+        if self.wise_alpha < 1.0 and self.stage in ("stage1", "stage2"):
+            raise ConfigError(f"train.wise_alpha={self.wise_alpha} interpolates a fine-tuned model with the one it "
+                              f"started from; {self.stage} trains new weights from initialisation, so there is "
+                              "nothing to interpolate with. Use it with stage annotate, describe or generate "
+                              "(scmmgpt finetune), or leave it at 1.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -37,6 +37,7 @@ from ..utils.precision import Precision, resolve_precision
 from .config import TrainConfig
 from .schedule import linear_schedule
 from .warmup import warm_up_text_to_cell
+from .wise import interpolate, trained_snapshot
 
 __all__ = ["fit", "linear_schedule", "latest_checkpoint", "validate", "resolve_train_precision"]
 
@@ -278,7 +279,10 @@ def fit(model, train: CellTextDataset, cfg: TrainConfig, *, val: CellTextDataset
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         try:
+            # WiSE-FT's start: the weights the task will train, before any step (or a resumed checkpoint)
+            start = trained_snapshot(model.net, cfg.stage) if cfg.wise_alpha < 1 else None
             run = _setup(model, train, cfg, measured, resume, train_types)
+            run.wise_start = start
             return _train(run, model, cfg, val, val_labels, label_terms, stop_after)
         finally:
             torch.use_deterministic_algorithms(previous)
@@ -315,6 +319,8 @@ class _Run:
     step: int = 0
     epoch: int = 0
     skip: int = 0
+    wise_start: dict | None = None
+    """``cfg.wise_alpha < 1``: the trained parameters as the run started (:mod:`scmmgpt.train.wise`)."""
 
 
 def resolve_train_precision(cfg: TrainConfig, *, quiet: bool = False) -> TrainConfig:
@@ -476,8 +482,19 @@ def _train(run: _Run, model, cfg: TrainConfig, val, val_labels, label_terms, sto
             run.epoch += 1
             run.skip = 0
     bar.close()
-    log.close()
     acc.wait_for_everyone()
+    if run.wise_start is not None and run.step >= cfg.max_steps:
+        interpolate(run.core, run.wise_start, cfg.wise_alpha)
+        rec = {"step": run.step, "wise_alpha": cfg.wise_alpha}
+        if val is not None:
+            last_val = validate(model, val, run.spec, batch_size=cfg.batch_size,
+                                measured="by_source" if run.measured_group is not None else run.measured,
+                                max_cells=cfg.val_max_cells, seed=cfg.seed, labels=val_labels,
+                                label_terms=label_terms, precision=cfg.precision)
+            rec.update(last_val)
+        history.append(rec)
+        log.write(rec)
+    log.close()
     run.core.eval()
     # what was trained here is no longer at initialisation (as after save + reload)
     model.fresh_parameters -= {n for n, p in run.core.named_parameters() if p.requires_grad}
