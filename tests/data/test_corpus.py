@@ -184,3 +184,14 @@ def test_corpus_input_panel_keeps_the_genes_most_cells_show(corpus):
     marked = [set(variable_genes(lab.cells.subset(np.flatnonzero(mg.group == g)), 500).tolist()) for g in range(2)]
     shared = marked[0] & marked[1]
     assert 50 < len(shared) < 500 and set(every[:len(shared)].tolist()) == shared
+
+
+def test_type_counts_order_is_fixed():
+    """corpus.json lists types most first, ties by name, whatever order the cells come in."""
+    import pandas as pd
+
+    from scmmgpt.data.corpus import _type_counts
+
+    cells = ["beta", "alpha", "delta", "beta", "alpha", "gamma", "delta", "beta"]
+    for order in (cells, cells[::-1]):
+        assert list(_type_counts(pd.Series(order)).items()) == [("beta", 3), ("alpha", 2), ("delta", 2), ("gamma", 1)]

@@ -148,6 +148,13 @@ def _write_kept(adata: Any, entry: CorpusEntry, keep: np.ndarray, obs: pd.DataFr
         tmp.unlink(missing_ok=True)
 
 
+
+def _type_counts(types) -> dict[str, int]:
+    """Cells per type, most first; ties by name (``value_counts`` leaves their order to chance, and
+    ``corpus.json`` should not change between two builds of the same corpus)."""
+    counts = types.astype(str).value_counts()
+    return {name: int(n) for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))}
+
 def build_corpus(entries: Sequence[CorpusEntry | str | os.PathLike[str]], out: str | os.PathLike[str], *,
                  organism: str = "homo_sapiens", target_sum: float = 1e4, cells_per_shard: int = 50_000,
                  workers: int = 1, progress: bool = False, block_cells: int = 50_000) -> dict[str, Any]:
@@ -216,7 +223,7 @@ def build_corpus(entries: Sequence[CorpusEntry | str | os.PathLike[str]], out: s
         if getattr(adata, "isbacked", False):
             adata.file.close()
         written.append(path)
-        rec.update({"n_kept": int(keep.sum()), "types": kept["cell_type"][keep].value_counts().to_dict(),
+        rec.update({"n_kept": int(keep.sum()), "types": _type_counts(kept["cell_type"][keep]),
                     "input": str(path.relative_to(out))})
         records.append(rec)
     if not written:
