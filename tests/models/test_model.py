@@ -147,6 +147,16 @@ def test_save_load_roundtrip_and_tamper(setup, tmp_path):
     assert any(k.startswith("lm.") and "lora_" not in k for k in full)  # the option that stores everything
     loaded = ScMMGPT.from_pretrained(tmp_path / "m")
     assert loaded.net.cell_encoder.expression is not None
+    # trained and reloaded, nothing is at initialisation any more, but each weight keeps the learning
+    # rate group of its origin: the new cell encoder and cross-attention lr_new, BERT's layers lr
+    assert not loaded.fresh_parameters and loaded.scratch_parameters == model.scratch_parameters
+    loaded.net.set_trainable("annotate")
+    old, new = loaded.param_groups(1e-4, 3e-3)
+    assert (old["lr"], new["lr"]) == (1e-4, 3e-3)
+    new_ids = {id(p) for p in new["params"]}
+    names = {n for n, p in loaded.net.named_parameters() if id(p) in new_ids}
+    assert any(n.startswith("cell_encoder.") for n in names) and any("crossattention" in n for n in names)
+    assert not any(n.startswith("qformer.") and "crossattention" not in n and "query_tokens" not in n for n in names)
     torch.testing.assert_close(loaded.net.cell_encoder.expression.embedding.weight,
                                model.net.cell_encoder.expression.embedding.weight)
     with torch.no_grad():
@@ -214,6 +224,10 @@ def test_scgpt_checkpoint_start_round_trips(lab, tmp_path, emb_style):
     loaded = ScMMGPT.from_pretrained(tmp_path / "saved")
     np.testing.assert_array_equal(model.encode(ds).features.numpy(), loaded.encode(ds).features.numpy())
     assert loaded.config.cell == model.config.cell
+    # reloaded, the scGPT encoder still learns at lr, the Q-Former's new cross-attention at lr_new
+    assert loaded.scratch_parameters == model.scratch_parameters and not loaded.fresh_parameters
+    assert not any(n.startswith("cell_encoder.") for n in loaded.scratch_parameters)
+    assert any("crossattention" in n for n in loaded.scratch_parameters)
 
 
 def test_scgpt_checkpoint_refuses_another_vocabulary(lab, tmp_path):

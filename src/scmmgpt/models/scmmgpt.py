@@ -76,11 +76,14 @@ class ScMMGPT:
     lm_tokenizer
         Tokenizer of the LM (``None`` when the network has no LM).
     fresh_parameters
-        Names of network parameters still at random initialisation (see :meth:`param_groups`).
+        Names of network parameters still at random initialisation.
+    scratch_parameters
+        Names of network parameters whose weights started from random initialisation, trained since
+        or not (default: ``fresh_parameters``); see :meth:`param_groups`.
     """
 
     def __init__(self, net: ScMMGPTNetwork, vocab: GeneVocab, bert_tokenizer, lm_tokenizer=None,
-                 fresh_parameters: set[str] | None = None) -> None:
+                 fresh_parameters: set[str] | None = None, scratch_parameters: set[str] | None = None) -> None:
         if net.config.cell.vocab_size != len(vocab):
             raise ConfigError(f"The cell encoder has {net.config.cell.vocab_size} gene tokens but the vocabulary "
                               f"{len(vocab)}.")
@@ -91,8 +94,12 @@ class ScMMGPT:
         self.bert_tokenizer = bert_tokenizer
         self.lm_tokenizer = lm_tokenizer
         self.fresh_parameters: set[str] = set(fresh_parameters or ())
-        """Names of randomly initialised parameters (empty once trained and reloaded);
-        :meth:`param_groups` can give them a larger learning rate."""
+        """Names of parameters still at random initialisation (empty once trained and reloaded)."""
+        self.scratch_parameters: set[str] = set(self.fresh_parameters if scratch_parameters is None
+                                                else scratch_parameters)
+        """Names of parameters that were not copied from a pretrained checkpoint (BERT, a scGPT
+        encoder, the LM) when this model's lineage began, trained since or not: :meth:`param_groups`
+        gives them ``lr_new``, in fine-tuning as in pre-training."""
 
     # ------------------------------------------------------------------------------- basics
     @property
@@ -262,15 +269,22 @@ class ScMMGPT:
 
     # ------------------------------------------------------------------------------- training policy
     def param_groups(self, lr: float, lr_new: float | None = None) -> list[dict]:
-        """Optimiser groups of the trainable parameters: pretrained ones (BERT layers, a loaded scGPT
-        encoder, the LM) at ``lr``; randomly initialised ones (:attr:`fresh_parameters`) at
-        ``lr_new`` (default ``lr``). A fresh cell encoder and the new cross-attention layers learn
-        orders of magnitude too slowly at the paper's 1e-5, which assumes a pretrained scGPT."""
+        """Optimiser groups of the trainable parameters: those copied from pretrained checkpoints
+        (BERT layers, a loaded scGPT encoder, the LM) at ``lr``; those this model's lineage started
+        from random initialisation (:attr:`scratch_parameters`: a new cell encoder, the
+        cross-attention layers and queries, the heads, projections, LoRA) at ``lr_new`` (default
+        ``lr``). A fresh cell encoder and the new cross-attention layers learn orders of magnitude too
+        slowly at the paper's 1e-5, which assumes a pretrained scGPT.
+
+        The split holds after training too: fine-tuning a pre-trained model keeps each weight at the
+        rate its group pre-trained at. Giving every weight ``lr`` once trained (as before) left a
+        40-step annotate fine-tuning of a ``cpu-small`` model on all of pbmc3k's types below the
+        model's own zero-shot accuracy (benchmarks/results/recipe/README.md, "Fine-tuning rates")."""
         lr_new = lr if lr_new is None else lr_new
         old, new = [], []
         for n, p in self.net.named_parameters():
             if p.requires_grad:
-                (new if n in self.fresh_parameters else old).append(p)
+                (new if n in self.scratch_parameters else old).append(p)
         return [g for g in ({"params": old, "lr": lr}, {"params": new, "lr": lr_new}) if g["params"]]
 
     # ------------------------------------------------------------------------------- verbs
@@ -485,7 +499,8 @@ class ScMMGPT:
         with_lm = has_lm if with_lm is None else with_lm
         # a new encoder of the stored shape takes the stored weights: a scGPT checkpoint the model
         # started from (config.cell_checkpoint, kept as a record) is never read again
-        model = cls._assemble(config, vocab, CellEncoder(config.cell), pretrained_encoder=False, with_lm=with_lm)
+        model = cls._assemble(config, vocab, CellEncoder(config.cell), with_lm=with_lm,
+                              pretrained_encoder=config.cell_checkpoint is not None)
         if not with_lm:
             state = {k: v for k, v in state.items() if not k.startswith(LM_SIDE)}
         expected = model.net.trained_state_dict(full=info.get("full", False))
