@@ -149,7 +149,7 @@ def _write_kept(adata: Any, entry: CorpusEntry, keep: np.ndarray, obs: pd.DataFr
 
 
 
-def _type_counts(types) -> dict[str, int]:
+def _type_counts(types: pd.Series) -> dict[str, int]:
     """Cells per type, most first; ties by name (``value_counts`` leaves their order to chance, and
     ``corpus.json`` should not change between two builds of the same corpus)."""
     counts = types.astype(str).value_counts()
