@@ -291,7 +291,14 @@ class ScMMGPTNetwork(nn.Module):
                 l_ctc = ctc_loss(similarity(cell.features, all_text), self.temperature, same_all,
                                  sim_t2c=similarity(all_cells, text).t(), same_t2c=same_all)
             else:
+                all_codes = codes
                 l_ctc = ctc_loss(sim, self.temperature, same)
+            if bool((all_codes == all_codes[0]).all()):
+                # one description for every cell: every text is every cell's positive, so CTC's exact
+                # gradient is 0, but its rounding noise is not, and Adam scales noise up to full-size
+                # steps (a fine-tuning on one cell type walked the weights away so at cpu-small's
+                # rates). Exactly 0 instead, kept in the graph for every process's parameters.
+                l_ctc = l_ctc * 0.0
         l_ctm = zero
         if "ctm" in losses:
             # step 5: hard negatives; positives + cell->neg text + text->neg cell through the matching path
@@ -310,9 +317,8 @@ class ScMMGPTNetwork(nn.Module):
             if not (ok_t.any() or ok_c.any()):
                 # every cell shares one description: no pair to tell apart, and positives alone would
                 # teach the matching head (and, through it, the cells' states) to call everything a
-                # match. A fine-tuning on one cell type collapsed so (seen and unseen Acc@1 near 0 at
-                # cpu-small's rates; benchmarks/results/recipe/README.md, "Fine-tuning rates"). The
-                # term stays in the graph, at zero, so every process's parameters get a gradient.
+                # match (benchmarks/results/recipe/README.md, "Fine-tuning rates"). The term stays in
+                # the graph, at zero, so every process's parameters get a gradient.
                 l_ctm = l_ctm * 0.0
         return AlignOutput(loss=l_ctc + l_ctm, loss_ctc=l_ctc, loss_ctm=l_ctm, sim=sim.detach())
 
