@@ -428,6 +428,13 @@ def _train(run: _Run, model, cfg: TrainConfig, val, val_labels, label_terms, sto
     if run.warmup is not None:
         log.write({"step": 0, "t2c_warmup": run.warmup})
     history, last_val, n_cells, t0 = [], {}, 0, time.perf_counter()
+
+    def validate_now() -> dict:
+        return validate(model, val, run.spec, batch_size=cfg.batch_size,
+                        measured="by_source" if run.measured_group is not None else run.measured,
+                        max_cells=cfg.val_max_cells, seed=cfg.seed, labels=val_labels,
+                        label_terms=label_terms, precision=cfg.precision)
+
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc=cfg.stage, dynamic_ncols=True,
                disable=not (cfg.progress and acc.is_main_process))
     done = run.step >= cfg.max_steps
@@ -466,10 +473,7 @@ def _train(run: _Run, model, cfg: TrainConfig, val, val_labels, label_terms, sto
                        "lr": run.scheduler.get_last_lr()[-1], "cells_per_s": n_cells / (time.perf_counter() - t0)}
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", cells_s=f"{rec['cells_per_s']:.1f}")
                 if want_val:
-                    last_val = validate(model, val, run.spec, batch_size=cfg.batch_size,
-                                        measured="by_source" if run.measured_group is not None else run.measured,
-                                        max_cells=cfg.val_max_cells, seed=cfg.seed, labels=val_labels,
-                                        label_terms=label_terms, precision=cfg.precision)
+                    last_val = validate_now()
                     rec.update(last_val)
                 history.append(rec)
                 log.write(rec)
@@ -487,10 +491,7 @@ def _train(run: _Run, model, cfg: TrainConfig, val, val_labels, label_terms, sto
         interpolate(run.core, run.wise_start, cfg.wise_alpha)
         rec = {"step": run.step, "wise_alpha": cfg.wise_alpha}
         if val is not None:
-            last_val = validate(model, val, run.spec, batch_size=cfg.batch_size,
-                                measured="by_source" if run.measured_group is not None else run.measured,
-                                max_cells=cfg.val_max_cells, seed=cfg.seed, labels=val_labels,
-                                label_terms=label_terms, precision=cfg.precision)
+            last_val = validate_now()
             rec.update(last_val)
         history.append(rec)
         log.write(rec)
