@@ -293,12 +293,12 @@ class ScMMGPTNetwork(nn.Module):
             else:
                 all_codes = codes
                 l_ctc = ctc_loss(sim, self.temperature, same)
-            if bool((all_codes == all_codes[0]).all()):
-                # one description for every cell: every text is every cell's positive, so CTC's exact
-                # gradient is 0, but its rounding noise is not, and Adam scales noise up to full-size
-                # steps (a fine-tuning on one cell type walked the weights away so at cpu-small's
-                # rates). Exactly 0 instead, kept in the graph for every process's parameters.
-                l_ctc = l_ctc * 0.0
+            # one description for every cell: every text is every cell's positive, so CTC's exact
+            # gradient is 0, but its rounding noise is not, and Adam scales noise up to full-size steps
+            # (a fine-tuning on one cell type walked the weights away so at cpu-small's rates). Exactly
+            # 0 instead, kept in the graph for every process's parameters; a tensor factor, so the
+            # step does not wait for the device to answer a Python branch.
+            l_ctc = l_ctc * (all_codes != all_codes[0]).any()
         l_ctm = zero
         if "ctm" in losses:
             # step 5: hard negatives; positives + cell->neg text + text->neg cell through the matching path
@@ -313,13 +313,10 @@ class ScMMGPTNetwork(nn.Module):
             # layer once for all of its pairs
             logits = self.match_logits(cell.states, cell.padding, text_ids, text_mask, cell_rows,
                                        inverse.index_select(0, text_rows), embedded)
-            l_ctm = ctm_loss(logits, labels)
-            if not (ok_t.any() or ok_c.any()):
-                # every cell shares one description: no pair to tell apart, and positives alone would
-                # teach the matching head (and, through it, the cells' states) to call everything a
-                # match (benchmarks/results/recipe/README.md, "Fine-tuning rates"). The term stays in
-                # the graph, at zero, so every process's parameters get a gradient.
-                l_ctm = l_ctm * 0.0
+            # every cell sharing one description leaves no pair to tell apart, and positives alone would
+            # teach the matching head (and, through it, the cells' states) to call everything a match
+            # (benchmarks/results/recipe/README.md, "Fine-tuning rates"): then 0, kept in the graph
+            l_ctm = ctm_loss(logits, labels) * (ok_t.any() | ok_c.any())
         return AlignOutput(loss=l_ctc + l_ctm, loss_ctc=l_ctc, loss_ctm=l_ctm, sim=sim.detach())
 
     # ------------------------------------------------------------------------------- LM side
