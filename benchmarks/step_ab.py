@@ -8,6 +8,7 @@ machine's drift falls on both arms. The switches:
 * ``fold``: the Q-Former's folded cross-attention (:meth:`~scmmgpt.modules.qformer.Attention.folds`);
   off, keys and values are projected;
 * ``cdgen_rows``: CDGen's vocabulary head on the labelled rows alone; off, ``logits_to_keep``;
+* ``ctm``: stage 1 with its matching loss (CTM, paper eq. 3); off, CTC alone (``train.losses=[ctc]``);
 * ``malloc``: on, glibc's allocator keeps large blocks (``MALLOC_MMAP_THRESHOLD_`` and
   ``MALLOC_TRIM_THRESHOLD_`` of 10^9 in the worker's environment, read before Python starts); off,
   its defaults, which hand every block above 32 MB back to the kernel when freed.
@@ -16,6 +17,7 @@ A step's time is a figure of this machine only; compare the arms of one run.
 
     python benchmarks/step_ab.py --stage stage1 --switch fold
     python benchmarks/step_ab.py --stage stage2 --switch cdgen_rows
+    python benchmarks/step_ab.py --stage stage1 --switch ctm
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SWITCHES = ("fold", "cdgen_rows", "malloc")
+SWITCHES = ("fold", "cdgen_rows", "ctm", "malloc")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
 
 
@@ -52,6 +54,7 @@ def worker(stage: str, switch: str, off: bool, steps: int, reps: int) -> list[fl
 
     from scmmgpt.data.labelled import DataConfig, load_labelled
     from scmmgpt.models.scmmgpt import ScMMGPT
+    from scmmgpt.models.stages import stage_spec
     from scmmgpt.train.run import load_run_config
 
     if off:
@@ -62,7 +65,7 @@ def worker(stage: str, switch: str, off: bool, steps: int, reps: int) -> list[fl
     torch.manual_seed(0)
     model = ScMMGPT.build(rc.model, lab.vocab, with_lm=stage == "stage2")
     net = model.net
-    spec = net.set_trainable(stage)
+    spec = net.set_trainable(stage_spec(stage, ["ctc"] if off and switch == "ctm" else None))
     net.train()
     ds = lab.dataset("train", with_targets=stage == "stage2", **model.reading)
     batch_size = 32 if stage == "stage1" else 8
@@ -98,6 +101,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/step_ab/STAGE_SWITCH.json)")
     p.add_argument("--worker", choices=["off", "on"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.switch == "ctm" and args.stage != "stage1":
+        p.error("--switch ctm times the alignment stage: use --stage stage1")
     if args.worker:
         off = args.worker == "off" and args.switch != "malloc"        # malloc: set in the environment, below
         print(json.dumps(worker(args.stage, args.switch, off, args.steps, args.reps)))

@@ -154,6 +154,10 @@ class ModelConfig:
     """CL ids of the cell types whose descriptions the model was trained on, recorded by training
     (``fit(train_types=...)``). Zero-shot scores back off to them
     (:func:`~scmmgpt.data.label_texts.backoff_labels`)."""
+    trained_losses: list[str] | None = None
+    """The losses the model has been trained with, over all of its training runs (recorded by
+    ``fit``; ``train.losses`` may leave some out). CTM re-ranking (``alpha > 0``) needs ``ctm``
+    among them. ``None``: not recorded (a model saved before 2026-12-07; those all trained CTM)."""
     vocab: str | None = None
     """Gene vocabulary of a new model: ``None``, the training data's own genes; ``"census"``, the
     CELLxGENE census vocabulary of scGPT's whole-human model (60,697 tokens at its indices, for a

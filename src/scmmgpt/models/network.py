@@ -36,7 +36,7 @@ from ..modules.qformer import QFormer
 from ..modules.text_to_cell import CellDecoder, TextToCellProjector
 from ..utils.distinct import distinct
 from .config import ModelConfig
-from .stages import StageSpec, stage_spec
+from .stages import ONLY_FOR, StageSpec, stage_spec
 
 __all__ = ["ScMMGPTNetwork", "CellOutput", "AlignOutput", "GenOutput", "text_codes"]
 
@@ -220,6 +220,11 @@ class ScMMGPTNetwork(nn.Module):
         for group in spec.trains:
             for p in self.submodule_params(group):
                 p.requires_grad_(True)
+        for loss, modules in ONLY_FOR.items():
+            if loss not in spec.losses:
+                for name in modules:
+                    if getattr(self, name, None) is not None:
+                        getattr(self, name).requires_grad_(False)
         self.stage = spec
         return spec
 

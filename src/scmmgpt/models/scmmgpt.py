@@ -250,6 +250,12 @@ class ScMMGPT:
             known = set(self.config.trained_types or ())
             self.net.config = dataclasses.replace(self.config, trained_types=sorted(known | ids))  # type: ignore[arg-type]
 
+    def record_trained_losses(self, losses: Sequence[str]) -> None:
+        """Add the losses of a training run to ``config.trained_losses``."""
+        known = set(self.config.trained_losses or ())
+        if not set(losses) <= known:
+            self.net.config = dataclasses.replace(self.config, trained_losses=sorted(known | set(losses)))
+
     def choose_input_panel(self, cells) -> np.ndarray | None:
         """Pick the input panel from training ``cells`` if the config asks for one
         (``n_input_genes``) and none is chosen yet; record it in the config. Returns the panel mask
@@ -323,6 +329,11 @@ class ScMMGPT:
         al. 2023)."""
         from ..inference import evaluation_mode
 
+        done = self.config.trained_losses
+        if alpha > 0 and done is not None and "ctm" not in done:
+            raise ConfigError(f"CTM re-ranking (alpha={alpha}) reads the matching head, which this model never trained "
+                              f"(its training computed {done}: train.losses left CTM out). Score with alpha=0, or "
+                              "fine-tune with CTM first (scmmgpt finetune --set 'train.losses=[ctc, ctm]').")
         score = self.feature_scorer(candidates, chunk=chunk, backoff=backoff)
         with evaluation_mode(self.net, precision):
             for batch in batches:

@@ -11,12 +11,14 @@ it; the training code (``scmmgpt.train``) reads the same entries.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import ConfigError
 
-__all__ = ["StageSpec", "STAGES", "StageName", "stage_spec", "SUBMODULES", "LOSSES"]
+__all__ = ["StageSpec", "STAGES", "StageName", "stage_spec", "SUBMODULES", "LOSSES", "ONLY_FOR"]
 
 StageName = Literal["stage1", "stage2", "annotate", "describe", "generate"]
 
@@ -24,6 +26,9 @@ StageName = Literal["stage1", "stage2", "annotate", "describe", "generate"]
 SUBMODULES = ("cell_encoder", "qformer", "align_heads", "lm_proj", "text_to_cell", "cell_decoder", "lora")
 #: Losses a stage can compute (paper eq. 2, 3, 5, 6).
 LOSSES = ("ctc", "ctm", "cdgen", "pcgen")
+#: Weights that only one loss reads: frozen when a stage leaves that loss out (``train.losses``),
+#: so no trained weight goes without a gradient (which DDP refuses).
+ONLY_FOR = {"ctm": ("ctm_head",), "cdgen": ("lm_proj",), "pcgen": ("text_to_cell", "cell_decoder")}
 
 
 @dataclass(frozen=True)
@@ -80,11 +85,20 @@ STAGES: dict[str, StageSpec] = {
 }
 
 
-def stage_spec(stage: str | StageSpec) -> StageSpec:
-    """The :class:`StageSpec` of a stage name (a spec is returned as it is)."""
+def stage_spec(stage: str | StageSpec, losses: Sequence[str] | None = None) -> StageSpec:
+    """The :class:`StageSpec` of a stage name (a spec is returned as it is), computing only
+    ``losses`` (``train.losses``: a non-empty subset of the stage's own) when they are given."""
     if isinstance(stage, StageSpec):
-        return stage
-    try:
-        return STAGES[stage]
-    except KeyError:
-        raise ConfigError(f"Unknown stage {stage!r}; choose from {list(STAGES)}.") from None
+        spec = stage
+    else:
+        try:
+            spec = STAGES[stage]
+        except KeyError:
+            raise ConfigError(f"Unknown stage {stage!r}; choose from {list(STAGES)}.") from None
+    if losses is None:
+        return spec
+    if isinstance(losses, str) or not set(losses) <= set(spec.losses) or not losses:
+        raise ConfigError(f"train.losses={losses!r} must be a non-empty list drawn from stage {spec.name!r}'s "
+                          f"losses {list(spec.losses)}, e.g. --set 'train.losses=[{spec.losses[0]}]'.")
+    # kept in the stage's own order: the forward pass and the logs read them the same way every run
+    return dataclasses.replace(spec, losses=tuple(x for x in spec.losses if x in set(losses)))

@@ -367,7 +367,8 @@ def _setup(model, train: CellTextDataset, cfg: TrainConfig, measured, resume: bo
     scaler = torch.amp.GradScaler(accelerator.device.type) if precision.name == "fp16" else None
     net = model.net
     set_lm_attention(net.lm, accelerator.device)      # accelerate moves the network; the LM's kernel follows it
-    spec = net.set_trainable(cfg.stage)
+    spec = net.set_trainable(stage_spec(cfg.stage, cfg.losses))
+    model.record_trained_losses(spec.losses)
     net.train()
     if cfg.gradient_checkpointing:
         net.cell_encoder.gradient_checkpointing = True

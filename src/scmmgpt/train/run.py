@@ -239,7 +239,7 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
     if not rc.train.out_dir:
         raise ConfigError("train.out_dir is required (where checkpoints and the model go); pass --out.")
     cfg = resolve_train_precision(rc.train, quiet=True)
-    spec = stage_spec(cfg.stage)
+    spec = stage_spec(cfg.stage, cfg.losses)
     # the frozen LM is held in the training precision unless model.lm.dtype says otherwise
     lm_keys = {"lm.dtype": _LM_DTYPES[cfg.precision]} if rc.model_keys.get("lm.dtype", "auto") == "auto" else {}
     model = None

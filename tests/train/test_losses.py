@@ -1,0 +1,54 @@
+"""``train.losses``: a stage computes only the losses it is told to, and the weights that serve only a
+left-out loss stay as they were."""
+
+import numpy as np
+import pytest
+import torch
+
+from scmmgpt.errors import ConfigError
+from scmmgpt.models.stages import STAGES, stage_spec
+from scmmgpt.train.config import TrainConfig
+from scmmgpt.train.loop import fit
+from tests.train.test_loop import _model, _subset, data  # noqa: F401  (data is a fixture)
+
+
+def test_losses_must_be_a_subset_of_the_stage():
+    assert stage_spec("annotate", ["ctm", "ctc"]).losses == ("ctc", "ctm")      # the stage's own order
+    assert stage_spec("stage2", ["pcgen"]).losses == ("pcgen",)
+    assert stage_spec("annotate", None) is STAGES["annotate"]
+    for bad in (["cdgen"], [], "ctc", ["ctc", "typo"]):
+        with pytest.raises(ConfigError, match="train.losses"):
+            TrainConfig(stage="annotate", losses=bad)
+    assert TrainConfig(stage="stage1", losses=["ctc"]).losses == ["ctc"]
+
+
+def test_ctc_only_fine_tuning_leaves_the_matching_head(data):  # noqa: F811
+    """An annotate run with ``losses=[ctc]``: CTM is reported as 0 at every step, its head keeps its
+    weights (frozen, so DDP sees no weight without a gradient), and the contrastive side learns."""
+    vocab, cells, texts, types = data
+    order = np.random.default_rng(0).permutation(len(texts))
+    train = _subset(cells, texts, order[:300], vocab)
+    model = _model(vocab)
+    head = {k: v.detach().clone() for k, v in model.net.ctm_head.state_dict().items()}
+    proj = model.net.cell_proj.weight.detach().clone()
+    out = fit(model, train, TrainConfig(stage="annotate", losses=["ctc"], max_steps=6, batch_size=16, lr=1e-3,
+                                        warmup_steps=1, log_every=1, progress=False, deterministic=True))
+    assert len(out["history"]) == 6
+    assert all(r["ctm"] == 0.0 and r["ctc"] > 0 for r in out["history"])
+    assert all(torch.equal(model.net.ctm_head.state_dict()[k], v) for k, v in head.items())
+    assert not torch.allclose(model.net.cell_proj.weight, proj)
+    assert not any(p.requires_grad for p in model.net.ctm_head.parameters())
+    # the model knows its matching head never trained, and says so instead of re-ranking with it
+    assert model.config.trained_losses == ["ctc"]
+    test = _subset(cells, texts, order[300:340], vocab)
+    labels = sorted(set(types))
+    assert model.score_labels(test, labels).scores.shape == (40, len(labels))
+    with pytest.raises(ConfigError, match="never trained"):
+        model.score_labels(test, labels, alpha=0.5)
+    # the same run with both losses does train the head
+    both = _model(vocab)
+    fit(both, train, TrainConfig(stage="annotate", max_steps=6, batch_size=16, lr=1e-3, warmup_steps=1,
+                                 progress=False, deterministic=True))
+    assert not torch.allclose(both.net.ctm_head.weight, head["weight"])
+    assert both.config.trained_losses == ["ctc", "ctm"]
+    assert both.score_labels(test, labels, alpha=0.5).scores.shape == (40, len(labels))
