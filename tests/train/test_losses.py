@@ -12,14 +12,21 @@ from scmmgpt.train.loop import fit
 from tests.train.test_loop import _model, _subset, data  # noqa: F401  (data is a fixture)
 
 
-def test_losses_must_be_a_subset_of_the_stage():
-    assert stage_spec("annotate", ["ctm", "ctc"]).losses == ("ctc", "ctm")      # the stage's own order
-    assert stage_spec("stage2", ["pcgen"]).losses == ("pcgen",)
+def test_one_losses_list_serves_every_stage():
+    """The list filters each stage's own losses: one run configuration trains stage 1 without CTM
+    and stage 2 as it is; a list that leaves a stage nothing, or names an unknown loss, is refused."""
+    every = ["ctc", "cdgen", "pcgen"]
+    assert stage_spec("stage1", every).losses == ("ctc",)
+    assert stage_spec("annotate", ["ctm", "ctc"]) is STAGES["annotate"]          # the stage's own order
+    assert stage_spec("stage2", every) is STAGES["stage2"]
+    assert stage_spec("generate", every).losses == ("pcgen",)
     assert stage_spec("annotate", None) is STAGES["annotate"]
-    for bad in (["cdgen"], [], "ctc", ["ctc", "typo"]):
+    with pytest.raises(ConfigError, match="nothing to compute"):
+        TrainConfig(stage="stage2", losses=["ctc"])
+    for bad in ([], "ctc", ["ctc", "typo"]):
         with pytest.raises(ConfigError, match="train.losses"):
             TrainConfig(stage="annotate", losses=bad)
-    assert TrainConfig(stage="stage1", losses=["ctc"]).losses == ["ctc"]
+    assert TrainConfig(stage="stage1", losses=every).losses == every
 
 
 def test_ctc_only_fine_tuning_leaves_the_matching_head(data):  # noqa: F811

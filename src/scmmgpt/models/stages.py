@@ -86,8 +86,12 @@ STAGES: dict[str, StageSpec] = {
 
 
 def stage_spec(stage: str | StageSpec, losses: Sequence[str] | None = None) -> StageSpec:
-    """The :class:`StageSpec` of a stage name (a spec is returned as it is), computing only
-    ``losses`` (``train.losses``: a non-empty subset of the stage's own) when they are given."""
+    """The :class:`StageSpec` of a stage name (a spec is returned as it is).
+
+    ``losses`` (``train.losses``) keeps only those of the stage's losses: one list can serve every
+    stage of a run configuration (``[ctc, cdgen, pcgen]``: stage 1 without CTM, stage 2 as it is).
+    Names outside :data:`LOSSES`, or a list that leaves the stage nothing to compute, are errors.
+    """
     if isinstance(stage, StageSpec):
         spec = stage
     else:
@@ -97,8 +101,11 @@ def stage_spec(stage: str | StageSpec, losses: Sequence[str] | None = None) -> S
             raise ConfigError(f"Unknown stage {stage!r}; choose from {list(STAGES)}.") from None
     if losses is None:
         return spec
-    if isinstance(losses, str) or not set(losses) <= set(spec.losses) or not losses:
-        raise ConfigError(f"train.losses={losses!r} must be a non-empty list drawn from stage {spec.name!r}'s "
-                          f"losses {list(spec.losses)}, e.g. --set 'train.losses=[{spec.losses[0]}]'.")
-    # kept in the stage's own order: the forward pass and the logs read them the same way every run
-    return dataclasses.replace(spec, losses=tuple(x for x in spec.losses if x in set(losses)))
+    if isinstance(losses, str) or set(losses) - set(LOSSES):
+        raise ConfigError(f"train.losses={losses!r} must be a list of losses from {list(LOSSES)}, "
+                          f"e.g. --set 'train.losses=[ctc, cdgen, pcgen]'.")
+    kept = tuple(x for x in spec.losses if x in set(losses))       # in the stage's own order
+    if not kept:
+        raise ConfigError(f"train.losses={list(losses)} leaves stage {spec.name!r} nothing to compute: it computes "
+                          f"{list(spec.losses)}; name at least one of them.")
+    return spec if kept == spec.losses else dataclasses.replace(spec, losses=kept)

@@ -92,12 +92,12 @@ class TrainConfig:
     zero-shot models", CVPR 2022). 1 keeps the fine-tuned weights; below 1 keeps more of what the
     pre-trained model knew of types the fine-tuning data lacks."""
     losses: list[str] | None = None
-    """The stage's losses to compute (a subset of its ``losses`` in
-    :data:`~scmmgpt.models.stages.STAGES`); ``None``: all of them. E.g. ``[ctc]`` fine-tunes an
-    annotation model without CTM, which zero-shot scoring does not read (unless ``alpha > 0``) and
-    which costs more than half of a step (``benchmarks/results/recipe/README.md``, "CTM's share").
-    Weights that serve only a left-out loss (the CTM head; the LM projector; the text-to-cell
-    projector and cell decoder) stay frozen."""
+    """Which of the stage's losses (:data:`~scmmgpt.models.stages.STAGES`) to compute: those named
+    here, so one list serves every stage of a run configuration; ``None``: all of them. E.g.
+    ``[ctc, cdgen, pcgen]`` trains stage 1 and annotation without CTM, which zero-shot scoring
+    does not read (unless ``alpha > 0``) and which costs half of a stage-1 step
+    (``benchmarks/results/recipe/README.md``, "CTM's share"). Weights that only a left-out loss
+    reads (the CTM head; the LM projector; the text-to-cell projector and cell decoder) stay frozen."""
     compile: bool = False
     """``torch.compile`` the cell encoder and the Q-Former (dynamic shapes; in place, so weights and
     checkpoints keep their names). Pays off on long GPU runs; the first steps compile."""
@@ -122,7 +122,7 @@ class TrainConfig:
         if self.losses is not None:
             from ..models.stages import stage_spec
 
-            stage_spec(self.stage, self.losses)     # a subset of the stage's own losses, or a clear error
+            stage_spec(self.stage, self.losses)     # known names that leave the stage a loss, or a clear error
         if not 0.0 < self.wise_alpha <= 1.0:
             raise ConfigError(f"train.wise_alpha must be in (0, 1], got {self.wise_alpha}.")
         if self.wise_alpha < 1.0 and self.stage in ("stage1", "stage2"):
