@@ -333,7 +333,8 @@ class ScMMGPT:
         if alpha > 0 and done is not None and "ctm" not in done:
             raise ConfigError(f"CTM re-ranking (alpha={alpha}) reads the matching head, which this model never trained "
                               f"(its training computed {done}: train.losses left CTM out). Score with alpha=0, or "
-                              "fine-tune with CTM first (scmmgpt finetune --set 'train.losses=[ctc, ctm]').")
+                              "fine-tune it with CTM first (scmmgpt finetune --task annotate, with no train.losses "
+                              "that leaves CTM out).")
         score = self.feature_scorer(candidates, chunk=chunk, backoff=backoff)
         with evaluation_mode(self.net, precision):
             for batch in batches:
