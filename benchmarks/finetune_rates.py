@@ -22,25 +22,46 @@ soupx_pbmc4k, 150 steps, ``model.max_genes=128``).
 import argparse
 import json
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 
-def main(argv=None) -> list:
-    from scmmgpt.data.labelled import DataConfig, load_labelled
-    from scmmgpt.models.scmmgpt import ScMMGPT
-    from scmmgpt.train.loop import fit
-    from scmmgpt.train.run import load_run_config
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def finetune_parser(description: str, fractions: list[float], seeds: list[int]) -> argparse.ArgumentParser:
+    """The arguments of the fine-tuning experiments (this script and ``partial_finetune.py``)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--pretrained", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.2])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--fractions", type=float, nargs="+", default=fractions)
+    p.add_argument("--seeds", type=int, nargs="+", default=seeds)
     p.add_argument("--threads", type=int, default=None)
+    return p
+
+
+def fraction_split(data: str, model, frac: float, split_seed: int) -> SimpleNamespace:
+    """The protocol's 70/10/20 split of ``data`` with a ``frac`` of its types trained, read in
+    ``model``'s vocabulary: the cells (``sub``), every type (``labels``) with its CL term
+    (``terms``), and the test cells' types (``truth``) and whether they were trained (``seen``)."""
+    from scmmgpt.data.labelled import DataConfig, load_labelled
+
+    sub = load_labelled(DataConfig(path=data, split=(0.7, 0.1, 0.2), seed=split_seed, types_fraction=frac),
+                        vocab=model.vocab, target_sum=model.config.target_sum)
+    desc = sub.descriptions
+    truth = desc["cell_type"].astype(str).to_numpy()[sub.split["test"]]
+    return SimpleNamespace(sub=sub, labels=sorted({str(t) for t in desc["cell_type"]}),
+                           terms={str(t): str(i) for t, i in zip(desc["cell_type"], desc["cell_type_id"])},
+                           truth=truth, seen=np.isin(truth, list(sub.train_types)))
+
+
+def main(argv=None) -> list:
+    from scmmgpt.models.scmmgpt import ScMMGPT
+    from scmmgpt.train.loop import fit
+    from scmmgpt.train.run import load_run_config
+
+    p = finetune_parser(__doc__.splitlines()[0], [1.0, 0.2], [0, 1, 2])
     p.add_argument("--set", dest="overrides", action="append", default=["model.max_genes=128"])
     args = p.parse_args(argv)
     if args.threads:
@@ -50,13 +71,8 @@ def main(argv=None) -> list:
     scratch = ScMMGPT.build(base.config, base.vocab, with_lm=False).fresh_parameters
     rows = []
     for frac in args.fractions:
-        sub = load_labelled(DataConfig(path=args.data, split=(0.7, 0.1, 0.2), seed=0, types_fraction=frac),
-                            vocab=base.vocab, target_sum=base.config.target_sum)
-        desc = sub.descriptions
-        labels = sorted({str(t) for t in desc["cell_type"]})
-        id_of = {str(t): str(i) for t, i in zip(desc["cell_type"], desc["cell_type_id"])}
-        truth = desc["cell_type"].astype(str).to_numpy()[sub.split["test"]]
-        seen = np.isin(truth, list(sub.train_types))
+        split = fraction_split(args.data, base, frac, 0)
+        sub, labels, id_of, truth, seen = split.sub, split.labels, split.terms, split.truth, split.seen
         for seed in args.seeds:
             for variant in ("A", "B", "C"):
                 rc = load_run_config("cpu-small", [f"train.seed={seed}", *args.overrides])

@@ -25,7 +25,6 @@ Variants are ``NAME[:key=value+key=value]`` with keys of the regularisers above 
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import time
@@ -85,23 +84,16 @@ def _accuracy(pred, truth, seen) -> dict:
 
 
 def main(argv=None) -> list:
+    from finetune_rates import finetune_parser, fraction_split  # the same arguments and split
     from scmmgpt.data.label_texts import candidate_labels
-    from scmmgpt.data.labelled import DataConfig, load_labelled
     from scmmgpt.models.scmmgpt import ScMMGPT
     from scmmgpt.modules.losses import similarity
     from scmmgpt.train.loop import fit
     from scmmgpt.train.run import load_run_config
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pretrained", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.2])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p = finetune_parser(__doc__.splitlines()[0], [0.2], [0])
     p.add_argument("--variant", action="append", default=None, help=f"default: {' '.join(DEFAULT_VARIANTS)}")
     p.add_argument("--cross", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,13 +102,8 @@ def main(argv=None) -> list:
     rows: list[dict] = []
     for frac in args.fractions:
         for seed in args.seeds:
-            sub = load_labelled(DataConfig(path=args.data, split=(0.7, 0.1, 0.2), seed=seed, types_fraction=frac),
-                                vocab=teacher.vocab, target_sum=teacher.config.target_sum)
-            desc = sub.descriptions
-            labels = sorted({str(t) for t in desc["cell_type"]})
-            terms = {str(t): str(i) for t, i in zip(desc["cell_type"], desc["cell_type_id"])}
-            truth = desc["cell_type"].astype(str).to_numpy()[sub.split["test"]]
-            seen = np.isin(truth, list(sub.train_types))
+            split = fraction_split(args.data, teacher, frac, seed)
+            sub, labels, terms, truth, seen = split.sub, split.labels, split.terms, split.truth, split.seen
             test = sub.dataset("test", **teacher.reading)
             zero = teacher.score_labels(test, {x: terms[x] for x in labels}).scores
             row0 = {"frac": frac, "seed": seed, "variant": "zero_shot", "seen_types": sorted(sub.train_types),
