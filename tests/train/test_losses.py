@@ -1,6 +1,8 @@
 """``train.losses``: a stage computes only the losses it is told to, and the weights that serve only a
 left-out loss stay as they were."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -29,7 +31,7 @@ def test_one_losses_list_serves_every_stage():
     assert TrainConfig(stage="stage1", losses=every).losses == every
 
 
-def test_ctc_only_fine_tuning_leaves_the_matching_head(data):  # noqa: F811
+def test_ctc_only_fine_tuning_leaves_the_matching_head(data, tmp_path):  # noqa: F811
     """An annotate run with ``losses=[ctc]``: CTM is reported as 0 at every step, its head keeps its
     weights (frozen, so DDP sees no weight without a gradient), and the contrastive side learns."""
     vocab, cells, texts, types = data
@@ -59,3 +61,12 @@ def test_ctc_only_fine_tuning_leaves_the_matching_head(data):  # noqa: F811
     assert not torch.allclose(both.net.ctm_head.weight, head["weight"])
     assert both.config.trained_losses == ["ctc", "ctm"]
     assert both.score_labels(test, labels, alpha=0.5).scores.shape == (40, len(labels))
+    # a model saved before the record existed (None) holds a trained head: a CTC-only fine-tuning of
+    # it must not lose that, and re-ranking stays allowed
+    both.net.config = dataclasses.replace(both.config, trained_losses=None)
+    both.save_pretrained(tmp_path / "old")
+    old = type(both).from_pretrained(tmp_path / "old", with_lm=False)
+    fit(old, train, TrainConfig(stage="annotate", losses=["ctc"], max_steps=2, batch_size=16, lr=1e-3,
+                                warmup_steps=1, progress=False, deterministic=True))
+    assert old.config.trained_losses == ["ctc", "ctm"]
+    assert old.score_labels(test, labels, alpha=0.5).scores.shape == (40, len(labels))

@@ -40,6 +40,7 @@ from ..utils.distinct import distinct
 from ..utils.precision import Precision, native_bf16, resolve_precision
 from .config import RUNTIME_KEYS, ModelConfig
 from .network import AlignOutput, CellOutput, GenOutput, ScMMGPTNetwork, base_lm
+from .stages import ONLY_FOR
 
 __all__ = ["ScMMGPT", "LabelScores", "CellOutput", "AlignOutput", "GenOutput", "load_lm"]
 
@@ -251,8 +252,16 @@ class ScMMGPT:
             self.net.config = dataclasses.replace(self.config, trained_types=sorted(known | ids))  # type: ignore[arg-type]
 
     def record_trained_losses(self, losses: Sequence[str]) -> None:
-        """Add the losses of a training run to ``config.trained_losses``."""
-        known = set(self.config.trained_losses or ())
+        """Add the losses of a training run to ``config.trained_losses``. A model without a record
+        (saved before it existed) starts from the losses whose own weights
+        (:data:`~scmmgpt.models.stages.ONLY_FOR`) it holds trained, i.e. not in
+        :attr:`fresh_parameters`; a new model from none."""
+        if self.config.trained_losses is not None:
+            known = set(self.config.trained_losses)
+        else:
+            owned = {loss: [n for n, _ in self.net.named_parameters() if n.split(".")[0] in mods]
+                     for loss, mods in ONLY_FOR.items()}
+            known = {loss for loss, names in owned.items() if names and not set(names) & self.fresh_parameters}
         if not set(losses) <= known:
             self.net.config = dataclasses.replace(self.config, trained_losses=sorted(known | set(losses)))
 
