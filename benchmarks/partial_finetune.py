@@ -49,15 +49,17 @@ def regularise(student, teacher, weights: dict[str, float]) -> None:
     net, tnet = student.net, teacher.net
     ref = candidate_labels(labels=list(teacher.config.trained_types or []))
     ref_ids, ref_mask = teacher.tokenize_texts(ref.texts)
+    with torch.no_grad():                          # the frozen teacher's texts: the same every step
+        t_ref = tnet.encode_text(ref_ids, ref_mask)
     plain = net.forward_align
 
     def forward_align(batch, generator=None, losses=("ctc", "ctm")):
         out = plain(batch, generator, losses)
         cell = net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
         ref_feats = net.encode_text(ref_ids, ref_mask)
-        with torch.no_grad():
-            t_cell = tnet.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
-            t_ref = tnet.encode_text(ref_ids, ref_mask)
+        if weights.get("distil") or weights.get("cell_anchor"):
+            with torch.no_grad():
+                t_cell = tnet.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
         extra = out.loss.new_zeros(())
         if weights.get("distil"):
             temp = tnet.temperature
