@@ -157,7 +157,8 @@ class ModelConfig:
     trained_losses: list[str] | None = None
     """The losses the model has been trained with, over all of its training runs (recorded by
     ``fit``; ``train.losses`` may leave some out). CTM re-ranking (``alpha > 0``) needs ``ctm``
-    among them. ``None``: not recorded (a model saved before 2026-12-07; those all trained CTM)."""
+    among them. ``None``: not recorded yet (a new model, or one saved before 2026-12-07, whose record
+then starts from the losses whose own weights it holds trained; ``ScMMGPT.record_trained_losses``)."""
     vocab: str | None = None
     """Gene vocabulary of a new model: ``None``, the training data's own genes; ``"census"``, the
     CELLxGENE census vocabulary of scGPT's whole-human model (60,697 tokens at its indices, for a
