@@ -90,9 +90,14 @@ def test_pretrain_and_finetune_cli(tmp_path, capsys):
     assert main(["pretrain", "--stage", "2", "--model", str(s1 / "model"), "--out", str(s2), *common,
                  "--set", "train.max_steps=2", "--set", "train.batch_size=4"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 2
-    # run_config.yaml records the model that trained; model keys that disagree with it are refused by name
-    assert yaml.safe_load((s2 / "run_config.yaml").read_text())["model"] == json.loads(
-        (s2 / "model" / "config.json").read_text())
+    # run_config.yaml records the model that trained, and the saved model adds what training recorded
+    # (the losses of both stages; run_training used to save the configuration it started with)
+    ran = yaml.safe_load((s2 / "run_config.yaml").read_text())["model"]
+    saved = json.loads((s2 / "model" / "config.json").read_text())
+    records = ("trained_losses", "trained_types", "input_genes", "novelty_gate")
+    assert {k: v for k, v in ran.items() if k not in records} == {k: v for k, v in saved.items() if k not in records}
+    assert saved["trained_losses"] == ["cdgen", "ctc", "ctm", "pcgen"]
+    # model keys that disagree with the model are refused by name
     assert main(["pretrain", "--stage", "2", "--model", str(s1 / "model"), "--out", str(tmp_path / "no"), *common,
                  "--set", "model.max_genes=16", "--set", "model.qformer.n_query=2"]) == 2
     err = capsys.readouterr().err

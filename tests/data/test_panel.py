@@ -130,3 +130,34 @@ def test_fit_chooses_the_panel_once_and_the_model_keeps_it(tmp_path):
     plain = ScMMGPT.build(_tiny(None), lab.vocab, with_lm=False)
     fit(plain, lab.dataset("train", **plain.reading), tc)
     assert plain.config.input_genes is None and plain.reading["input_genes"] is None
+
+
+def test_a_trained_model_without_a_panel_keeps_reading_every_gene(tmp_path):
+    """A model whose first run needed no panel (its data had fewer genes than n_input_genes) does not
+    pick one on a later run over more genes: fine-tuning would read cells differently from
+    pre-training, and from the zero-shot model it started from."""
+    from scmmgpt.data.labelled import DataConfig, load_labelled
+    from scmmgpt.models.scmmgpt import ScMMGPT
+    from scmmgpt.train.config import TrainConfig
+    from scmmgpt.train.loop import fit
+    from tests.conftest import PBMC3K
+
+    lab = load_labelled(DataConfig(path=str(PBMC3K)))
+    tc = TrainConfig(stage="stage1", max_steps=1, batch_size=8, warmup_steps=1, progress=False, log_every=1)
+    model = ScMMGPT.build(_tiny(300), lab.vocab, with_lm=False)
+    few = lab.cells.subset(lab.split["train"])
+    # the first run sees data with fewer measured genes than the panel size: no panel
+    assert variable_genes(few, 10**6) is None
+    model.net.config = type(model.config).from_dict({**model.config.to_dict(), "n_input_genes": 10**6})
+    fit(model, lab.dataset("train", **model.reading), tc)
+    assert model.config.input_genes is None
+    model.save_pretrained(tmp_path / "m")
+    back = ScMMGPT.from_pretrained(tmp_path / "m", with_lm=False)
+    back.net.config = type(back.config).from_dict({**back.config.to_dict(), "n_input_genes": 300})
+    fit(back, lab.dataset("train", **back.reading), TrainConfig(stage="annotate", max_steps=1, batch_size=8,
+                                                                warmup_steps=1, progress=False))
+    assert back.config.input_genes is None and back.reading["input_genes"] is None
+    # a fresh model with the same setting does pick one
+    fresh = ScMMGPT.build(_tiny(300), lab.vocab, with_lm=False)
+    fit(fresh, lab.dataset("train", **fresh.reading), tc)
+    assert fresh.config.input_genes is not None

@@ -129,7 +129,7 @@ def test_annotation_benchmark_smoke(tmp_path, capsys):
     assert rec["settings"]["wise_alpha"] == 0.5
     for part in ("seen", "unseen"):
         assert ft["scmmgpt_wise"][part]["n_cells"] == ft["scmmgpt_zero_shot"][part]["n_cells"] == \
-            ft["scmmgpt"][part]["n_cells"] > 0
+            ft["scmmgpt"][part]["n_cells"] == ft["scmmgpt_gated"][part]["n_cells"] > 0
     # the zero-shot row of the fine-tuned columns is the zero-shot scores, split by this fraction's types
     zs_cells = ft["scmmgpt_zero_shot"]["seen"]["n_cells"] + ft["scmmgpt_zero_shot"]["unseen"]["n_cells"]
     zs_right = sum(ft["scmmgpt_zero_shot"][part]["acc@1"] * ft["scmmgpt_zero_shot"][part]["n_cells"]
@@ -137,4 +137,13 @@ def test_annotation_benchmark_smoke(tmp_path, capsys):
     assert zs_right / zs_cells == pytest.approx(zs["scmmgpt"]["all"]["acc@1"])
     md = (out / "results.md").read_text()
     assert "| scmmgpt |" in md and "| scmmgpt_wise | – |" in md and "WiSE-FT, alpha 0.5" in md
+    assert "| scmmgpt_gated | – |" in md and "novelty gate" in md
+    # a re-run from the saved pre-trained model skips pre-training and scores the same zero-shot figures
+    again = tmp_path / "again"
+    assert main(["benchmark", "annotation", "--fast", "--data", str(PBMC3K), "--pretrain-data",
+                 str(tmp_path / "corpus"), "--fractions", "0.3", "--pretrained", str(out / "pretrained"),
+                 "--out", str(again)]) == 0
+    rec2 = json.loads((again / "results.json").read_text())
+    assert rec2["results"]["zero_shot"]["scmmgpt"] == zs["scmmgpt"]
+    assert rec2["seconds"]["pretrain"] < rec["seconds"]["pretrain"]
     capsys.readouterr()

@@ -361,6 +361,9 @@ def _benchmark():
                        help="annotation / description / generation / batch / clustering / mapping / ood: stage-1 "
                             "steps (description / generation: default the config's train.max_steps)")
         p.add_argument("--finetune-steps", type=int, default=None, help="annotation: fine-tuning steps")
+        p.add_argument("--pretrained", default=None,
+                       help="annotation: the stage-1 model an earlier run of the same settings and seed saved "
+                            "(OUT/pretrained); loaded instead of pre-training again")
         p.add_argument("--fractions", type=float, nargs="+", default=None, help="type fractions fine-tuned on")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--config", default="cpu-small", help="run configuration (model size, optimiser)")
@@ -392,7 +395,7 @@ def _benchmark():
                 raise InputDataError("annotation needs --pretrain-data (the dataset stage 1 is pre-trained on).")
             kw = {k: v for k, v in (("pretrain_steps", args.pretrain_steps), ("finetune_steps", args.finetune_steps),
                                     ("fractions", tuple(args.fractions) if args.fractions else None)) if v is not None}
-            kw.update(common, config=args.config, overrides=list(args.overrides))
+            kw.update(common, config=args.config, overrides=list(args.overrides), pretrained=args.pretrained)
             pre = args.pretrain_data[0] if len(args.pretrain_data) == 1 else tuple(args.pretrain_data)
             b = (AnnotationBenchmark.fast if args.fast else AnnotationBenchmark)(args.data[0], pre, **kw)
             rec = run_annotation_benchmark(b, args.out, progress=True, command=command)
@@ -506,6 +509,10 @@ def _annotate():
         p.add_argument("--min-score", type=float, default=None, help="below it a cell is 'unassigned'")
         p.add_argument("--min-margin", type=float, default=None,
                        help="a cell whose best label beats the second by less is 'unassigned'")
+        p.add_argument("--zero-shot-model", default=None,
+                       help="the model --model was fine-tuned from (scmmgpt finetune --task annotate): cells "
+                            "unlike the fine-tuning cells are labelled by it, among the labels the fine-tuning "
+                            "never saw")
         p.add_argument("--key-added", default="scmmgpt_label")
 
     def run(args: argparse.Namespace) -> int:
@@ -524,7 +531,7 @@ def _annotate():
                     descendants_of=args.descendants_of, context=args.context, alpha=args.alpha, backoff=args.backoff,
                     top_k=args.top_k,
                     min_score=args.min_score, min_margin=args.min_margin, key_added=args.key_added,
-                    **_data_kwargs(args))
+                    zero_shot_model=args.zero_shot_model, **_data_kwargs(args))
         counts = adata.obs[args.key_added].value_counts()
         print(counts[counts > 0].to_string())
         _write(adata, out)

@@ -159,6 +159,10 @@ class ModelConfig:
     ``fit``; ``train.losses`` may leave some out). CTM re-ranking (``alpha > 0``) needs ``ctm``
     among them. ``None``: not recorded yet (a new model, or one saved before 2026-12-07, whose record
 then starts from the losses whose own weights it holds trained; ``ScMMGPT.record_trained_losses``)."""
+    novelty_gate: dict | None = None
+    """Written by fine-tuning (``scmmgpt finetune --task annotate``): the novelty gate of
+    :mod:`scmmgpt.models.gate` (the fine-tuning types' centroids in the starting model's embedding,
+    and a threshold), read by ``tl.annotate(..., zero_shot_model=...)``. ``None``: no gate."""
     vocab: str | None = None
     """Gene vocabulary of a new model: ``None``, the training data's own genes; ``"census"``, the
     CELLxGENE census vocabulary of scGPT's whole-human model (60,697 tokens at its indices, for a

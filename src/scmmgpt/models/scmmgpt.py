@@ -39,6 +39,7 @@ from ..modules.qformer import QFormer
 from ..utils.distinct import distinct
 from ..utils.precision import Precision, native_bf16, resolve_precision
 from .config import RUNTIME_KEYS, ModelConfig
+from .gate import NoveltyGate, route_scores
 from .network import AlignOutput, CellOutput, GenOutput, ScMMGPTNetwork, base_lm
 from .stages import ONLY_FOR
 
@@ -251,6 +252,32 @@ class ScMMGPT:
             known = set(self.config.trained_types or ())
             self.net.config = dataclasses.replace(self.config, trained_types=sorted(known | ids))  # type: ignore[arg-type]
 
+    @property
+    def gate(self) -> NoveltyGate | None:
+        """The novelty gate fine-tuning recorded (:mod:`scmmgpt.models.gate`), or ``None``."""
+        d = self.config.novelty_gate
+        return None if d is None else NoveltyGate.from_dict(d)
+
+    def set_gate(self, gate: NoveltyGate | None) -> None:
+        """Record ``gate`` in the model's configuration (saved with the model)."""
+        self.net.config = dataclasses.replace(self.config, novelty_gate=None if gate is None else gate.to_dict())
+
+    def _check_zero_shot(self, zero_shot: "ScMMGPT") -> NoveltyGate:
+        gate = self.gate
+        if gate is None:
+            raise ConfigError("zero_shot_model routes novel cells through this model's novelty gate, and this model has "
+                              "none: gates are calibrated by fine-tuning (scmmgpt finetune --task annotate, or "
+                              "fit(..., gate=calibrate_gate(...))). Leave zero_shot_model unset to score with this "
+                              "model alone.")
+        mine, theirs = self.reading, zero_shot.reading
+        same = zero_shot.vocab.tokens == self.vocab.tokens and all(
+            np.array_equal(mine[k], theirs[k]) if isinstance(mine[k], np.ndarray) or isinstance(theirs[k], np.ndarray)
+            else mine[k] == theirs[k] for k in mine)
+        if not same:
+            raise ConfigError("zero_shot_model reads cells differently from this model (another gene vocabulary or "
+                              "value encoding): pass the model this one was fine-tuned from.")
+        return gate
+
     def record_trained_losses(self, losses: Sequence[str]) -> None:
         """Add the losses of a training run to ``config.trained_losses``. A model without a record
         (saved before it existed) starts from the losses whose own weights
@@ -267,12 +294,16 @@ class ScMMGPT:
 
     def choose_input_panel(self, cells) -> np.ndarray | None:
         """Pick the input panel from training ``cells`` if the config asks for one
-        (``n_input_genes``) and none is chosen yet; record it in the config. Returns the panel mask
-        the model reads cells through from now on."""
+        (``n_input_genes``), none is chosen yet and the cell side has never trained (a model's first
+        run); record it in the config. A trained model that reads every gene keeps doing so: a later
+        run on a file with more genes would otherwise change what it reads between pre-training and
+        fine-tuning (and from the model it was fine-tuned from). Returns the panel mask the model
+        reads cells through from now on."""
         from ..data.panel import variable_genes
 
         c = self.config
-        if c.n_input_genes is not None and c.input_genes is None:
+        first_run = any(n.split(".")[0] in ("cell_encoder", "qformer") for n in self.fresh_parameters)
+        if c.n_input_genes is not None and c.input_genes is None and first_run:
             top = variable_genes(cells, c.n_input_genes)
             if top is not None:
                 self.net.config = dataclasses.replace(c, input_genes=[self.vocab.tokens[i] for i in top])
@@ -323,7 +354,8 @@ class ScMMGPT:
 
     def iter_label_scores(self, batches: Iterator[CellBatch], candidates: Candidates, *, alpha: float = 0.0,
                           rerank_top: int = 10, chunk: int = 2048, precision: str | Precision = "auto",
-                          backoff: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                          backoff: bool = True, zero_shot: "ScMMGPT | None" = None
+                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Per batch: ``(batch.index, scores (B, T))``. Scores are the CTC similarity (cosine of cell
         and text features, max over the Q-Former queries; paper eq. 2), computed over label chunks
         to bound the (B, Q, T) intermediate.
@@ -335,7 +367,12 @@ class ScMMGPT:
         With ``alpha > 0`` each cell's ``rerank_top`` best labels get
         ``(1 - alpha) * sim + alpha * P(match)`` from the CTM head, and the others
         ``(1 - alpha) * sim``. This keeps them below every re-ranked label (BLIP-2's re-ranking, Li et
-        al. 2023)."""
+        al. 2023).
+
+        With ``zero_shot`` (the model this one was fine-tuned from), the recorded novelty gate
+        (:mod:`scmmgpt.models.gate`) routes each cell: one like the fine-tuning cells is ranked among
+        the fine-tuning types by this model, any other among the remaining candidates by
+        ``zero_shot`` (:func:`~scmmgpt.models.gate.route_scores`)."""
         from ..inference import evaluation_mode
 
         done = self.config.trained_losses
@@ -345,12 +382,21 @@ class ScMMGPT:
                               "fine-tune it with CTM first (scmmgpt finetune --task annotate, with no train.losses "
                               "that leaves CTM out).")
         score = self.feature_scorer(candidates, chunk=chunk, backoff=backoff)
+        if zero_shot is not None:
+            gate = self._check_zero_shot(zero_shot)
+            seen = gate.seen_labels(candidates.names, candidates.ids)
+            zero_score = zero_shot.feature_scorer(candidates, chunk=chunk, backoff=backoff)
         with evaluation_mode(self.net, precision):
             for batch in batches:
                 out = self.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
                 sim = score(out.features)
                 if alpha > 0:
                     sim = self._rerank(out, sim, candidates.texts, alpha, rerank_top)
+                if zero_shot is not None:
+                    with evaluation_mode(zero_shot.net, precision):
+                        z = zero_shot.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask).features
+                    emb = torch.nn.functional.normalize(z.float().mean(1), dim=-1).cpu().numpy()
+                    sim = route_scores(sim, zero_score(z), seen, gate.known(emb))
                 yield batch.index, sim
 
     def feature_scorer(self, candidates: Candidates, *, chunk: int = 2048, backoff: bool = True
@@ -403,13 +449,13 @@ class ScMMGPT:
     def score_labels(self, ds: CellTextDataset, labels: Sequence[str] | Mapping[str, str] | Candidates, *, alpha: float = 0.0,
                      rerank_top: int = 10, context: str | None = None, batch_size: int = 64,
                      indices: Sequence[int] | None = None, precision: str | Precision = "auto",
-                     backoff: bool = True) -> LabelScores:
+                     backoff: bool = True, zero_shot: "ScMMGPT | None" = None) -> LabelScores:
         """Zero-shot scores of the cells of ``ds`` (or of ``indices``) against candidate ``labels``.
 
         ``labels`` are names or CL ids, each read as :func:`~scmmgpt.data.label_texts.candidate_labels`
         describes it (Cell Ontology definition and synonyms, plus ``context``) — the texts
         :func:`scmmgpt.tl.annotate` uses — or ready :class:`Candidates`. ``backoff``: see
-        :meth:`iter_label_scores`.
+        :meth:`iter_label_scores`; ``zero_shot``: novel cells to the zero-shot model, as there.
         """
         from ..inference import iter_batches, length_order
 
@@ -420,7 +466,7 @@ class ScMMGPT:
         order, inv = length_order(ds, indices)
         chunks = [sim for _, sim in self.iter_label_scores(iter_batches(self, ds, batch_size, indices=order), cands,
                                                            alpha=alpha, rerank_top=rerank_top, precision=precision,
-                                                           backoff=backoff)]
+                                                           backoff=backoff, zero_shot=zero_shot)]
         scores = torch.cat(chunks)[inv]
         return LabelScores(scores.numpy(), cands)
 

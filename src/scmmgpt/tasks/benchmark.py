@@ -16,7 +16,9 @@
    WiSE-FT interpolation of the fine-tuned weights with the pre-trained ones
    (``scmmgpt_wise``, ``wise_alpha``; :mod:`scmmgpt.train.wise`), and the pre-trained model
    itself (``scmmgpt_zero_shot``), so that fine-tuning's effect on the types it did not see is
-   read against the zero-shot figure of the same cells;
+   read against the zero-shot figure of the same cells; and ``scmmgpt_gated``: the fine-tuned model
+   with its novelty gate, which sends cells unlike the fine-tuning cells to the pre-trained model
+   (``tl.annotate(..., zero_shot_model=...)``; :mod:`scmmgpt.models.gate`);
 4. beside the zero-shot figure, the cross-dataset reference ``logreg_corpus``: a logistic
    regression trained on the pre-training cells (:func:`_corpus_logistic`);
 5. baselines on the same split: random scores, and logistic regression / k-NN (k=15) on
@@ -75,6 +77,9 @@ class AnnotationBenchmark:
     config: str = "cpu-small"
     """Packaged (or YAML) run configuration for model size and optimiser."""
     overrides: list[str] = field(default_factory=list)
+    pretrained: str | None = None
+    """A stage-1 model this protocol pre-trained before (``{out}/pretrained`` of an earlier run with
+    the same settings and seed): step 1 loads it instead of training again."""
 
     @classmethod
     def fast(cls, data: str, pretrain_data: str | tuple[str, ...], **kw) -> "AnnotationBenchmark":
@@ -129,12 +134,13 @@ def train_stage1(config: str, overrides, seed: int, steps: int, data, *, progres
     return model, lab, cfg
 
 
-def _scores(model, lab, labels: list[str]) -> np.ndarray:
+def _scores(model, lab, labels: list[str], zero_shot=None) -> np.ndarray:
     """(n_test, n_labels) zero-shot scores of the test cells: ``score_labels`` over ``labels``,
-    each named as in the data with its CL term (what ``tl.annotate(labels={name: id})`` reads)."""
+    each named as in the data with its CL term (what ``tl.annotate(labels={name: id})`` reads);
+    ``zero_shot``: through the model's novelty gate, as ``tl.annotate(zero_shot_model=...)``."""
     ds = lab.dataset("test", **model.reading)
     label_set = lab.label_set()
-    return model.score_labels(ds, {name: label_set.get(name, name) for name in labels}).scores
+    return model.score_labels(ds, {name: label_set.get(name, name) for name in labels}, zero_shot=zero_shot).scores
 
 
 def _split_metrics(scores, labels, truth, ids, truth_ids, ks, seen: set[str] | None) -> dict:
@@ -243,6 +249,7 @@ def run_annotation_benchmark(b: AnnotationBenchmark, out: str | Path, *, progres
                              command: str | None = None) -> dict:
     """Run the annotation protocol; write ``{out}/results.json`` and ``{out}/results.md``."""
     from ..data.labelled import DataConfig, load_labelled
+    from ..models.gate import calibrate_gate
     from ..models.scmmgpt import ScMMGPT
     from ..train.loop import fit
     from ..train.run import load_run_config
@@ -258,13 +265,17 @@ def run_annotation_benchmark(b: AnnotationBenchmark, out: str | Path, *, progres
 
     # 1. pre-train stage 1 on the other dataset(s), the evaluation dataset left out
     pre, left_out = pretraining_cells(b, out, rc.model.target_sum)
-    with seeded(b.seed):
-        model = ScMMGPT.build(rc.model, pre.vocab, with_lm=False)
     cfg.stage, cfg.max_steps = "stage1", b.pretrain_steps
     cfg.warmup_steps = min(cfg.warmup_steps, max(1, b.pretrain_steps // 10))
-    fit(model, pre.dataset("train", **model.reading), cfg,
-        measured="by_source", train_types=pre.types("train"))
-    model.save_pretrained(out / "pretrained")
+    if b.pretrained is not None:
+        model = ScMMGPT.from_pretrained(b.pretrained, with_lm=False)
+    else:
+        with seeded(b.seed):
+            model = ScMMGPT.build(rc.model, pre.vocab, with_lm=False)
+        fit(model, pre.dataset("train", **model.reading), cfg,
+            measured="by_source", train_types=pre.types("train"))
+    if b.pretrained is None or Path(b.pretrained).resolve() != (out / "pretrained").resolve():
+        model.save_pretrained(out / "pretrained")
     t_pre = time.perf_counter() - t0
 
     # 2. zero-shot on the evaluation data, in the pre-trained vocabulary
@@ -297,13 +308,20 @@ def run_annotation_benchmark(b: AnnotationBenchmark, out: str | Path, *, progres
         fcfg = type(cfg).from_dict({**cfg.to_dict(), "stage": "annotate", "max_steps": b.finetune_steps,
                                     "warmup_steps": max(1, b.finetune_steps // 10)})
         start = trained_snapshot(ft.net, "annotate")
-        fit(ft, sub.dataset("train", **ft.reading), fcfg)
+        train_ds = sub.dataset("train", **ft.reading)
+        # the gate of scmmgpt finetune --task annotate, calibrated on the validation cells
+        gate = calibrate_gate(ft, train_ds, sub.types("train"), val=sub.dataset("val", **ft.reading),
+                              val_types=sub.types("val"), terms=sub.label_set())
+        fit(ft, train_ds, fcfg)
+        ft.set_gate(gate)
         seen = set(sub.train_types)
         tuned = _scores(ft, sub, labels)
+        gated = _scores(ft, sub, labels, zero_shot=model)
         interpolate(ft.net, start, b.wise_alpha)
         results["fine_tuned"][f"{f:g}"] = {
             "train_types": sub.train_types,
             "scmmgpt": _split_metrics(tuned, labels, truth, ids, truth_ids, b.ks, seen),
+            "scmmgpt_gated": _split_metrics(gated, labels, truth, ids, truth_ids, b.ks, seen),
             "scmmgpt_wise": _split_metrics(_scores(ft, sub, labels), labels, truth, ids, truth_ids, b.ks, seen),
             "scmmgpt_zero_shot": _split_metrics(zero_shot, labels, truth, ids, truth_ids, b.ks, seen),
             **_baselines(sub, labels, truth, ids, truth_ids, b.ks, b.seed, sub.split["train"], seen)}
@@ -331,7 +349,8 @@ def annotation_table(record: dict) -> str:
     and each fine-tuning fraction (seen / unseen types)."""
     ks = record["settings"]["ks"]
     res = record["results"]
-    methods = ["scmmgpt", "scmmgpt_wise", "scmmgpt_zero_shot", "logreg_corpus", "logreg", "knn", "random"]
+    methods = ["scmmgpt", "scmmgpt_gated", "scmmgpt_wise", "scmmgpt_zero_shot", "logreg_corpus", "logreg", "knn",
+               "random"]
     head = ["method", *[f"zero-shot Acc@{k}" for k in ks]]
     for f in res["fine_tuned"]:
         head += [f"ft {float(f):.0%} {part} Acc@{k}" for part in ("seen", "unseen") for k in ks]
@@ -345,7 +364,8 @@ def annotation_table(record: dict) -> str:
              "pre-training cells, scored over this data's labels with the model's ontology back-off. logreg/knn "
              "are supervised references trained on this data's own training cells. Fine-tuned columns: "
              f"scmmgpt_wise interpolates the fine-tuned weights with the pre-trained ones (WiSE-FT, alpha "
-             f"{record['settings'].get('wise_alpha', '–')}); scmmgpt_zero_shot is the pre-trained model on the same "
+             f"{record['settings'].get('wise_alpha', '–')}); scmmgpt_gated sends cells unlike the fine-tuning cells "
+             "to the pre-trained model (novelty gate); scmmgpt_zero_shot is the pre-trained model on the same "
              "cells.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:

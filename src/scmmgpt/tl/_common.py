@@ -204,17 +204,21 @@ def stored_features(adata, model, use_rep: str) -> StoredFeatures:
 
 def label_scores(adata, model, candidates, *, use_rep: str | None, precision, batch_size: int, progress: bool,
                  desc: str, alpha: float = 0.0, rerank_top: int = 10, backoff: bool = True, layer: str | None = None,
-                 use_raw: bool = False, gene_symbol_key: str | None = None, min_coverage: float = 0.5
-                 ) -> tuple[ModelCells | StoredFeatures, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+                 use_raw: bool = False, gene_symbol_key: str | None = None, min_coverage: float = 0.5,
+                 zero_shot=None) -> tuple[ModelCells | StoredFeatures, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """The cells ``tl.search`` and ``tl.annotate`` score, and an iterator of ``(index, scores)`` per
     chunk: through the cell encoder (:meth:`ScMMGPT.iter_label_scores`), or, with ``use_rep``,
-    against the query features ``tl.embed(queries=True)`` stored (CTM re-ranking needs the cells)."""
+    against the query features ``tl.embed(queries=True)`` stored (CTM re-ranking needs the cells).
+    ``zero_shot``: the novelty gate's zero-shot model (:meth:`ScMMGPT.iter_label_scores`)."""
     if use_rep is None:
         mc = model_cells(adata, model, layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key,
                          min_coverage=min_coverage, stacklevel=4)
         return mc, model.iter_label_scores(batches(model, mc.dataset, batch_size, progress=progress, desc=desc),
                                            candidates, alpha=alpha, rerank_top=rerank_top, precision=precision,
-                                           backoff=backoff)
+                                           backoff=backoff, zero_shot=zero_shot)
+    if zero_shot is not None:
+        raise InputDataError("zero_shot_model scores the cells with a second model, which reads the cells themselves: "
+                             "leave use_rep unset.")
     if alpha > 0:
         raise InputDataError("alpha > 0 re-ranks with the CTM head, which reads the cells themselves: leave "
                              "use_rep unset, or set alpha=0 to score the stored features.")

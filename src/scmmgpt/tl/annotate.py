@@ -25,7 +25,7 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
              unassigned: str = "unassigned", key_added: str = "scmmgpt_label", store_scores: bool | None = None,
              use_rep: str | None = None, batch_size: int = 64, layer: str | None = None, use_raw: bool = False,
              gene_symbol_key: str | None = None, min_coverage: float = 0.5, device: str | None = None,
-             precision: str = "auto", backoff: bool = True,
+             precision: str = "auto", backoff: bool = True, zero_shot_model=None,
              progress: bool = False, max_labels: int = MAX_LABELS, copy: bool = False):
     """Zero-shot annotation: score every cell against every candidate label's description.
 
@@ -47,6 +47,12 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
     siblings.
     A cell whose best score is below ``min_score``, or beats the second best by less than
     ``min_margin``, is ``unassigned`` (open-set annotation).
+
+    ``zero_shot_model``: the model that ``model`` was fine-tuned from (``scmmgpt finetune --task
+    annotate``, which records a novelty gate in ``model``; :mod:`scmmgpt.models.gate`). A cell that
+    looks like the fine-tuning cells is then labelled by ``model`` among the fine-tuning types; any
+    other cell by ``zero_shot_model`` among the remaining labels. Use it when the labels include
+    types the fine-tuning never saw: fine-tuned on a few types, a model forgets the others.
 
     With ``use_rep`` (``"X_scmmgpt_queries"``, written by ``tl.embed(adata, model, queries=True)``) the
     labels are scored against those stored query features without running the cell encoder (the same
@@ -91,10 +97,19 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
                              max_labels=max_labels)
     T = len(cands.names)
     model = resolve_model(model, device=device, with_lm=False)
+    zero_shot = None if zero_shot_model is None else resolve_model(zero_shot_model, device=device, with_lm=False)
+    gate = model.gate
+    seen = gate.seen_labels(cands.names, cands.ids) if gate is not None else None
+    if zero_shot is None and seen is not None and not seen.all():
+        warnings.warn(f"This model was fine-tuned on {len(gate.types)} cell types, and {int((~seen).sum())} of the "
+                      f"{T} candidate labels are not among them: fine-tuned on a few types, a model forgets the others. "
+                      "Pass zero_shot_model=<the model it was fine-tuned from> to label cells unlike the fine-tuning "
+                      "cells with that model.", stacklevel=2)
     prec = model.precision(precision)
     mc, scored = label_scores(adata, model, cands, use_rep=use_rep, precision=prec, batch_size=batch_size,
                               progress=progress, desc="annotate", alpha=alpha, rerank_top=rerank_top, backoff=backoff,
-                              layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key, min_coverage=min_coverage)
+                              layer=layer, use_raw=use_raw, gene_symbol_key=gene_symbol_key, min_coverage=min_coverage,
+                              zero_shot=zero_shot)
     keep_all = store_scores if store_scores is not None else len(mc.rows) * T <= MAX_SCORE_ENTRIES
     if keep_all:
         from ..utils.memory import check_fits
@@ -144,6 +159,13 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
         "backoff_terms": _backoff_report(cands, model) if backoff else {},
         "n_unassigned": int(reject.sum()), **mc.report(),
     }
+    if zero_shot is not None:
+        # cells routed to the zero-shot model rank a label outside the fine-tuning types first
+        routed = ~seen[top_idx[:, 0]] if seen is not None else np.zeros(len(pred), dtype=bool)
+        adata.uns[key_added]["gate"] = {"zero_shot_model": zero_shot_model if isinstance(zero_shot_model, str)
+                                        else str(getattr(zero_shot, "source", "given")),
+                                        "fine_tuning_types": list(gate.types), "threshold": gate.threshold,
+                                        "quantile": gate.quantile, "n_zero_shot": int(routed.sum())}
     return adata if copy else None
 
 

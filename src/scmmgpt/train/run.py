@@ -232,6 +232,7 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
     import yaml
     from accelerate import PartialState
 
+    from ..models.gate import calibrate_gate
     from ..models.scmmgpt import ScMMGPT
     from ..models.stages import stage_spec
     from .loop import fit, resolve_train_precision
@@ -278,10 +279,17 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
         atomic_write_text(out / "split.json", json.dumps({
             "source": lab.source, "train_types": lab.train_types,
             **{k: np.asarray(names[v]).astype(str).tolist() for k, v in lab.split.items()}}))
+    # fine-tuning for annotation records a novelty gate, calibrated in the model it starts from
+    # (tl.annotate(..., zero_shot_model=that model) sends cells unlike the training cells back to it)
+    gate = calibrate_gate(model, train, lab.types("train"), val=val, val_types=lab.types("val") if val is not None
+                          else None, terms=lab.label_set()) if cfg.stage == "annotate" else None
     result = fit(model, train, cfg, val=val, val_labels=lab.types("val") if val is not None else None,
                  label_terms=lab.label_set(), measured="by_source", train_types=lab.types("train"), resume=resume)
     if main:
-        model.net.config = saved
+        # what fit recorded (input panel, trained types and losses) stays; the LM loads as "auto"
+        model.net.config = dataclasses.replace(model.config, lm=saved.lm)
+        if gate is not None:
+            model.set_gate(gate)
         model.save_pretrained(out / "model")
     PartialState().wait_for_everyone()
     return {"model": str(out / "model"), "steps": result["steps"], "validation": result["validation"],
