@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("scmmgpt", "scmmgpt_wise", "scmmgpt_zero_shot", "logreg_corpus", "logreg", "knn", "random")
+METHODS = ("scmmgpt", "scmmgpt_gated", "scmmgpt_wise", "scmmgpt_zero_shot", "logreg_corpus", "logreg", "knn", "random")
 
 
 def _cell(values: list[float]) -> str:

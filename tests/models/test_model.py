@@ -351,3 +351,32 @@ def test_cdgen_computes_only_the_description_logits(setup, monkeypatch):
         for a, b in zip(grads, g_full):
             assert float((a - b).norm() / b.norm().clamp(min=1e-12)) < 1e-4
     assert 0 < float(full) < 20
+
+
+def test_text_to_cell_reads_hidden_states_without_the_full_vocabulary_logits(setup, monkeypatch):
+    """The text-to-cell projector's states are the same with the LM's head on one position as with
+    logits for every position (the path of LMs without ``logits_to_keep``), and so is PCGen's gradient."""
+    import scmmgpt.models.network as network
+
+    model, batch, measured = setup
+    net = model.net
+    net.eval()
+    calls = []
+    orig = net.lm.forward
+    monkeypatch.setattr(net.lm, "forward", lambda *a, **k: calls.append(k.get("logits_to_keep")) or orig(*a, **k))
+    params = list(net.text_to_cell.parameters()) + net.submodule_params("lora")
+
+    def states_and_grads():
+        states, _ = net.text_to_cell_states(batch.lm_input_ids, batch.lm_attention_mask)
+        loss, _ = net.forward_pcgen(batch, measured)
+        return states.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+    one, g_one = states_and_grads()
+    assert calls and calls[-1] == 1
+    monkeypatch.setattr(network, "_keeps_logits", lambda lm: False)
+    every, g_every = states_and_grads()
+    assert calls[-1] is None
+    torch.testing.assert_close(one, every)
+    for a, b in zip(g_one, g_every):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b)

@@ -379,7 +379,11 @@ class ScMMGPTNetwork(nn.Module):
                                                         device=emb.device)], dim=1)
         # right padding sits between text and dummies: positions continue from the last real token
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
+        # the projector reads hidden states only: the vocabulary head runs on one position, not on all
+        # B x (T + n) of them (a 49k x 576 product per token, and its (B, T + n, V) logits)
+        keep = {"logits_to_keep": 1} if _keeps_logits(self.lm) else {}
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, output_hidden_states=True,
+                      **keep)
         states = out.hidden_states[-1]
         if self.config.text_to_cell.read_text:
             return states, mask == 0

@@ -266,9 +266,9 @@ class ScMMGPT:
         gate = self.gate
         if gate is None:
             raise ConfigError("zero_shot_model routes novel cells through this model's novelty gate, and this model has "
-                              "none: gates are calibrated by fine-tuning (scmmgpt finetune --task annotate, or "
-                              "fit(..., gate=calibrate_gate(...))). Leave zero_shot_model unset to score with this "
-                              "model alone.")
+                              "none: gates are calibrated by fine-tuning (scmmgpt finetune --task annotate), or by "
+                              "scmmgpt.models.gate.calibrate_gate on the starting model before fit, then "
+                              "model.set_gate(gate). Leave zero_shot_model unset to score with this model alone.")
         mine, theirs = self.reading, zero_shot.reading
         same = zero_shot.vocab.tokens == self.vocab.tokens and all(
             np.array_equal(mine[k], theirs[k]) if isinstance(mine[k], np.ndarray) or isinstance(theirs[k], np.ndarray)
