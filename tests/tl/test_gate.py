@@ -55,11 +55,11 @@ def _finetuned(trained, tmp_path, capsys):
                  "--set", "train.val_every=null", "--set", "train.save_every=null", "--set", "train.progress=false",
                  "--set", "train.deterministic=true"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    return ScMMGPT.from_pretrained(out / "model", with_lm=False), summary
+    return ScMMGPT.from_pretrained(out / "model", with_lm=False), summary, data, out / "model"
 
 
 def test_finetuning_records_a_gate_and_annotate_routes_through_it(trained, tmp_path, capsys):
-    ft, summary = _finetuned(trained, tmp_path, capsys)
+    ft, summary, data, ft_dir = _finetuned(trained, tmp_path, capsys)
     zero = trained.model
     gate = ft.gate
     assert gate is not None and gate.types == sorted(summary["train_types"]) and len(gate.types) == 3
@@ -91,6 +91,17 @@ def test_finetuning_records_a_gate_and_annotate_routes_through_it(trained, tmp_p
     assert (got == expect).mean() >= 0.99                     # ties and float noise aside
     rec = gated.uns["scmmgpt_label"]["gate"]
     assert rec["fine_tuning_types"] == gate.types and rec["n_zero_shot"] == int((~np.isin(got, gate.types)).sum())
+    # the command line gives the same labels
+    import anndata as ad
+
+    cli_out = tmp_path / "annotated.h5ad"
+    assert main(["annotate", str(data), "--model", str(ft_dir), "--zero-shot-model", str(trained.path),
+                 "--labels", *[labels[k] for k in labels], "--precision", "fp32", "--min-coverage", "0",
+                 "-o", str(cli_out)]) == 0
+    by_cli = ad.read_h5ad(cli_out)
+    assert by_cli.uns["scmmgpt_label"]["gate"]["zero_shot_model"] == str(trained.path)
+    cli_names = dict(zip(labels.values(), labels))            # CL ids were passed: map back to the names
+    assert (np.array([cli_names.get(x, x) for x in by_cli.obs["scmmgpt_label"].astype(str)]) == got).mean() >= 0.99
 
     # the gate tells the two groups apart: cells of the fine-tuning types are mostly known, the others less often
     truth = cells.obs["cell_type"].astype(str).to_numpy()
