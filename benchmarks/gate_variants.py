@@ -64,16 +64,14 @@ def main(argv=None) -> list:
             test, train = sub.dataset("test", **pre.reading), sub.dataset("train", **pre.reading)
             val = sub.dataset("val", **pre.reading)
             zero = torch.from_numpy(pre.score_labels(test, labels).scores)
-            gates = {"pre": calibrate_gate(pre, train, sub.types("train"), val=val, val_types=sub.types("val"),
-                                           terms=sub.label_set())}
+            gates = {"pre": calibrate_gate(pre, train, sub.types("train"), val=val, terms=sub.label_set())}
             cfg = load_run_config("cpu-small", [f"train.seed={seed}", "model.max_genes=128"]).train
             cfg.stage, cfg.max_steps, cfg.progress, cfg.deterministic = "annotate", args.steps, False, True
             cfg.warmup_steps = max(1, args.steps // 10)
             ft = ScMMGPT.from_pretrained(pre_path, with_lm=False)
             fit(ft, sub.dataset("train", **ft.reading), cfg)
             tuned = torch.from_numpy(ft.score_labels(test, labels).scores)
-            gates["tuned"] = calibrate_gate(ft, train, sub.types("train"), val=val, val_types=sub.types("val"),
-                                            terms=sub.label_set())
+            gates["tuned"] = calibrate_gate(ft, train, sub.types("train"), val=val, terms=sub.label_set())
             emb = {"pre": pre.encode(test).embedding(), "tuned": ft.encode(test).embedding()}
             cols = gates["pre"].seen_labels(list(names), [sp.terms[x] for x in names])
             row = {"seed": seed, "frac": frac, "seen_types": sorted(sub.train_types), "n_seen": int(seen.sum()),

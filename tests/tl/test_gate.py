@@ -128,7 +128,7 @@ def test_calibrate_gate_threshold_is_the_quantile_of_held_out_cells(trained):
     lab = load_labelled(DataConfig(path=str(trained.h5ad), split=(0.2, 0.2, 0.6), seed=0, types_fraction=0.5),
                         vocab=m.vocab, target_sum=m.config.target_sum)
     train, val = lab.dataset("train", **m.reading), lab.dataset("val", **m.reading)
-    gate = calibrate_gate(m, train, lab.types("train"), val=val, val_types=lab.types("val"), quantile=0.1)
+    gate = calibrate_gate(m, train, lab.types("train"), val=val, quantile=0.1)
     assert gate.calibrated_on == "validation" and gate.types == sorted(lab.train_types)
     emb = m.encode(val).embedding()
     held = gate.scores(emb)

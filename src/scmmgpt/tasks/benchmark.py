@@ -311,7 +311,7 @@ def run_annotation_benchmark(b: AnnotationBenchmark, out: str | Path, *, progres
         train_ds = sub.dataset("train", **ft.reading)
         # the gate of scmmgpt finetune --task annotate, calibrated on the validation cells
         gate = calibrate_gate(ft, train_ds, sub.types("train"), val=sub.dataset("val", **ft.reading),
-                              val_types=sub.types("val"), terms=sub.label_set())
+                              terms=sub.label_set())
         fit(ft, train_ds, fcfg)
         ft.set_gate(gate)
         seen = set(sub.train_types)

@@ -281,8 +281,8 @@ def run_training(rc: RunConfig, *, resume: bool = False) -> dict:
             **{k: np.asarray(names[v]).astype(str).tolist() for k, v in lab.split.items()}}))
     # fine-tuning for annotation records a novelty gate, calibrated in the model it starts from
     # (tl.annotate(..., zero_shot_model=that model) sends cells unlike the training cells back to it)
-    gate = calibrate_gate(model, train, lab.types("train"), val=val, val_types=lab.types("val") if val is not None
-                          else None, terms=lab.label_set()) if cfg.stage == "annotate" else None
+    gate = (calibrate_gate(model, train, lab.types("train"), val=val, terms=lab.label_set())
+            if cfg.stage == "annotate" else None)
     result = fit(model, train, cfg, val=val, val_labels=lab.types("val") if val is not None else None,
                  label_terms=lab.label_set(), measured="by_source", train_types=lab.types("train"), resume=resume)
     if main:
