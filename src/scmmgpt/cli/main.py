@@ -224,7 +224,9 @@ def _pretrain():
 @command("finetune")
 def _finetune():
     """Fine-tune a saved model for one task: annotate (CTC + CTM), describe (CDGen), generate (PCGen).
-    --set data.types_fraction=0.5 trains on half the cell types (paper Table 3)."""
+    --set data.types_fraction=0.5 trains on half the cell types (paper Table 3). annotate also records
+    a novelty gate: `scmmgpt annotate --model FT --zero-shot-model START` sends cells unlike the
+    fine-tuning cells back to the starting model."""
 
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("--task", choices=("annotate", "describe", "generate"), required=True)
