@@ -79,10 +79,11 @@ def main(argv=None) -> list:
                    "fine_tuned": _accuracy(names[tuned.argmax(1).numpy()], truth, seen),
                    "oracle": _accuracy(names[route_scores(tuned, zero, cols, seen).argmax(1).numpy()], truth, seen)}
             for space, gate in gates.items():
+                cells = val if gate.calibrated_on == "validation" else train         # as calibrate_gate reads them
+                held = gate.scores((pre if space == "pre" else ft).encode(cells).embedding())
+                held = held[np.isfinite(held)]
                 for q in QUANTILES:
-                    cells = val if gate.calibrated_on == "validation" else train     # as calibrate_gate reads them
-                    held = gate.scores((pre if space == "pre" else ft).encode(cells).embedding())
-                    gate.threshold = float(np.quantile(held[np.isfinite(held)], q))
+                    gate.threshold = float(np.quantile(held, q))
                     known = gate.known(emb[space])
                     pred = names[route_scores(tuned, zero, cols, known).argmax(1).numpy()]
                     row[f"gate_{space}_q{q:g}"] = _accuracy(pred, truth, seen) + [

@@ -21,7 +21,7 @@ from .eval.annotation import topk_accuracy  # re-exported: validation and the de
 from .utils.distinct import distinct
 from .utils.precision import Precision, resolve_precision
 
-__all__ = ["CellFeatures", "iter_batches", "length_order", "encode_dataset", "embed_to_disk", "encode_texts", "topk_accuracy",
+__all__ = ["CellFeatures", "aligned_embedding", "iter_batches", "length_order", "encode_dataset", "embed_to_disk", "encode_texts", "topk_accuracy",
            "evaluation_mode"]
 
 
@@ -39,6 +39,12 @@ def evaluation_mode(model: torch.nn.Module, precision: str | Precision = "fp32")
         model.train(was_training)
 
 
+def aligned_embedding(features: torch.Tensor) -> np.ndarray:
+    """(N, embed_dim) one vector per cell from its query features (N, Q, embed_dim): their mean,
+    re-normalised (the ``X_scmmgpt_aligned`` embedding), as float32 on the CPU."""
+    return torch.nn.functional.normalize(features.float().mean(1), dim=-1).cpu().numpy()
+
+
 @dataclass
 class CellFeatures:
     """Per-cell outputs of the cell side. N cells."""
@@ -52,7 +58,7 @@ class CellFeatures:
 
     def embedding(self) -> np.ndarray:
         """(N, embed_dim) one vector per cell: the mean of its query features, re-normalised."""
-        return torch.nn.functional.normalize(self.features.float().mean(1), dim=-1).numpy()
+        return aligned_embedding(self.features)
 
 
 def iter_batches(model, ds: CellTextDataset, batch_size: int = 64, *, with_text: bool = False,
@@ -145,8 +151,7 @@ def embed_to_disk(model, ds: CellTextDataset, out, *, cell_out=None, batch_size:
                     enc = model.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask)
                     rows = batch.index.cpu().numpy()
                     if "aligned" in dest:
-                        dest["aligned"][rows] = torch.nn.functional.normalize(
-                            enc.features.float().mean(1), dim=-1).cpu().numpy()
+                        dest["aligned"][rows] = aligned_embedding(enc.features)
                     if "cell" in dest:
                         dest["cell"][rows] = enc.cell_embedding.float().cpu().numpy()
         for k in list(dest):

@@ -373,7 +373,7 @@ class ScMMGPT:
         (:mod:`scmmgpt.models.gate`) routes each cell: one like the fine-tuning cells is ranked among
         the fine-tuning types by this model, any other among the remaining candidates by
         ``zero_shot`` (:func:`~scmmgpt.models.gate.route_scores`)."""
-        from ..inference import evaluation_mode
+        from ..inference import aligned_embedding, evaluation_mode
 
         done = self.config.trained_losses
         if alpha > 0 and done is not None and "ctm" not in done:
@@ -395,8 +395,7 @@ class ScMMGPT:
                 if zero_shot is not None:
                     with evaluation_mode(zero_shot.net, precision):
                         z = zero_shot.net.encode_cells(batch.gene_ids, batch.values, batch.padding_mask).features
-                    emb = torch.nn.functional.normalize(z.float().mean(1), dim=-1).cpu().numpy()
-                    sim = route_scores(sim, zero_score(z), seen, gate.known(emb))
+                    sim = route_scores(sim, zero_score(z), seen, gate.known(aligned_embedding(z)))
                 yield batch.index, sim
 
     def feature_scorer(self, candidates: Candidates, *, chunk: int = 2048, backoff: bool = True

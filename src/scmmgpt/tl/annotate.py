@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Sequence
 
@@ -159,11 +160,11 @@ def annotate(adata, model, *, labels: Sequence[str] | None = None, labels_key: s
         "backoff_terms": _backoff_report(cands, model) if backoff else {},
         "n_unassigned": int(reject.sum()), **mc.report(),
     }
-    if zero_shot is not None:
+    if zero_shot is not None and gate is not None and seen is not None:   # scoring refused it without a gate
         # cells routed to the zero-shot model rank a label outside the fine-tuning types first
-        routed = ~seen[top_idx[:, 0]] if seen is not None else np.zeros(len(pred), dtype=bool)
-        adata.uns[key_added]["gate"] = {"zero_shot_model": zero_shot_model if isinstance(zero_shot_model, str)
-                                        else str(getattr(zero_shot, "source", "given")),
+        routed = ~seen[top_idx[:, 0]]
+        adata.uns[key_added]["gate"] = {"zero_shot_model": str(zero_shot_model)
+                                        if isinstance(zero_shot_model, (str, os.PathLike)) else "given",
                                         "fine_tuning_types": list(gate.types), "threshold": gate.threshold,
                                         "quantile": gate.quantile, "n_zero_shot": int(routed.sum())}
     return adata if copy else None

@@ -6,11 +6,10 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..data.label_texts import Candidates, query_texts
 from ..errors import InputDataError
-from ..inference import evaluation_mode
+from ..inference import aligned_embedding, evaluation_mode
 from ._common import batches, full_rows, in_order, label_scores, model_cells, resolve_model, start
 
 __all__ = ["embed", "search"]
@@ -79,7 +78,7 @@ def embed(adata, model, *, aligned: bool = True, queries: bool = False, key_adde
     cls, feats = _cell_features(model, mc, batch_size, progress, "embed", prec)
     adata.obsm[key_added] = full_rows(cls.numpy(), mc.rows, mc.n_obs)
     if aligned:
-        al = torch.nn.functional.normalize(feats.mean(1), dim=-1).numpy()
+        al = aligned_embedding(feats)
         adata.obsm[key_added + "_aligned"] = full_rows(al, mc.rows, mc.n_obs)
     if queries:
         # full_rows widens to float32 when it fills empty cells with NaN: cast once, after it
