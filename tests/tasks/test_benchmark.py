@@ -50,7 +50,7 @@ def test_paper_suite_fast(tmp_path, capsys):
     for m in d.values():
         assert {"bleu2", "rouge2", "mmd", "emd", "t_pvalue", "ks_pvalue"} <= set(m) and m["mmd"] >= 0
     g = gen["results"]["generation"]
-    assert set(g["methods"]) == {"scmmgpt", "cell_sentence_lm", "type_mean", "random_cells"}
+    assert set(g["methods"]) == {"scmmgpt", "cell_sentence_lm", "type_mean", "type_log_mean", "random_cells"}
     for m in g["methods"].values():
         assert list(m) == ["3", "5", "10", "25"] and all(len(m[k]["runs"]) == 3 for k in m)
     assert g["methods"]["type_mean"]["3"]["mean"] > 2 / 9          # the supervised reference beats chance

@@ -206,3 +206,36 @@ def test_fit_owns_its_randomness_and_leaves_the_callers_alone(data):
     wa, wb = _trainable(a), _trainable(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert dict(os.environ) == env                # no environment variable set behind the caller's back
+
+
+def test_t2c_warmup_group_means_give_eq6_gradient(data):
+    """The warm-up scores each (description, source) group against its mean profile; weighted by its
+    cell count (``balanced=False``) the gradient is exactly eq. 6's over the cells themselves,
+    measured masks included."""
+    from types import SimpleNamespace
+
+    from scmmgpt.modules.losses import pcgen_loss
+    from scmmgpt.train.warmup import _group_loss, _group_means
+
+    vocab, cells, texts, _ = data
+    idx = np.arange(120)
+    uniq, text = np.unique(np.asarray(texts, dtype=object)[idx], return_inverse=True)
+    source = np.random.default_rng(0).integers(0, 2, len(idx))
+    train = SimpleNamespace(cells=SimpleNamespace(rows_csr=lambda rows: cells.expr[rows]))
+    target, count, g_text, g_src = _group_means(train, idx, text, source, chunk=50)   # chunks cross groups
+    assert count.sum() == len(idx) and len(count) == len({(t, s) for t, s in zip(text, source)})
+    for g in range(len(count)):
+        rows = idx[(text == g_text[g]) & (source == g_src[g])]
+        assert len(rows) == count[g]
+        np.testing.assert_allclose(target[g], cells.expr[rows].toarray().mean(0), rtol=1e-5, atol=1e-6)
+
+    masks = torch.from_numpy(np.random.default_rng(1).random((2, target.shape[1])) < 0.7)
+    pred = torch.randn(len(count), target.shape[1], dtype=torch.float64, requires_grad=True)
+    _group_loss(pred, torch.from_numpy(target).double(), masks[torch.from_numpy(g_src)],
+                torch.from_numpy(count).double()).backward()
+    grad_groups = pred.grad.clone()
+    pred.grad = None
+    cell_group = np.array([np.flatnonzero((g_text == t) & (g_src == s))[0] for t, s in zip(text, source)])
+    pcgen_loss(pred[torch.from_numpy(cell_group)], torch.from_numpy(cells.expr[idx].toarray()).double(),
+               masks[torch.from_numpy(source)]).backward()
+    torch.testing.assert_close(grad_groups, pred.grad)

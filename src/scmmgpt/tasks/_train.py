@@ -10,7 +10,7 @@ __all__ = ["train_two_stages"]
 
 
 def train_two_stages(model, lab, rc, *, stage1_steps: int, stage2_steps: int, stage2_batch: int,
-                     t2c_warmup_steps: int, progress: bool = False, out_dir: str | Path | None = None,
+                     t2c_warmup_steps: int, t2c_final_steps: int = 0, progress: bool = False, out_dir: str | Path | None = None,
                      validate: bool = True) -> tuple[dict, dict]:
     """Train ``model`` (built with its LM) on ``lab``'s training cells; returns ``fit``'s two results
     (each with ``seconds``).
@@ -33,6 +33,7 @@ def train_two_stages(model, lab, rc, *, stage1_steps: int, stage2_steps: int, st
     r1["seconds"] = time.perf_counter() - t0
     cfg2 = type(cfg1).from_dict({**cfg1.to_dict(), "stage": "stage2", "max_steps": stage2_steps,
                                  "batch_size": stage2_batch, "lr_new": 2e-3, "t2c_warmup_steps": t2c_warmup_steps,
+                                 "t2c_final_steps": t2c_final_steps,
                                  "warmup_steps": max(1, stage2_steps // 10), "log_every": 5,
                                  "out_dir": None if out_dir is None else str(Path(out_dir) / "train-stage2")})
     r2 = fit(model, lab.dataset("train", with_targets=True, **model.reading), cfg2,

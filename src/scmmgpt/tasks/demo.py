@@ -47,14 +47,16 @@ class DemoSettings:
     """Stage-1 steps of ``cpu-small``'s 32 cells (its 50-step warm-up; benchmarks/results/recipe/)."""
     stage2_steps: int = 60
     stage2_batch: int = 8
-    t2c_warmup_steps: int = 300
+    t2c_warmup_steps: int = 600
+    t2c_final_steps: int = 200
+    """Text-to-cell steps again after the joint stage-2 steps, on the final LM states."""
     """Text-to-cell warm-up steps on cached LM states before the joint stage-2 steps."""
     n_describe: int = 24
     max_new_tokens: int = 32
 
     @classmethod
     def fast(cls) -> "DemoSettings":
-        return cls(stage1_steps=8, stage2_steps=4, stage2_batch=4, t2c_warmup_steps=20, n_describe=4,
+        return cls(stage1_steps=8, stage2_steps=4, stage2_batch=4, t2c_warmup_steps=20, t2c_final_steps=5, n_describe=4,
                    max_new_tokens=16)
 
 
@@ -126,7 +128,7 @@ def run_demo(*, data: str | None = None, label_key: str = "cell_type", layer: st
 
     # ---- training: stage 1 then stage 2 on the same model object
     r1, r2 = train_two_stages(model, lab, rc, stage1_steps=s.stage1_steps, stage2_steps=s.stage2_steps,
-                              stage2_batch=s.stage2_batch, t2c_warmup_steps=s.t2c_warmup_steps, progress=progress,
+                              stage2_batch=s.stage2_batch, t2c_warmup_steps=s.t2c_warmup_steps, t2c_final_steps=s.t2c_final_steps, progress=progress,
                               out_dir=out_dir)
     model.save_pretrained(out_dir / "model")
     if set_default:
@@ -158,6 +160,7 @@ def run_demo(*, data: str | None = None, label_key: str = "cell_type", layer: st
                        **{k: round(v, 4) for k, v in r1["validation"].items()}},
             "stage2": {"steps": r2["steps"], "cells_per_s": round(r2["cells_per_s"], 2),
                        "t2c_warmup": r2["t2c_warmup"],
+                       "t2c_final": r2["t2c_final"],
                        **{k: round(v, 4) for k, v in r2["history"][-1].items() if k in ("cdgen", "pcgen")}},
         },
         "settings": {"fast": fast, **s.__dict__},

@@ -36,7 +36,7 @@ from ..utils.memory import check_batch_memory
 from ..utils.precision import Precision, resolve_precision
 from .config import TrainConfig
 from .schedule import linear_schedule
-from .warmup import warm_up_text_to_cell
+from .warmup import group_means, warm_up_text_to_cell
 from .wise import interpolate, trained_snapshot
 
 __all__ = ["fit", "linear_schedule", "latest_checkpoint", "validate", "resolve_train_precision"]
@@ -254,7 +254,8 @@ def fit(model, train: CellTextDataset, cfg: TrainConfig, *, val: CellTextDataset
     Returns
     -------
     dict with ``steps``, ``history`` (logged records), ``validation`` (last validation record),
-    ``t2c_warmup``, ``cells_per_s``, ``precision`` (``cfg.precision`` resolved: ``bf16`` /
+    ``t2c_warmup`` and ``t2c_final`` (the text-to-cell fits before and after the joint steps, or
+    ``None``), ``cells_per_s``, ``precision`` (``cfg.precision`` resolved: ``bf16`` /
     ``fp32`` / ``fp16``) and ``balance`` (``cfg.balance`` resolved).
     """
     if train.texts is None:
@@ -320,6 +321,8 @@ class _Run:
     epoch: int = 0
     skip: int = 0
     wise_start: dict | None = None
+    group_targets: tuple[torch.Tensor, torch.Tensor] | None = None
+    """``cfg.pcgen_group_targets``: ``(means (G, V), group of each training cell (N,))``."""
     """``cfg.wise_alpha < 1``: the trained parameters as the run started (:mod:`scmmgpt.train.wise`)."""
 
 
@@ -387,7 +390,7 @@ def _setup(model, train: CellTextDataset, cfg: TrainConfig, measured, resume: bo
         warmup = warm_up_text_to_cell(
             model, train, steps=cfg.t2c_warmup_steps, batch_size=cfg.t2c_warmup_batch,
             lr=cfg.lr_new or cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, device=accelerator.device,
-            measured=masks, measured_group=group)
+            measured=masks, measured_group=group, balanced=cfg.t2c_warmup_balanced)
     groups = model.param_groups(cfg.lr, cfg.lr_new)
     params = [p for g in groups for p in g["params"]]
     # fused AdamW: one kernel for every parameter (on a CPU ~8x faster than the per-tensor loop)
@@ -408,6 +411,8 @@ def _setup(model, train: CellTextDataset, cfg: TrainConfig, measured, resume: bo
     check_batch_memory(model, cfg.batch_size, training=True, with_lm=spec.needs_lm, device=accelerator.device)
     run = _Run(spec, accelerator, wrapped, core, optimizer, scheduler, sampler, balance, loader, params, gen, masks,
                group, out_dir, warmup, precision, scaler)
+    if cfg.pcgen_group_targets and "pcgen" in spec.losses:
+        run.group_targets = _pcgen_group_targets(train, group, accelerator.device)
     if ckpt is not None:
         state = _load(ckpt, core, optimizer, scheduler, gen, cfg)
         run.step, run.epoch, run.skip = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -418,6 +423,22 @@ def _setup(model, train: CellTextDataset, cfg: TrainConfig, measured, resume: bo
         atomic_write_text(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
         core.config.save(out_dir / "model_config.json")
     return run
+
+
+def _pcgen_group_targets(train: CellTextDataset, source: torch.Tensor | None, device,
+                         max_bytes: int = 1 << 30) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(means, group)`` for :attr:`TrainConfig.pcgen_group_targets`, or ``None`` where the cells
+    carry no descriptions, most descriptions are a cell's own, or the means would not fit ``max_bytes``."""
+    if train.texts is None or not train.with_targets:
+        return None
+    _, text = np.unique(np.asarray(train.texts, dtype=object), return_inverse=True)
+    src = source.cpu().numpy() if source is not None else None
+    key = text.astype(np.int64) * (int(src.max()) + 1 if src is not None else 1) + (src if src is not None else 0)
+    n_groups = len(np.unique(key))
+    if n_groups > len(train) // 2 or n_groups * train.cells.rows_csr(np.arange(1)).shape[1] * 4 > max_bytes:
+        return None
+    means, _, _, _, cell_group = group_means(train, np.arange(len(train)), text, src)
+    return torch.from_numpy(means).to(device), torch.from_numpy(cell_group).to(device)
 
 
 def _train(run: _Run, model, cfg: TrainConfig, val, val_labels, label_terms, stop_after) -> dict:
@@ -443,6 +464,9 @@ def _train(run: _Run, model, cfg: TrainConfig, val, val_labels, label_terms, sto
         run.sampler.set_epoch(run.epoch, run.skip)
         for b_idx, batch in enumerate(run.loader, start=run.skip):
             batch = batch.to(acc.device)
+            if run.group_targets is not None:
+                means, cell_group = run.group_targets
+                batch.target = means.index_select(0, cell_group.index_select(0, batch.index.to(cell_group.device)))
             with acc.accumulate(run.net):
                 with run.precision.autocast():
                     out = run.net(batch, run.spec, measured_rows(run.measured, run.measured_group, batch.index),
@@ -496,10 +520,18 @@ def _train(run: _Run, model, cfg: TrainConfig, val, val_labels, label_terms, sto
             rec.update(last_val)
         history.append(rec)
         log.write(rec)
+    final = None
+    if cfg.t2c_final_steps and run.spec.warm_up_text_to_cell and run.step >= cfg.max_steps:
+        # the joint steps moved the LoRA-adapted LM states the projector reads: re-fit it on them
+        final = warm_up_text_to_cell(
+            model, run.loader.dataset, steps=cfg.t2c_final_steps, batch_size=cfg.t2c_warmup_batch,
+            lr=cfg.lr_new or cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed + 1, device=acc.device,
+            measured=run.measured, measured_group=run.measured_group, balanced=cfg.t2c_warmup_balanced)
+        log.write({"step": run.step, "t2c_final": final})
     log.close()
     run.core.eval()
     # what was trained here is no longer at initialisation (as after save + reload)
     model.fresh_parameters -= {n for n, p in run.core.named_parameters() if p.requires_grad}
-    return {"steps": run.step, "history": history, "validation": last_val, "t2c_warmup": run.warmup,
+    return {"steps": run.step, "history": history, "validation": last_val, "t2c_warmup": run.warmup, "t2c_final": final,
             "cells_per_s": n_cells / max(time.perf_counter() - t0, 1e-9), "precision": cfg.precision,
             "balance": run.balance}
