@@ -98,11 +98,12 @@ def test_t2c_warmup_separates_cell_types(data, tmp_path):
     # AMX CPU the bf16 run reached k-NN 0.2 where an AVX512-BF16 one passed)
     model = _model(vocab, with_lm=True, lm_dtype="float32")
     cfg = TrainConfig(stage="generate", max_steps=1, batch_size=4, lr=1e-4, lr_new=3e-3, warmup_steps=0,
-                      t2c_warmup_steps=200, t2c_warmup_batch=32, out_dir=str(tmp_path), progress=False,
-                      precision="fp32")
+                      t2c_warmup_steps=200, t2c_final_steps=20, t2c_warmup_batch=32, out_dir=str(tmp_path),
+                      progress=False, precision="fp32")
     out = fit(model, _subset(cells, texts, train_idx, vocab, with_targets=True), cfg, measured=cells.measured)
     w = out["t2c_warmup"]
-    assert w["texts"] == 10 and w["cells"] == 500 and w["steps"] == 200
+    assert w["texts"] == 10 and w["groups"] == 10 and w["cells"] == 500 and w["steps"] == 200
+    assert out["t2c_final"]["steps"] == 20 and out["t2c_final"]["loss_last"] < 0.3 * w["loss_first"]
     assert w["loss_last"] < 0.3 * w["loss_first"], w
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["t2c_warmup"]["steps"] == 200
 
@@ -115,7 +116,7 @@ def test_t2c_warmup_separates_cell_types(data, tmp_path):
 
     resumed = fit(model, _subset(cells, texts, train_idx, vocab, with_targets=True),
                   TrainConfig(**{**cfg.to_dict(), "max_steps": 2}), measured=cells.measured, resume=True)
-    assert resumed["t2c_warmup"] is None and resumed["steps"] == 2
+    assert resumed["t2c_warmup"] is None and resumed["steps"] == 2 and resumed["t2c_final"]["steps"] == 20
 
 
 def test_resume_is_exact(data, tmp_path):
@@ -239,3 +240,32 @@ def test_t2c_warmup_group_means_give_eq6_gradient(data):
     pcgen_loss(pred[torch.from_numpy(cell_group)], torch.from_numpy(cells.expr[idx].toarray()).double(),
                masks[torch.from_numpy(source)]).backward()
     torch.testing.assert_close(grad_groups, pred.grad)
+
+    # the counts scale: each group's log1p(mean(expm1(x))), as the protocol's type-mean reference
+    from scmmgpt.baselines.reference import type_mean_profiles
+
+    counts, *_ = _group_means(train, idx, text, np.zeros(len(idx), dtype=np.int64), scale="counts")
+    ref = type_mean_profiles(cells.expr[idx], text.astype(str), [str(t) for t in range(len(uniq))])
+    np.testing.assert_allclose(counts, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="counts"):
+        _group_means(train, idx, text, None, scale="log")
+
+
+def test_pcgen_group_targets(data):
+    """Stage-2 PCGen targets: each cell's (description, source) group mean; none where most cells
+    have a description of their own."""
+    from scmmgpt.train.loop import _pcgen_group_targets
+
+    vocab, cells, texts, _ = data
+    idx = np.arange(200)
+    ds = _subset(cells, texts, idx, vocab, with_targets=True)
+    source = torch.from_numpy(np.arange(len(idx)) % 2)
+    means, group = _pcgen_group_targets(ds, source, "cpu")
+    x = cells.expr[idx].toarray()
+    t = np.asarray(texts, dtype=object)[idx]
+    for i in (0, 1, 57, 199):
+        same = (t == t[i]) & (source.numpy() == source.numpy()[i])
+        np.testing.assert_allclose(means[group[i]].numpy(), x[same].mean(0), rtol=1e-5, atol=1e-6)
+    assert len(means) == len({(a, b) for a, b in zip(t, source.tolist())})
+    unique = _subset(cells, [f"cell {i}" for i in range(len(texts))], idx, vocab, with_targets=True)
+    assert _pcgen_group_targets(unique, None, "cpu") is None

@@ -96,6 +96,11 @@ class TrainConfig:
     pseudo-cell, so the expected gradient is the same and the noise of single cells is gone. Used
     when the distinct (description, source) groups number at most half the cells and their means
     fit in 1 GiB; otherwise each cell is its own target."""
+    pcgen_scale: str = "eq1"
+    """The group means PCGen is fitted to (the text-to-cell fits, and the joint steps with
+    ``pcgen_group_targets``): ``eq1``, the mean of the cells' eq.-1 values (eq. 6's optimum), or
+    ``counts``, ``log1p(mean(expm1(x)))``, the expected profile of the group's reads, from which
+    :func:`scmmgpt.tl.generate` draws cells."""
     gradient_checkpointing: bool = False
     """Recompute the cell encoder's (and the LM's) layer activations in the backward pass instead of
     storing them: much less activation memory for long cells (2048 genes), about a third more
@@ -124,6 +129,8 @@ class TrainConfig:
             raise ConfigError("lr and lr_new must be > 0 and warmup_steps >= 0.")
         if self.t2c_warmup_steps < 0 or self.t2c_final_steps < 0 or self.t2c_warmup_batch < 1:
             raise ConfigError("t2c_warmup_steps and t2c_final_steps must be >= 0 and t2c_warmup_batch >= 1.")
+        if self.pcgen_scale not in ("eq1", "counts"):
+            raise ConfigError(f"Unknown train.pcgen_scale {self.pcgen_scale!r}; choose from eq1, counts.")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"Unknown train.precision {self.precision!r}; choose from {', '.join(PRECISIONS)}.")
         if self.balance not in ("auto", "none", "type", "source", "source_type"):

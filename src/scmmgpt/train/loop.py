@@ -390,7 +390,7 @@ def _setup(model, train: CellTextDataset, cfg: TrainConfig, measured, resume: bo
         warmup = warm_up_text_to_cell(
             model, train, steps=cfg.t2c_warmup_steps, batch_size=cfg.t2c_warmup_batch,
             lr=cfg.lr_new or cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, device=accelerator.device,
-            measured=masks, measured_group=group, balanced=cfg.t2c_warmup_balanced)
+            measured=masks, measured_group=group, balanced=cfg.t2c_warmup_balanced, scale=cfg.pcgen_scale)
     groups = model.param_groups(cfg.lr, cfg.lr_new)
     params = [p for g in groups for p in g["params"]]
     # fused AdamW: one kernel for every parameter (on a CPU ~8x faster than the per-tensor loop)
@@ -412,7 +412,7 @@ def _setup(model, train: CellTextDataset, cfg: TrainConfig, measured, resume: bo
     run = _Run(spec, accelerator, wrapped, core, optimizer, scheduler, sampler, balance, loader, params, gen, masks,
                group, out_dir, warmup, precision, scaler)
     if cfg.pcgen_group_targets and "pcgen" in spec.losses:
-        run.group_targets = _pcgen_group_targets(train, group, accelerator.device)
+        run.group_targets = _pcgen_group_targets(train, group, accelerator.device, cfg.pcgen_scale)
     if ckpt is not None:
         state = _load(ckpt, core, optimizer, scheduler, gen, cfg)
         run.step, run.epoch, run.skip = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -425,7 +425,7 @@ def _setup(model, train: CellTextDataset, cfg: TrainConfig, measured, resume: bo
     return run
 
 
-def _pcgen_group_targets(train: CellTextDataset, source: torch.Tensor | None, device,
+def _pcgen_group_targets(train: CellTextDataset, source: torch.Tensor | None, device, scale: str = "eq1",
                          max_bytes: int = 1 << 30) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(means, group)`` for :attr:`TrainConfig.pcgen_group_targets`, or ``None`` where the cells
     carry no descriptions, most descriptions are a cell's own, or the means would not fit ``max_bytes``."""
@@ -437,7 +437,7 @@ def _pcgen_group_targets(train: CellTextDataset, source: torch.Tensor | None, de
     n_groups = len(np.unique(key))
     if n_groups > len(train) // 2 or n_groups * train.cells.rows_csr(np.arange(1)).shape[1] * 4 > max_bytes:
         return None
-    means, _, _, _, cell_group = group_means(train, np.arange(len(train)), text, src)
+    means, _, _, _, cell_group = group_means(train, np.arange(len(train)), text, src, scale=scale)
     return torch.from_numpy(means).to(device), torch.from_numpy(cell_group).to(device)
 
 
@@ -526,7 +526,8 @@ def _train(run: _Run, model, cfg: TrainConfig, val, val_labels, label_terms, sto
         final = warm_up_text_to_cell(
             model, run.loader.dataset, steps=cfg.t2c_final_steps, batch_size=cfg.t2c_warmup_batch,
             lr=cfg.lr_new or cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed + 1, device=acc.device,
-            measured=run.measured, measured_group=run.measured_group, balanced=cfg.t2c_warmup_balanced)
+            measured=run.measured, measured_group=run.measured_group, balanced=cfg.t2c_warmup_balanced,
+            scale=cfg.pcgen_scale)
         log.write({"step": run.step, "t2c_final": final})
     log.close()
     run.core.eval()
