@@ -96,11 +96,15 @@ class TrainConfig:
     pseudo-cell, so the expected gradient is the same and the noise of single cells is gone. Used
     when the distinct (description, source) groups number at most half the cells and their means
     fit in 1 GiB; otherwise each cell is its own target."""
-    pcgen_scale: str = "eq1"
+    pcgen_scale: str = "counts"
     """The group means PCGen is fitted to (the text-to-cell fits, and the joint steps with
-    ``pcgen_group_targets``): ``eq1``, the mean of the cells' eq.-1 values (eq. 6's optimum), or
-    ``counts``, ``log1p(mean(expm1(x)))``, the expected profile of the group's reads, from which
-    :func:`scmmgpt.tl.generate` draws cells."""
+    ``pcgen_group_targets``): ``counts``, ``log1p(mean(expm1(x)))``, the expected profile of the
+    group's reads, from which :func:`scmmgpt.tl.generate` draws cells; or ``eq1``, the mean of the
+    cells' eq.-1 values (the optimum of eq. 6's squared error over single cells). Drawn into reads,
+    the eq.-1 mean is the weaker profile: on pbmc3k, pseudo-cells fitted to it reached k-NN accuracy
+    0.56 (its own ceiling 0.55), fitted to the counts scale 0.66, against 0.67 for the type means
+    (``benchmarks/results/recipe/README.md``, "Pseudo-cells"). Joint steps without groups compare
+    with single cells, on the eq.-1 scale."""
     gradient_checkpointing: bool = False
     """Recompute the cell encoder's (and the LM's) layer activations in the backward pass instead of
     storing them: much less activation memory for long cells (2048 genes), about a third more
