@@ -216,14 +216,14 @@ def test_t2c_warmup_group_means_give_eq6_gradient(data):
     from types import SimpleNamespace
 
     from scmmgpt.modules.losses import pcgen_loss
-    from scmmgpt.train.warmup import _group_loss, _group_means
+    from scmmgpt.train.warmup import group_means
 
     vocab, cells, texts, _ = data
     idx = np.arange(120)
     uniq, text = np.unique(np.asarray(texts, dtype=object)[idx], return_inverse=True)
     source = np.random.default_rng(0).integers(0, 2, len(idx))
     train = SimpleNamespace(cells=SimpleNamespace(rows_csr=lambda rows: cells.expr[rows]))
-    target, count, g_text, g_src = _group_means(train, idx, text, source, chunk=50)   # chunks cross groups
+    target, count, g_text, g_src, _ = group_means(train, idx, text, source, chunk=50)   # chunks cross groups
     assert count.sum() == len(idx) and len(count) == len({(t, s) for t, s in zip(text, source)})
     for g in range(len(count)):
         rows = idx[(text == g_text[g]) & (source == g_src[g])]
@@ -232,8 +232,8 @@ def test_t2c_warmup_group_means_give_eq6_gradient(data):
 
     masks = torch.from_numpy(np.random.default_rng(1).random((2, target.shape[1])) < 0.7)
     pred = torch.randn(len(count), target.shape[1], dtype=torch.float64, requires_grad=True)
-    _group_loss(pred, torch.from_numpy(target).double(), masks[torch.from_numpy(g_src)],
-                torch.from_numpy(count).double()).backward()
+    pcgen_loss(pred, torch.from_numpy(target).double(), masks[torch.from_numpy(g_src)],
+               weight=torch.from_numpy(count).double()).backward()
     grad_groups = pred.grad.clone()
     pred.grad = None
     cell_group = np.array([np.flatnonzero((g_text == t) & (g_src == s))[0] for t, s in zip(text, source)])
@@ -244,11 +244,11 @@ def test_t2c_warmup_group_means_give_eq6_gradient(data):
     # the counts scale: each group's log1p(mean(expm1(x))), as the protocol's type-mean reference
     from scmmgpt.baselines.reference import type_mean_profiles
 
-    counts, *_ = _group_means(train, idx, text, np.zeros(len(idx), dtype=np.int64), scale="counts")
+    counts, *_ = group_means(train, idx, text, np.zeros(len(idx), dtype=np.int64), scale="counts")
     ref = type_mean_profiles(cells.expr[idx], text.astype(str), [str(t) for t in range(len(uniq))])
     np.testing.assert_allclose(counts, ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(ConfigError, match="counts"):
-        _group_means(train, idx, text, None, scale="log")
+        group_means(train, idx, text, None, scale="log")
 
 
 def test_pcgen_group_targets(data):

@@ -148,16 +148,24 @@ def measured_rows(masks: torch.Tensor | None, group: torch.Tensor | None, index:
     return masks.index_select(0, group.index_select(0, index.to(group.device)))
 
 
-def pcgen_loss(pred: torch.Tensor, target: torch.Tensor, measured: torch.Tensor | None = None) -> torch.Tensor:
+def pcgen_loss(pred: torch.Tensor, target: torch.Tensor, measured: torch.Tensor | None = None,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
     """MSE over genes (paper eq. 6), averaged over measured genes then over cells.
 
     ``pred``, ``target`` (B, V); ``measured`` (V,) or (B, V) bool — genes the dataset measured
-    (unmeasured genes have no truth and are left out).
+    (unmeasured genes have no truth and are left out); ``weight`` (B,): the rows' weights in the
+    average over cells (equal when ``None``; the text-to-cell warm-up's rows are group means,
+    weighted by their cell counts or equally).
     """
     err = (pred.float() - target.float()) ** 2
     if measured is None:
-        return err.mean()
-    m = measured.to(err.dtype)
-    if m.dim() == 1:
-        m = m.expand_as(err)
-    return ((err * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+        per_row = err.mean(1)
+    else:
+        m = measured.to(err.dtype)
+        if m.dim() == 1:
+            m = m.expand_as(err)
+        per_row = (err * m).sum(1) / m.sum(1).clamp(min=1)
+    if weight is None:
+        return per_row.mean()
+    w = weight.to(per_row.dtype)
+    return (per_row * w).sum() / w.sum()

@@ -48,9 +48,9 @@ class DemoSettings:
     stage2_steps: int = 60
     stage2_batch: int = 8
     t2c_warmup_steps: int = 600
+    """Text-to-cell warm-up steps on cached LM states before the joint stage-2 steps."""
     t2c_final_steps: int = 200
     """Text-to-cell steps again after the joint stage-2 steps, on the final LM states."""
-    """Text-to-cell warm-up steps on cached LM states before the joint stage-2 steps."""
     n_describe: int = 24
     max_new_tokens: int = 32
 

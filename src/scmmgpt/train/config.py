@@ -9,6 +9,10 @@ from typing import Literal
 from ..errors import ConfigError, check_config_keys
 from ..utils.precision import PRECISIONS
 
+#: Group-mean PCGen targets (:attr:`TrainConfig.pcgen_scale`): the mean of eq.-1 values, or the
+#: mean on the counts scale.
+PCGEN_SCALES = ("eq1", "counts")
+
 __all__ = ["TrainConfig"]
 
 
@@ -133,8 +137,8 @@ class TrainConfig:
             raise ConfigError("lr and lr_new must be > 0 and warmup_steps >= 0.")
         if self.t2c_warmup_steps < 0 or self.t2c_final_steps < 0 or self.t2c_warmup_batch < 1:
             raise ConfigError("t2c_warmup_steps and t2c_final_steps must be >= 0 and t2c_warmup_batch >= 1.")
-        if self.pcgen_scale not in ("eq1", "counts"):
-            raise ConfigError(f"Unknown train.pcgen_scale {self.pcgen_scale!r}; choose from eq1, counts.")
+        if self.pcgen_scale not in PCGEN_SCALES:
+            raise ConfigError(f"Unknown train.pcgen_scale {self.pcgen_scale!r}; choose from {', '.join(PCGEN_SCALES)}.")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"Unknown train.precision {self.precision!r}; choose from {', '.join(PRECISIONS)}.")
         if self.balance not in ("auto", "none", "type", "source", "source_type"):

@@ -36,7 +36,7 @@ from ..utils.memory import check_batch_memory
 from ..utils.precision import Precision, resolve_precision
 from .config import TrainConfig
 from .schedule import linear_schedule
-from .warmup import group_means, warm_up_text_to_cell
+from .warmup import group_means, group_of_cells, warm_up_text_to_cell
 from .wise import interpolate, trained_snapshot
 
 __all__ = ["fit", "linear_schedule", "latest_checkpoint", "validate", "resolve_train_precision"]
@@ -321,9 +321,9 @@ class _Run:
     epoch: int = 0
     skip: int = 0
     wise_start: dict | None = None
+    """``cfg.wise_alpha < 1``: the trained parameters as the run started (:mod:`scmmgpt.train.wise`)."""
     group_targets: tuple[torch.Tensor, torch.Tensor] | None = None
     """``cfg.pcgen_group_targets``: ``(means (G, V), group of each training cell (N,))``."""
-    """``cfg.wise_alpha < 1``: the trained parameters as the run started (:mod:`scmmgpt.train.wise`)."""
 
 
 def resolve_train_precision(cfg: TrainConfig, *, quiet: bool = False) -> TrainConfig:
@@ -433,8 +433,7 @@ def _pcgen_group_targets(train: CellTextDataset, source: torch.Tensor | None, de
         return None
     _, text = np.unique(np.asarray(train.texts, dtype=object), return_inverse=True)
     src = source.cpu().numpy() if source is not None else None
-    key = text.astype(np.int64) * (int(src.max()) + 1 if src is not None else 1) + (src if src is not None else 0)
-    n_groups = len(np.unique(key))
+    n_groups = int(group_of_cells(text, src).max()) + 1
     if n_groups > len(train) // 2 or n_groups * train.cells.rows_csr(np.arange(1)).shape[1] * 4 > max_bytes:
         return None
     means, _, _, _, cell_group = group_means(train, np.arange(len(train)), text, src, scale=scale)

@@ -23,12 +23,11 @@ import torch
 
 from ..data.dataset import CellTextDataset, tokenize_for_lm
 from ..errors import ConfigError
+from ..modules.losses import pcgen_loss
+from .config import PCGEN_SCALES
 from .schedule import linear_schedule
 
-__all__ = ["warm_up_text_to_cell", "group_means", "PCGEN_SCALES"]
-
-#: Group-mean PCGen targets: the mean of eq.-1 values, or the mean on the counts scale.
-PCGEN_SCALES = ("eq1", "counts")
+__all__ = ["warm_up_text_to_cell", "group_means", "group_of_cells"]
 
 
 @torch.no_grad()
@@ -48,12 +47,10 @@ def _cache_states(model, texts: list[str], device, chunk: int = 16) -> tuple[tor
     return torch.cat(states), (torch.cat(pads) if pads[0] is not None else None)
 
 
-def _group_means(train: CellTextDataset, cells: np.ndarray, text: np.ndarray, source: np.ndarray | None,
-                 chunk: int = 4096, scale: str = "eq1") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Group ``cells`` by (description, source): ``(target, count, text, source)`` with ``target``
-    (G, V) the mean eq.-1 values of each group's cells (float32)."""
-    target, count, g_text, g_src, _ = group_means(train, cells, text, source, chunk, scale)
-    return target, count, g_text, g_src
+def group_of_cells(text: np.ndarray, source: np.ndarray | None) -> np.ndarray:
+    """(N,) the (description id, source) group of each cell, numbered from 0 (one source: ``None``)."""
+    src = np.zeros(len(text), dtype=np.int64) if source is None else np.asarray(source, dtype=np.int64)
+    return np.unique(np.asarray(text, dtype=np.int64) * (int(src.max()) + 1) + src, return_inverse=True)[1]
 
 
 def group_means(train: CellTextDataset, cells: np.ndarray, text: np.ndarray, source: np.ndarray | None,
@@ -69,9 +66,9 @@ def group_means(train: CellTextDataset, cells: np.ndarray, text: np.ndarray, sou
     if scale not in PCGEN_SCALES:
         raise ConfigError(f"Unknown PCGen target scale {scale!r}; choose from {', '.join(PCGEN_SCALES)}.")
     src = np.zeros(len(cells), dtype=np.int64) if source is None else source[cells]
-    key = text[cells].astype(np.int64) * (int(src.max()) + 1) + src
-    keys, group = np.unique(key, return_inverse=True)
-    count = np.bincount(group, minlength=len(keys))
+    group = group_of_cells(text[cells], src)
+    n_groups = int(group.max()) + 1
+    count = np.bincount(group, minlength=n_groups)
     target: np.ndarray | None = None
     for start in range(0, len(cells), chunk):
         sl = slice(start, start + chunk)
@@ -80,30 +77,16 @@ def group_means(train: CellTextDataset, cells: np.ndarray, text: np.ndarray, sou
             x = x.copy()
             x.data = np.expm1(x.data)
         # sum the rows of each group: a (G, chunk) indicator times the chunk's sparse rows
-        ind = sp.csr_matrix((np.ones(x.shape[0]), (group[sl], np.arange(x.shape[0]))), shape=(len(keys), x.shape[0]))
+        ind = sp.csr_matrix((np.ones(x.shape[0]), (group[sl], np.arange(x.shape[0]))), shape=(n_groups, x.shape[0]))
         part = np.asarray((ind @ x).todense(), dtype=np.float64)
         target = part if target is None else target + part
     assert target is not None
     target /= count[:, None]
     if scale == "counts":
         target = np.log1p(target)
-    first = np.zeros(len(keys), dtype=np.int64)
+    first = np.zeros(n_groups, dtype=np.int64)
     first[group[::-1]] = np.arange(len(cells))[::-1]
     return target.astype(np.float32), count, text[cells][first], src[first], group
-
-
-def _group_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor
-                ) -> torch.Tensor:
-    """Eq. 6 on group means: each group's masked MSE against its mean profile, averaged with
-    ``weight`` (its cell count). Its gradient is that of :func:`~scmmgpt.modules.losses.pcgen_loss`
-    over the groups' cells."""
-    err = (pred.float() - target.float()) ** 2
-    if mask is None:
-        per_group = err.mean(1)
-    else:
-        m = mask.to(err.dtype)
-        per_group = (err * m).sum(1) / m.sum(1).clamp(min=1)
-    return (per_group * weight).sum() / weight.sum()
 
 
 def warm_up_text_to_cell(model, train: CellTextDataset, *, steps: int, batch_size: int = 32, lr: float = 1e-3,
@@ -159,7 +142,7 @@ def warm_up_text_to_cell(model, train: CellTextDataset, *, steps: int, batch_siz
         uniq = uniq[keep]
     states, padding = _cache_states(model, [str(t) for t in uniq], device)
     source = measured_group.cpu().numpy() if measured is not None and measured_group is not None else None
-    target_np, count, g_text, g_src = _group_means(train, cells, inverse, source, scale=scale)
+    target_np, count, g_text, g_src, _ = group_means(train, cells, inverse, source, scale=scale)
     targets = torch.from_numpy(target_np).to(device)
     g_text_t = torch.from_numpy(g_text).to(device)
     if measured is None:
@@ -199,8 +182,8 @@ def warm_up_text_to_cell(model, train: CellTextDataset, *, steps: int, batch_siz
             w = torch.ones(batch_size, device=device)
         t_idx = g_text_t.index_select(0, pick)
         feats = net.text_to_cell(states[t_idx], key_padding_mask=None if padding is None else padding[t_idx])
-        loss = _group_loss(net.cell_decoder(feats, gene_emb), targets.index_select(0, pick),
-                           None if g_mask is None else g_mask.index_select(0, pick), w)
+        loss = pcgen_loss(net.cell_decoder(feats, gene_emb), targets.index_select(0, pick),
+                          None if g_mask is None else g_mask.index_select(0, pick), weight=w)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
